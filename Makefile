@@ -1,0 +1,29 @@
+# make run: set up .venv and run the embedded default. make test: set up and run the suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch is pinned to the CPU wheel this machine carries; an unpinned torch pulls a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: install run test tensorboard clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" -e '.[dev]'
+	touch $(STAMP)
+
+run: install
+	$(PY) -m pbkd_lightning fit --config configs/blackbox.yaml
+
+test: install
+	$(PY) -m pytest -q
+
+tensorboard: install
+	$(VENV)/bin/tensorboard --logdir runs/
+
+clean:
+	rm -rf runs/ .pytest_cache

@@ -1,0 +1,3 @@
+from pbkd_lightning.cli import main
+
+main()

@@ -1,0 +1,51 @@
+"""``python -m pbkd_lightning fit|validate|test|predict --config ...``: LightningCLI with omegaconf configs."""
+
+import os
+import sys
+
+# Everything runs offline: models are local folders, never downloads. Set before transformers is imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+
+from pbkd_lightning.data.datamodule import PreferenceDataModule  # noqa: E402
+from pbkd_lightning.data.records import DataError  # noqa: E402
+from pbkd_lightning.module import DistillationModule  # noqa: E402
+
+DEFAULT_ROOT = os.path.join("runs", "default")
+
+
+class DistillationCLI(LightningCLI):
+    """Checkpoints go to ``<default_root_dir>/checkpoints`` (``last.ckpt`` included) and TensorBoard
+    events to ``<default_root_dir>/tensorboard`` unless the config names its own."""
+
+    def instantiate_trainer(self, **kwargs):
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        root = config.get("default_root_dir") or DEFAULT_ROOT
+        config["default_root_dir"] = root
+        callbacks = config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            callbacks.append(ModelCheckpoint(dirpath=os.path.join(root, "checkpoints"), save_last=True))
+        config["callbacks"] = callbacks
+        if config.get("logger") in (None, True):
+            config["logger"] = TensorBoardLogger(root, name="tensorboard", default_hp_metric=False)
+        extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        return self._instantiate_trainer(config, extra)
+
+
+def main(args=None) -> None:
+    try:
+        DistillationCLI(
+            DistillationModule,
+            PreferenceDataModule,
+            parser_kwargs={"parser_mode": "omegaconf"},
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,14 @@
+from pbkd_lightning.data.datamodule import PreferenceDataModule
+from pbkd_lightning.data.generation import GenerationConfig
+from pbkd_lightning.data.records import DataError
+from pbkd_lightning.data.teachers import HFModelTeacher, ResponseFileTeacher, TaskProgramTeacher, Teacher
+
+__all__ = [
+    "DataError",
+    "GenerationConfig",
+    "HFModelTeacher",
+    "PreferenceDataModule",
+    "ResponseFileTeacher",
+    "TaskProgramTeacher",
+    "Teacher",
+]

@@ -1,0 +1,290 @@
+"""PreferenceDataModule: prompts, teacher responses, student samples, preference pairs, the on-disk buffer."""
+
+import glob
+import hashlib
+import json
+import os
+from typing import Literal, Optional
+
+import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, RandomSampler
+
+from pbkd_lightning.data.collate import (
+    CriticCollate,
+    Encoder,
+    StudentCollate,
+    collate_records,
+    gather_response_logprobs,
+)
+from pbkd_lightning.data.generation import GenerationConfig, generate
+from pbkd_lightning.data.labelers import label_pair
+from pbkd_lightning.data.records import DataError, read_jsonl, read_prompts, write_jsonl_atomic
+from pbkd_lightning.data.teachers import TaskProgramTeacher, Teacher
+from pbkd_lightning.models.critic import response_token_logprobs
+from pbkd_lightning.tasks import get_task
+
+
+class PreferenceDataModule(LightningDataModule):
+    """Prompts with teacher responses; on-policy student samples; teacher-vs-student preference pairs.
+
+    Offline (``online: false``), the student's samples and the pairs are made once, from the
+    student at the start of fit. Online (``online: true`` with
+    ``trainer.reload_dataloaders_every_n_epochs: 1``), every epoch is an iteration: new samples from
+    the current student, new pairs appended to the buffer. The buffer lives in
+    ``<trainer.default_root_dir>/buffer/iter_NNNN.jsonl``, one file per iteration written
+    atomically, so a run resumed from ``last.ckpt`` continues with the same pairs.
+    """
+
+    def __init__(
+        self,
+        tasks: list[str] = ["arithmetic", "reversal"],
+        train_size: PositiveInt = 256,
+        val_size: PositiveInt = 64,
+        seed: int = 1234,
+        train_file: Optional[str] = None,
+        val_file: Optional[str] = None,
+        teacher: Optional[Teacher] = None,
+        labeler: Literal["teacher", "verifier"] = "teacher",
+        samples_per_prompt: PositiveInt = 4,
+        online: bool = False,
+        generation: GenerationConfig = GenerationConfig(),
+        batch_size: PositiveInt = 8,
+        critic_batch_size: PositiveInt = 32,
+        val_batch_size: PositiveInt = 64,
+        generation_batch_size: PositiveInt = 64,
+        max_prompt_tokens: PositiveInt = 96,
+        truncation: Literal["truncate", "error"] = "truncate",
+        buffer_iterations: Optional[PositiveInt] = None,
+        num_workers: NonNegativeInt = 0,
+    ):
+        """
+        Args:
+            tasks: built-in tasks to generate prompts from (when no ``train_file``).
+            train_size: prompts per task for training.
+            val_size: held-out prompts per task (never trained on).
+            seed: seed of the generated prompts (validation uses ``seed + 1``).
+            train_file: JSONL of ``{"prompt", "reference"?, "task"?}`` (or GSM8K's ``{"question", "answer"}``).
+            val_file: held-out prompts in the same format; required with ``train_file``.
+            teacher: who answers the prompts; default: the task program (``TaskProgramTeacher``).
+            labeler: ``teacher`` (teacher always preferred, as in the paper) or ``verifier`` (higher task score preferred).
+            samples_per_prompt: K student samples per prompt.
+            online: regenerate samples and pairs every epoch from the current student.
+            generation: how the student samples (temperature, top-p, max new tokens).
+            batch_size: prompts per student step (K sequences each).
+            critic_batch_size: pairs per critic step.
+            val_batch_size: prompts per validation step.
+            generation_batch_size: prompts per ``generate`` call when sampling.
+            max_prompt_tokens: longer prompts keep their last tokens (``truncate``) or stop the run (``error``).
+            truncation: what to do with a prompt longer than ``max_prompt_tokens``.
+            buffer_iterations: the critic trains on the pairs of the last this-many iterations; None: all.
+            num_workers: DataLoader workers.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["teacher"])
+        if train_file is not None and val_file is None:
+            raise ValueError("`data.val_file` is required with `data.train_file`: held-out prompts are never trained on")
+        for task in tasks:
+            get_task(task)
+        self.teacher = teacher if teacher is not None else TaskProgramTeacher()
+        self.generation = generation  # hparams may hold it as a plain dict under LightningCLI
+        self.train_records: list[dict] = []
+        self.val_records: list[dict] = []
+        self.stats: dict[str, float] = {}
+        self._groups: list[dict] = []
+        self._groups_iteration: Optional[int] = None
+
+    # ------------------------------------------------------------------ setup (no model needed)
+    def setup(self, stage: str) -> None:
+        if self.train_records and self.val_records:
+            return
+        h = self.hparams
+        if h.train_file is not None:
+            train, val = read_prompts(h.train_file), read_prompts(h.val_file)
+        else:
+            train, val = [], []
+            for offset, name in enumerate(h.tasks):
+                task = get_task(name)
+                train += task.generate(h.train_size, seed=h.seed + 1000 * offset)
+                val += task.generate(h.val_size, seed=h.seed + 1000 * offset + 1)
+        train_prompts = {r["prompt"] for r in train}
+        dropped = sum(r["prompt"] in train_prompts for r in val)
+        val = [r for r in val if r["prompt"] not in train_prompts]
+        if dropped:
+            rank_zero_info(f"data: dropped {dropped} held-out prompts that also occur in the training prompts")
+        if not val:
+            raise DataError("no held-out prompt is left once those seen in training are removed")
+        for records in (train, val):
+            for record, response in zip(records, self._teacher_responses(records)):
+                record["teacher"] = response
+        self.train_records, self.val_records = train, val
+        if stage == "fit" and self.trainer is not None:
+            self._check_online_settings()
+            if self.trainer.ckpt_path is None:
+                self._clear_buffer()  # a fresh run never reuses pairs made by another run's student
+
+    def _teacher_responses(self, records: list[dict]) -> list[str]:
+        """Teacher responses, cached in the run folder for teachers that are expensive to ask."""
+        if isinstance(self.teacher, TaskProgramTeacher) or self.trainer is None:
+            return self.teacher.respond(records)
+        key = hashlib.sha256(
+            json.dumps([self.teacher.describe(), [r["prompt"] for r in records]]).encode()
+        ).hexdigest()[:16]
+        path = os.path.join(self.trainer.default_root_dir, "teacher", f"{key}.jsonl")
+        if os.path.exists(path):
+            return [r["teacher"] for r in read_jsonl(path, {"teacher": str})]
+        rank_zero_info(f"data: asking {self.teacher.describe()} for {len(records)} responses")
+        responses = self.teacher.respond(records)
+        write_jsonl_atomic(path, ({"prompt": r["prompt"], "teacher": t} for r, t in zip(records, responses)))
+        return responses
+
+    def _check_online_settings(self) -> None:
+        reload_every = self.trainer.reload_dataloaders_every_n_epochs
+        if self.hparams.online and reload_every != 1:
+            raise ValueError("`data.online: true` needs `trainer.reload_dataloaders_every_n_epochs: 1`")
+
+    # ------------------------------------------------------------------ the buffer
+    @property
+    def buffer_dir(self) -> str:
+        return os.path.join(self.trainer.default_root_dir, "buffer")
+
+    def _iteration_path(self, iteration: int) -> str:
+        return os.path.join(self.buffer_dir, f"iter_{iteration:04d}.jsonl")
+
+    def _clear_buffer(self) -> None:
+        if self.trainer.is_global_zero:
+            for path in glob.glob(os.path.join(self.buffer_dir, "iter_*.jsonl")):
+                os.unlink(path)
+
+    def _load_iteration(self, iteration: int) -> list[dict]:
+        path = self._iteration_path(iteration)
+        return read_jsonl(path, {"prompt": str, "teacher": str, "samples": list, "preferences": list})
+
+    def _make_iteration(self, iteration: int) -> list[dict]:
+        """Sample K responses per training prompt from the current student and label them."""
+        module, h = self.trainer.lightning_module, self.hparams
+        responses, stats = generate(
+            module.student,
+            module.tokenizer,
+            [r["prompt"] for r in self.train_records],
+            self.generation,
+            h.samples_per_prompt,
+            h.generation_batch_size,
+        )
+        self.stats["gen/tokens_per_s"] = stats["tokens"] / max(stats["seconds"], 1e-9)
+        groups = []
+        for record, samples in zip(self.train_records, responses):
+            preferences = [label_pair(h.labeler, record, record["teacher"], s) for s in samples]
+            groups.append({**record, "samples": samples, "preferences": preferences, "iteration": iteration})
+        if self.trainer.is_global_zero:
+            write_jsonl_atomic(self._iteration_path(iteration), groups)
+        return groups
+
+    def _groups_for(self, iteration: int) -> list[dict]:
+        if self._groups_iteration != iteration:
+            path = self._iteration_path(iteration)
+            if os.path.exists(path):
+                rank_zero_info(f"data: iteration {iteration}: reusing the buffered samples in {path}")
+                self._groups = self._load_iteration(iteration)
+            else:
+                self._groups = self._make_iteration(iteration)
+            self._attach_old_logprobs(self._groups)
+            self._groups_iteration = iteration
+        return self._groups
+
+    @torch.no_grad()
+    def _attach_old_logprobs(self, groups: list[dict]) -> None:
+        """log π_old of every sampled token, from the student as it is now (the policy that sampled them)."""
+        module = self.trainer.lightning_module
+        encoder = self.encoder(module.tokenizer)
+        was_training = module.student.training
+        module.student.eval()
+        try:
+            for begin in range(0, len(groups), self.hparams.generation_batch_size):
+                chunk = groups[begin : begin + self.hparams.generation_batch_size]
+                samples = encoder.batch([g["prompt"] for g in chunk for _ in g["samples"]], [s for g in chunk for s in g["samples"]])
+                samples = {k: v.to(module.device) for k, v in samples.items()}
+                logprobs = response_token_logprobs(module.student, samples["input_ids"], samples["attention_mask"])
+                rows = gather_response_logprobs(logprobs, samples["response_mask"])
+                k = len(chunk[0]["samples"])
+                for index, group in enumerate(chunk):
+                    group["old_logprobs"] = rows[index * k : (index + 1) * k]
+        finally:
+            module.student.train(was_training)
+
+    def critic_pairs(self, upto_iteration: int) -> list[dict]:
+        """Teacher-vs-student pairs of the buffered iterations (identical texts carry no information and are left out)."""
+        first = 0
+        if self.hparams.buffer_iterations is not None:
+            first = max(0, upto_iteration - self.hparams.buffer_iterations + 1)
+        pairs = []
+        for iteration in range(first, upto_iteration + 1):
+            groups = self._groups if iteration == self._groups_iteration else self._load_iteration(iteration)
+            for group in groups:
+                for sample, preference in zip(group["samples"], group["preferences"]):
+                    if sample.strip() != group["teacher"].strip():
+                        pairs.append(
+                            {"prompt": group["prompt"], "teacher": group["teacher"], "student": sample, "preference": preference}
+                        )
+        return pairs
+
+    # ------------------------------------------------------------------ loaders
+    def encoder(self, tokenizer) -> Encoder:
+        return Encoder(tokenizer, self.hparams.max_prompt_tokens, self.generation.max_new_tokens)
+
+    def _check_prompt_lengths(self, encoder: Encoder) -> None:
+        too_long = [r for r in self.train_records + self.val_records if encoder.prompt_length(r["prompt"]) > encoder.max_prompt_tokens]
+        self.stats["data/truncated_prompts"] = float(len(too_long))
+        if too_long and self.hparams.truncation == "error":
+            raise DataError(
+                f"{len(too_long)} prompts are longer than `data.max_prompt_tokens` ({encoder.max_prompt_tokens}), "
+                f"e.g. {too_long[0]['prompt'][:60]!r}; raise the limit or set `data.truncation: truncate`"
+            )
+        if too_long:
+            rank_zero_warn(f"{len(too_long)} prompts are longer than {encoder.max_prompt_tokens} tokens; keeping their end")
+
+    def train_dataloader(self):
+        module = self.trainer.lightning_module
+        student_encoder = self.encoder(module.tokenizer)
+        if "data/truncated_prompts" not in self.stats:
+            self._check_prompt_lengths(student_encoder)
+        iteration = self.trainer.current_epoch if self.hparams.online else 0
+        if not module.needs_samples:
+            items = [{"prompt": r["prompt"], "teacher": r["teacher"]} for r in self.train_records]
+            return self._loader(items, self.hparams.batch_size, StudentCollate(student_encoder), shuffle=True)
+        groups = self._groups_for(iteration)
+        critic_encoder = self.encoder(module.critic_tokenizer) if module.critic_tokenizer is not module.tokenizer else None
+        student_loader = self._loader(groups, self.hparams.batch_size, StudentCollate(student_encoder, critic_encoder), True)
+        if not module.needs_pairs:
+            return student_loader
+        pairs = self.critic_pairs(iteration)
+        self.stats["data/buffer_pairs"] = float(len(pairs))
+        self.stats["data/pairs_teacher_preferred"] = float(sum(p["preference"] > 0 for p in pairs))
+        if not pairs:
+            raise DataError("no preference pair differs from its teacher response: nothing for the critic to learn")
+        # One critic batch per student batch, drawn from the whole buffer, so a step costs the same in every iteration.
+        sampler = RandomSampler(pairs, num_samples=len(student_loader) * self.hparams.critic_batch_size)
+        critic_loader = DataLoader(
+            pairs,
+            batch_size=self.hparams.critic_batch_size,
+            sampler=sampler,
+            collate_fn=CriticCollate(self.encoder(module.critic_tokenizer)),
+            num_workers=self.hparams.num_workers,
+        )
+        return {"student": student_loader, "critic": critic_loader}
+
+    def val_dataloader(self):
+        return self._loader(self.val_records, self.hparams.val_batch_size, collate_records, shuffle=False)
+
+    def test_dataloader(self):
+        return self.val_dataloader()
+
+    def predict_dataloader(self):
+        return self.val_dataloader()
+
+    def _loader(self, items, batch_size, collate, shuffle):
+        return DataLoader(
+            items, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, num_workers=self.hparams.num_workers
+        )

@@ -1,0 +1,67 @@
+"""Batched sampling from a causal LM with the KV cache."""
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class GenerationConfig:
+    """How responses are sampled."""
+
+    max_new_tokens: int = 40
+    """Longest response, in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 means greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass, in (0, 1]."""
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"`max_new_tokens` must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"`temperature` must be ≥ 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p}")
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], config: GenerationConfig, num_samples: int, batch_size: int):
+    """Sample ``num_samples`` responses per prompt.
+
+    Returns:
+        ``(responses, stats)``: responses[i] is the list of num_samples texts for prompts[i]
+        (cut at the first end-of-sequence token); stats has ``tokens`` and ``seconds``.
+    """
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the right edge of every row
+    device = next(model.parameters()).device
+    greedy = config.temperature == 0
+    responses, new_tokens, start = [], 0, time.perf_counter()
+    try:
+        for begin in range(0, len(prompts), batch_size):
+            chunk = prompts[begin : begin + batch_size]
+            encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            output = model.generate(
+                **encoded,
+                do_sample=not greedy,
+                temperature=None if greedy else config.temperature,
+                top_p=None if greedy else config.top_p,
+                top_k=None,
+                max_new_tokens=config.max_new_tokens,
+                num_return_sequences=num_samples,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                use_cache=True,
+            )
+            generated = output[:, encoded["input_ids"].shape[1] :]
+            new_tokens += int((generated != tokenizer.pad_token_id).sum())
+            texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+            responses.extend(texts[i : i + num_samples] for i in range(0, len(texts), num_samples))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return responses, {"tokens": new_tokens, "seconds": time.perf_counter() - start}

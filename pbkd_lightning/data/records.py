@@ -1,0 +1,86 @@
+"""JSONL records: reading with file:line:field errors, and atomic writing."""
+
+import json
+import os
+import tempfile
+from typing import Iterable
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the line and the field."""
+
+
+def read_jsonl(path: str, required: dict[str, type], optional: dict[str, type] | None = None) -> list[dict]:
+    """Read a JSONL file, checking each line's fields and types; aliases are resolved by the caller.
+
+    Raises:
+        DataError: on a missing file, an empty file, bad JSON, a missing field or a wrong type.
+    """
+    optional = optional or {}
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{line_no}: invalid JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+            for field, kind in {**required, **optional}.items():
+                if field not in record:
+                    if field in required:
+                        raise DataError(f"{path}:{line_no}: missing field {field!r}")
+                    continue
+                if not isinstance(record[field], kind):
+                    raise DataError(
+                        f"{path}:{line_no}: field {field!r} must be {kind.__name__}, got {type(record[field]).__name__}"
+                    )
+            records.append(record)
+    if not records:
+        raise DataError(f"{path}: no records (the file is empty)")
+    return records
+
+
+def read_prompts(path: str) -> list[dict]:
+    """Prompt records ``{"prompt", "reference"?, "task"?}``; GSM8K's ``{"question", "answer"}`` is accepted too."""
+    with open(path, encoding="utf-8") as handle:
+        first = next((line for line in handle if line.strip()), "")
+    if '"question"' in first and '"prompt"' not in first:
+        rows = read_jsonl(path, {"question": str, "answer": str})
+        return [{"prompt": r["question"] + "\n", "reference": r["answer"], "task": "arithmetic"} for r in rows]
+    rows = read_jsonl(path, {"prompt": str}, {"reference": str, "task": str})
+    return [{"prompt": r["prompt"], "reference": r.get("reference"), "task": r.get("task", "text")} for r in rows]
+
+
+def read_responses(path: str) -> dict[str, str]:
+    """Teacher responses ``{"prompt", "teacher"}`` (``"response"`` also accepted), keyed by prompt."""
+    rows = read_jsonl(path, {"prompt": str}, {"teacher": str, "response": str})
+    responses = {}
+    for line_no, row in enumerate(rows, start=1):
+        text = row.get("teacher", row.get("response"))
+        if text is None:
+            raise DataError(f"{path}: record {line_no}: missing field 'teacher'")
+        responses[row["prompt"]] = text
+    return responses
+
+
+def write_jsonl_atomic(path: str, records: Iterable[dict]) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".jsonl")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,76 @@
+"""Black-box teachers: anything that turns prompt records into response text."""
+
+import os
+from typing import Optional
+
+import torch
+
+from pbkd_lightning.data.generation import GenerationConfig, generate
+from pbkd_lightning.data.records import DataError, read_responses
+
+
+class Teacher:
+    """Returns one response text per prompt record. Black-box: only text crosses this boundary."""
+
+    def respond(self, records: list[dict]) -> list[str]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+class TaskProgramTeacher(Teacher):
+    """The task program's own solution (the record's ``reference``): an always-correct teacher."""
+
+    def respond(self, records: list[dict]) -> list[str]:
+        missing = [i for i, r in enumerate(records) if not r.get("reference")]
+        if missing:
+            raise DataError(f"TaskProgramTeacher needs a 'reference' on every prompt; record {missing[0]} has none")
+        return [r["reference"] for r in records]
+
+
+class ResponseFileTeacher(Teacher):
+    """Responses read from a JSONL file of ``{"prompt", "teacher"}`` records."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._responses: Optional[dict[str, str]] = None
+
+    def load(self) -> None:
+        if self._responses is None:
+            self._responses = read_responses(self.path)
+
+    def respond(self, records: list[dict]) -> list[str]:
+        self.load()
+        missing = [r["prompt"] for r in records if r["prompt"] not in self._responses]
+        if missing:
+            raise DataError(f"{self.path}: no teacher response for prompt {missing[0]!r} ({len(missing)} missing)")
+        return [self._responses[r["prompt"]] for r in records]
+
+    def describe(self) -> str:
+        return f"ResponseFileTeacher({self.path})"
+
+
+class HFModelTeacher(Teacher):
+    """A local Hugging Face causal LM answering through ``generate`` with its own tokenizer."""
+
+    def __init__(self, path: str, max_new_tokens: int = 64, temperature: float = 0.0, batch_size: int = 16):
+        self.path, self.batch_size = path, batch_size
+        self.generation = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+
+    def respond(self, records: list[dict]) -> list[str]:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not os.path.isdir(self.path):
+            raise FileNotFoundError(f"teacher directory {self.path!r} does not exist (models are never downloaded)")
+        tokenizer = AutoTokenizer.from_pretrained(self.path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(self.path).eval()
+        with torch.inference_mode():
+            texts, _ = generate(model, tokenizer, [r["prompt"] for r in records], self.generation, 1, self.batch_size)
+        del model
+        return [group[0] for group in texts]
+
+    def describe(self) -> str:
+        return f"HFModelTeacher({self.path}, {self.generation})"

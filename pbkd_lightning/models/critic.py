@@ -1,0 +1,55 @@
+"""Reward models for black-box PbKD: a scalar head on a backbone, or an implicit reward from an LM copy."""
+
+import torch
+from torch import Tensor, nn
+
+from pbkd_lightning.losses import token_logprobs
+
+
+def response_token_logprobs(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """log p(token_t | tokens_<t) for t ≥ 1 under ``lm``: ``(N, T-1)``."""
+    logits = lm(input_ids=input_ids, attention_mask=attention_mask).logits
+    return token_logprobs(logits[:, :-1], input_ids[:, 1:])
+
+
+class ScalarReward(nn.Module):
+    """r_φ(x, y) = w · h, with h the backbone's last hidden state at the last non-pad token
+    (``pooling="last"``) or averaged over the response tokens (``pooling="mean"``)."""
+
+    def __init__(self, backbone: nn.Module, hidden_size: int, pooling: str = "last"):
+        super().__init__()
+        if pooling not in ("last", "mean"):
+            raise ValueError(f"`pooling` must be 'last' or 'mean', got {pooling!r}")
+        self.backbone, self.pooling = backbone, pooling
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.head.weight)  # start from r = 0 everywhere: no preference before data
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, **_) -> Tensor:
+        """Args: ``(N, T)`` each, response_mask over the positions of response tokens. Returns ``(N,)``."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
+        if self.pooling == "last":
+            last = attention_mask.sum(dim=1) - 1  # right padding: last real token
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        else:
+            weights = response_mask.to(hidden.dtype)[..., None]
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float()
+
+
+class ImplicitReward(nn.Module):
+    """r_φ(x, y) = scale · mean over response tokens of (log π_φ(y_t) − log π_ref(y_t)).
+
+    π_φ is a trainable copy of a language model; π_ref is frozen and not owned here (its
+    log-probabilities are passed in), so it never enters the critic's optimizer.
+    """
+
+    def __init__(self, lm: nn.Module, scale: float = 10.0):
+        super().__init__()
+        self.lm, self.scale = lm, scale
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, ref_logprobs: Tensor) -> Tensor:
+        """``ref_logprobs``: ``(N, T-1)`` log π_ref of tokens 1..T-1. Returns ``(N,)``."""
+        logprobs = response_token_logprobs(self.lm, input_ids, attention_mask)
+        mask = response_mask[:, 1:].to(logprobs.dtype)
+        return self.scale * ((logprobs - ref_logprobs) * mask).sum(1) / mask.sum(1).clamp(min=1.0)

@@ -1,0 +1,77 @@
+"""Loading a causal LM and its tokenizer: a local Hugging Face directory, or an embedded tiny Llama."""
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from pbkd_lightning.models.tokenizer import build_char_tokenizer
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelSpec:
+    """Which causal LM to load."""
+
+    path: Optional[str] = None
+    """Local Hugging Face causal-LM directory (model and tokenizer). None: the embedded tiny Llama."""
+    layers: int = 2
+    """Tiny model only: number of transformer blocks."""
+    hidden: int = 128
+    """Tiny model only: hidden size (the MLP is 2× this)."""
+    heads: int = 4
+    """Tiny model only: attention heads."""
+    max_positions: int = 256
+    """Tiny model only: context length."""
+    dtype: str = "float32"
+    """Weights' dtype: float32, bfloat16 or float16."""
+    init_seed: int = 0
+    """Tiny model only: seed of the random initialisation."""
+
+    def __post_init__(self):
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"`dtype` must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        for name in ("layers", "hidden", "heads", "max_positions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}")
+        if self.path is None and self.hidden % self.heads:
+            raise ValueError(f"`hidden` ({self.hidden}) must be divisible by `heads` ({self.heads})")
+
+
+def load_tokenizer(spec: ModelSpec):
+    if spec.path is None:
+        return build_char_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(spec.path)
+    if tokenizer.pad_token is None:  # many causal LMs ship without one; eos is the usual stand-in
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(spec: ModelSpec, tokenizer=None):
+    """Returns ``(model, tokenizer)``; the tiny model is built from its seed, a directory is loaded offline."""
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
+    dtype = _DTYPES[spec.dtype]
+    if spec.path is not None:
+        if not os.path.isdir(spec.path):
+            raise FileNotFoundError(f"model directory {spec.path!r} does not exist (models are never downloaded)")
+        return AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype), tokenizer
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden,
+        intermediate_size=2 * spec.hidden,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        max_position_embeddings=spec.max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(spec.init_seed)
+        model = LlamaForCausalLM(config)
+    return model.to(dtype), tokenizer

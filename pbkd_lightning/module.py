@@ -1,0 +1,344 @@
+"""DistillationModule: the student, the critic and their two optimizers; the objective holds the method."""
+
+import copy
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import BinaryAccuracy
+
+from pbkd_lightning.data.generation import GenerationConfig, generate
+from pbkd_lightning.data.labelers import label_pair
+from pbkd_lightning.eval import mean_scores, score_responses
+from pbkd_lightning.models.critic import ImplicitReward, ScalarReward, response_token_logprobs
+from pbkd_lightning.models.loading import ModelSpec, load_causal_lm
+from pbkd_lightning.objectives.base import Objective
+from pbkd_lightning.warmup import WarmupConfig, warm_start
+
+
+@dataclass
+class CriticConfig:
+    """The reward model of black-box PbKD."""
+
+    kind: Literal["scalar", "implicit"] = "implicit"
+    """``scalar``: a linear head on a backbone's last hidden state (the paper's). ``implicit``: a trainable
+    LM copy scored by ``scale · mean log(π_φ/π_ref)`` over the response (learned far faster in the prototype)."""
+    init: Literal["student", "scratch"] = "student"
+    """Start from the (warmed-up) student's weights, or from a fresh model of the student's architecture."""
+    pooling: Literal["last", "mean"] = "last"
+    """Scalar head only: the last non-pad token's hidden state, or the mean over response tokens."""
+    scale: float = 10.0
+    """Implicit reward only: the factor on the mean log-ratio."""
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warm-up then constant or cosine learning rate, and gradient-norm clipping."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up, in optimizer steps."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """After warm-up: constant, or cosine decay to 0 at the end of training."""
+    grad_clip: float = 1.0
+    """Clip the gradient's global norm to this; 0 turns clipping off."""
+
+    def __post_init__(self):
+        for name in ("lr", "weight_decay", "grad_clip", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be ≥ 0, got {getattr(self, name)}")
+
+
+class DistillationModule(LightningModule):
+    """One LightningModule for every method: manual optimization with a critic step and a student step.
+
+    Models are loaded in ``setup`` (not ``__init__``), so config and data errors surface first.
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        student: ModelSpec = ModelSpec(),
+        critic: CriticConfig = CriticConfig(),
+        warmup: WarmupConfig = WarmupConfig(),
+        student_optimizer: OptimizerConfig = OptimizerConfig(lr=1e-3),
+        critic_optimizer: OptimizerConfig = OptimizerConfig(lr=1e-3),
+        val_generation: GenerationConfig = GenerationConfig(temperature=0.0),
+        num_threads: Optional[int] = None,
+        samples_to_show: int = 4,
+        save_student: bool = True,
+    ):
+        """
+        Args:
+            objective: the method (``BlackBoxPbKD``, ``SeqKD``, ...).
+            student: the student model.
+            critic: the reward model (used when the objective has a critic).
+            warmup: SFT of the student on teacher responses before fit (cached).
+            student_optimizer: the student's optimizer.
+            critic_optimizer: the critic's optimizer.
+            val_generation: decoding on held-out prompts (greedy by default).
+            num_threads: torch CPU threads; None keeps torch's choice.
+            samples_to_show: prompts with teacher and student responses in the TensorBoard text panel.
+            save_student: at the end of fit, ``save_pretrained`` the student to ``<default_root_dir>/student``.
+        """
+        super().__init__()
+        self.automatic_optimization = False
+        self.strict_loading = False  # the frozen reference is rebuilt in setup, not stored in checkpoints
+        self.save_hyperparameters(ignore=["objective"])
+        self.hparams["objective"] = repr(objective)
+        # hparams hold the config as plain data (LightningCLI stores its own copy there); use the objects.
+        self.objective = objective
+        self.student_spec, self.critic_config, self.warmup_config = student, critic, warmup
+        self.student_optimizer_config, self.critic_optimizer_config = student_optimizer, critic_optimizer
+        self.val_generation = val_generation
+        self.student: Optional[nn.Module] = None
+        self.critic: Optional[nn.Module] = None
+        self.reference: Optional[nn.Module] = None
+        self.tokenizer = self.critic_tokenizer = None
+        self.summary: dict = {}
+        self.nonfinite_skips = {"student": 0, "critic": 0}
+
+    @property
+    def needs_samples(self) -> bool:
+        return self.objective.needs_samples
+
+    @property
+    def needs_pairs(self) -> bool:
+        return self.objective.needs_critic
+
+    # ------------------------------------------------------------------ models
+    def setup(self, stage: str) -> None:
+        if self.student is not None:
+            return
+        if self.hparams.num_threads:
+            torch.set_num_threads(self.hparams.num_threads)
+        datamodule = self.trainer.datamodule
+        student, self.tokenizer = load_causal_lm(self.student_spec)
+        self.critic_tokenizer = self.tokenizer
+        self.student = student
+        if stage == "fit":
+            self.summary["teacher"] = mean_scores(
+                score_responses(datamodule.val_records, [r["teacher"] for r in datamodule.val_records])
+            )
+            if self.warmup_config.steps > 0:
+                self.summary["student_before_warmup"] = self.evaluate(datamodule.val_records)
+                key = [asdict(self.student_spec), [r["teacher"] for r in datamodule.train_records]]
+                encoder = datamodule.encoder(self.tokenizer)
+                self.student = warm_start(student, encoder, datamodule.train_records, self.warmup_config, 0, key)
+            self.summary["student_start"] = self.evaluate(datamodule.val_records)
+        self.student.train()
+        if self.objective.uses_reference(self):
+            self.reference = copy.deepcopy(self.student).eval().requires_grad_(False)
+        if self.objective.needs_critic:
+            self.critic = self._build_critic()
+        self.task_scores = nn.ModuleDict({t: MeanMetric() for t in sorted({r.get("task", "text") for r in datamodule.val_records})})
+        self.heldout_pref_acc = BinaryAccuracy()
+
+    def _build_critic(self) -> nn.Module:
+        config = self.critic_config
+        if config.init == "student":
+            lm = copy.deepcopy(self.student)
+        else:
+            lm, _ = load_causal_lm(ModelSpec(**{**asdict(self.student_spec), "init_seed": 1}), self.tokenizer)
+        lm.train().requires_grad_(True)
+        if config.kind == "implicit":
+            return ImplicitReward(lm, scale=config.scale)
+        return ScalarReward(lm.get_decoder(), lm.config.hidden_size, pooling=config.pooling)
+
+    def configure_optimizers(self):
+        optimizers, schedulers = [], []
+        groups = [(self.student, self.student_optimizer_config)]
+        if self.critic is not None:
+            groups.insert(0, (self.critic, self.critic_optimizer_config))
+        total = max(1, int(self.trainer.estimated_stepping_batches) // max(1, len(groups)))
+        for model, config in groups:
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+            optimizers.append(optimizer)
+            schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total)))
+        return optimizers, schedulers
+
+    # ------------------------------------------------------------------ scoring helpers used by objectives
+    def student_logprobs(self, sequences: dict) -> torch.Tensor:
+        """log π_θ of tokens 1..T-1: ``(N, T-1)``."""
+        return response_token_logprobs(self.student, sequences["input_ids"], sequences["attention_mask"])
+
+    @torch.no_grad()
+    def reference_logprobs(self, sequences: dict) -> torch.Tensor:
+        return response_token_logprobs(self.reference, sequences["input_ids"], sequences["attention_mask"])
+
+    def reward(self, sequences: dict) -> torch.Tensor:
+        """r_φ(x, y) for each sequence: ``(N,)``."""
+        ref = self.reference_logprobs(sequences) if isinstance(self.critic, ImplicitReward) else None
+        return self.critic(
+            sequences["input_ids"], sequences["attention_mask"], sequences["response_mask"], ref_logprobs=ref
+        )
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch, batch_idx):
+        optimizers, schedulers = self.optimizers(), self.lr_schedulers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+        if self.critic is not None:
+            self._optimizer_step(
+                "critic", optimizers[0], schedulers[0], self.critic, lambda: self.objective.critic_loss(self, batch["critic"])
+            )
+            student_batch = batch["student"]
+        else:
+            student_batch = batch
+        if self.trainer.fit_loop.epoch_loop.total_batch_idx >= self.objective.critic_warmup_steps:
+            self._optimizer_step(
+                "student", optimizers[-1], schedulers[-1], self.student, lambda: self.objective.student_loss(self, student_batch)
+            )
+
+    def _optimizer_step(self, role, optimizer, scheduler, model, compute) -> None:
+        """toggle → zero_grad → backward → clip → step → untoggle; a non-finite loss or gradient skips the step."""
+        config = self.critic_optimizer_config if role == "critic" else self.student_optimizer_config
+        self.toggle_optimizer(optimizer)
+        terms = compute()
+        loss = terms["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        finite = bool(torch.isfinite(loss))  # one host sync per step, cheap next to the forward passes
+        if finite:
+            self.manual_backward(loss)
+            params = [p for p in model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else math.inf)
+            finite = bool(torch.isfinite(norm))
+        if finite:
+            optimizer.step()
+            scheduler.step()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_skips[role] += 1
+        self.untoggle_optimizer(optimizer)
+        self.log(f"{role}/loss", loss.detach(), prog_bar=True)
+        self.log(f"{role}/nonfinite_skips", float(self.nonfinite_skips[role]))
+        self.log_dict({f"{role}/{k}": v for k, v in terms.items() if k != "loss"})
+
+    def on_train_epoch_start(self) -> None:
+        stats = getattr(self.trainer.datamodule, "stats", {})
+        for name, value in stats.items():
+            self.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
+
+    # ------------------------------------------------------------------ evaluation
+    def generate_responses(self, records: list[dict]) -> list[str]:
+        batch_size = self.trainer.datamodule.hparams.val_batch_size if self._trainer else 64
+        responses, _ = generate(self.student, self.tokenizer, [r["prompt"] for r in records], self.val_generation, 1, batch_size)
+        return [group[0] for group in responses]
+
+    def evaluate(self, records: list[dict]) -> dict[str, float]:
+        """Mean held-out score per task of the current student (greedy by default)."""
+        return mean_scores(score_responses(records, self.generate_responses(records)))
+
+    def validation_step(self, records: list[dict], batch_idx: int):
+        responses = self.generate_responses(records)
+        for task, score in score_responses(records, responses):
+            self.task_scores[task].update(torch.tensor(score, device=self.device))
+        if self.critic is not None:
+            self._update_heldout_preferences(records, responses)
+        if batch_idx == 0:
+            self._show_samples(records, responses)
+
+    @torch.no_grad()
+    def _update_heldout_preferences(self, records, responses) -> None:
+        """Does the reward model rank held-out (teacher, current student) pairs as the labeler does? Ties don't count."""
+        labeler = self.trainer.datamodule.hparams.labeler
+        labels = [label_pair(labeler, r, r["teacher"], s) for r, s in zip(records, responses)]
+        kept = [i for i, label in enumerate(labels) if label != 0]
+        if not kept:
+            return
+        encoder = self.trainer.datamodule.encoder(self.critic_tokenizer)
+        prompts = [records[i]["prompt"] for i in kept]
+        teacher = {k: v.to(self.device) for k, v in encoder.batch(prompts, [records[i]["teacher"] for i in kept]).items()}
+        student = {k: v.to(self.device) for k, v in encoder.batch(prompts, [responses[i] for i in kept]).items()}
+        margin = self.reward(teacher) - self.reward(student)
+        target = torch.tensor([labels[i] for i in kept], device=self.device)
+        self.heldout_pref_acc.update(torch.sigmoid(margin * target), torch.ones_like(target))
+
+    def on_validation_epoch_end(self) -> None:
+        for task, metric in self.task_scores.items():
+            if metric.update_count:
+                self.log(f"eval/{task}_score", metric.compute())
+            metric.reset()
+        if self.critic is not None and self.heldout_pref_acc.update_count:
+            self.log("critic/heldout_pref_acc", self.heldout_pref_acc.compute())
+        self.heldout_pref_acc.reset()
+
+    @rank_zero_only
+    def _show_samples(self, records, responses) -> None:
+        if not isinstance(self.logger, TensorBoardLogger) or self.hparams.samples_to_show <= 0:
+            return
+        rows = ["| prompt | teacher | student |", "|---|---|---|"]
+        for record, response in list(zip(records, responses))[: self.hparams.samples_to_show]:
+            cells = [record["prompt"], record["teacher"], response]
+            rows.append("| " + " | ".join(c.replace("\n", " ⏎ ").replace("|", "\\|") for c in cells) + " |")
+        self.logger.experiment.add_text("samples", "\n".join(rows), self.global_step)
+
+    def predict_step(self, records: list[dict], batch_idx: int):
+        return [{"prompt": r["prompt"], "response": s} for r, s in zip(records, self.generate_responses(records))]
+
+    # ------------------------------------------------------------------ end of fit, checkpoints
+    def on_fit_end(self) -> None:
+        metrics = self.trainer.callback_metrics
+        final = {k[len("eval/") : -len("_score")]: float(v) for k, v in metrics.items() if k.startswith("eval/") and k.endswith("_score")}
+        if final:
+            final["mean"] = sum(final.values()) / len(final)
+            self.summary["student_final"] = final
+        if "critic/heldout_pref_acc" in metrics:
+            self.summary["reward_model_heldout_pref_acc"] = float(metrics["critic/heldout_pref_acc"])
+        self.summary["objective"] = repr(self.objective)
+        self.summary["nonfinite_skips"] = dict(self.nonfinite_skips)
+        self._write_summary()
+
+    @rank_zero_only
+    def _write_summary(self) -> None:
+        root = self.trainer.default_root_dir
+        os.makedirs(root, exist_ok=True)
+        with open(os.path.join(root, "summary.json"), "w") as handle:
+            json.dump(self.summary, handle, indent=2)
+        if self.hparams.save_student:
+            self.student.save_pretrained(os.path.join(root, "student"))
+            self.tokenizer.save_pretrained(os.path.join(root, "student"))
+        rank_zero_info(format_summary(self.summary) + f"\nsummary written to {os.path.join(root, 'summary.json')}")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("reference.")]:
+            del state[key]
+
+
+def _lr_lambda(config: OptimizerConfig, total_steps: int):
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.schedule == "cosine":
+            progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+def format_summary(summary: dict) -> str:
+    """The end-of-fit table: held-out scores of teacher and student at each stage."""
+    rows = [("teacher", "teacher"), ("student, before warm-up", "student_before_warmup"),
+            ("student, start of fit", "student_start"), ("student, end of fit", "student_final")]
+    tasks = sorted({t for _, key in rows for t in summary.get(key, {}) if t != "mean"}) + ["mean"]
+    lines = ["", f"{'held-out score':<26}" + "".join(f"{t:>12}" for t in tasks)]
+    for label, key in rows:
+        if key in summary:
+            lines.append(f"{label:<26}" + "".join(f"{summary[key].get(t, float('nan')):>12.3f}" for t in tasks))
+    if "reward_model_heldout_pref_acc" in summary:
+        lines.append(f"{'reward model held-out preference accuracy':<42} {summary['reward_model_heldout_pref_acc']:.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,78 @@
+"""Warm-starting the student by SFT on teacher responses, cached on disk by its settings."""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
+
+from pbkd_lightning.data.collate import Encoder
+from pbkd_lightning.losses import sequence_nll
+from pbkd_lightning.models.critic import response_token_logprobs
+
+
+@dataclass
+class WarmupConfig:
+    """SFT of the student on the teacher's training responses before distillation starts."""
+
+    steps: int = 0
+    """Optimizer steps; 0 turns the warm-up off."""
+    lr: float = 3e-3
+    """AdamW learning rate (linear decay to 0)."""
+    batch_size: int = 32
+    """Sequences per step."""
+    cache_dir: str = "runs/cache"
+    """Warmed-up students are saved here, one folder per settings, and reused."""
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise ValueError(f"`steps` must be ≥ 0, got {self.steps}")
+        if self.lr <= 0:
+            raise ValueError(f"`lr` must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            raise ValueError(f"`batch_size` must be ≥ 1, got {self.batch_size}")
+
+
+def cache_key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def warm_start(student, encoder: Encoder, records: list[dict], config: WarmupConfig, seed: int, key_parts) -> object:
+    """Return the student after ``config.steps`` SFT steps, from the cache when the same settings ran before."""
+    folder = os.path.join(config.cache_dir, f"student-sft-{cache_key(asdict(config), seed, key_parts)}")
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        rank_zero_info(f"warm-up: reusing the cached student in {folder}")
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=next(student.parameters()).dtype)
+    device = next(student.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / config.steps)
+    student.train()
+    progress = tqdm(range(config.steps), desc="warm-up (SFT on teacher responses)", dynamic_ncols=True)
+    for _ in progress:
+        rows = torch.randint(len(records), (config.batch_size,), generator=generator).tolist()
+        batch = encoder.batch([records[i]["prompt"] for i in rows], [records[i]["teacher"] for i in rows])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss = sequence_nll(
+            response_token_logprobs(student, batch["input_ids"], batch["attention_mask"]), batch["response_mask"][:, 1:]
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        progress.set_postfix(nll=f"{loss.item():.3f}", refresh=False)
+    os.makedirs(config.cache_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=config.cache_dir, prefix=".tmp-")
+    student.save_pretrained(staging)
+    if os.path.isdir(folder):  # another process finished first; keep theirs
+        shutil.rmtree(staging)
+    else:
+        os.replace(staging, folder)
+    return student

@@ -11,10 +11,12 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
+from pbkd_lightning.config import plain, validate_fields
 from pbkd_lightning.data.generation import GenerationConfig, generate
 from pbkd_lightning.data.labelers import label_pair
 from pbkd_lightning.eval import mean_scores, score_responses
@@ -35,29 +37,30 @@ class CriticConfig:
     """Start from the (warmed-up) student's weights, or from a fresh model of the student's architecture."""
     pooling: Literal["last", "mean"] = "last"
     """Scalar head only: the last non-pad token's hidden state, or the mean over response tokens."""
-    scale: float = 10.0
+    scale: PositiveFloat = 10.0
     """Implicit reward only: the factor on the mean log-ratio."""
+
+    def __post_init__(self):
+        validate_fields(self)
 
 
 @dataclass
 class OptimizerConfig:
     """AdamW with linear warm-up then constant or cosine learning rate, and gradient-norm clipping."""
 
-    lr: float = 1e-3
+    lr: PositiveFloat = 1e-3
     """Peak learning rate."""
-    weight_decay: float = 0.0
+    weight_decay: NonNegativeFloat = 0.0
     """AdamW weight decay."""
-    warmup_steps: int = 0
+    warmup_steps: NonNegativeInt = 0
     """Linear learning-rate warm-up, in optimizer steps."""
     schedule: Literal["constant", "cosine"] = "constant"
     """After warm-up: constant, or cosine decay to 0 at the end of training."""
-    grad_clip: float = 1.0
+    grad_clip: NonNegativeFloat = 1.0
     """Clip the gradient's global norm to this; 0 turns clipping off."""
 
     def __post_init__(self):
-        for name in ("lr", "weight_decay", "grad_clip", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be ≥ 0, got {getattr(self, name)}")
+        validate_fields(self)
 
 
 class DistillationModule(LightningModule):
@@ -75,8 +78,8 @@ class DistillationModule(LightningModule):
         student_optimizer: OptimizerConfig = OptimizerConfig(lr=1e-3),
         critic_optimizer: OptimizerConfig = OptimizerConfig(lr=1e-3),
         val_generation: GenerationConfig = GenerationConfig(temperature=0.0),
-        num_threads: Optional[int] = None,
-        samples_to_show: int = 4,
+        num_threads: Optional[PositiveInt] = None,
+        samples_to_show: NonNegativeInt = 4,
         save_student: bool = True,
     ):
         """
@@ -95,8 +98,7 @@ class DistillationModule(LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.strict_loading = False  # the frozen reference is rebuilt in setup, not stored in checkpoints
-        self.save_hyperparameters(ignore=["objective"])
-        self.hparams["objective"] = repr(objective)
+        self.save_hyperparameters(plain({k: v for k, v in locals().items() if k not in ("self", "__class__")}))
         # hparams hold the config as plain data (LightningCLI stores its own copy there); use the objects.
         self.objective = objective
         self.student_spec, self.critic_config, self.warmup_config = student, critic, warmup
@@ -142,8 +144,10 @@ class DistillationModule(LightningModule):
             self.reference = copy.deepcopy(self.student).eval().requires_grad_(False)
         if self.objective.needs_critic:
             self.critic = self._build_critic()
-        self.task_scores = nn.ModuleDict({t: MeanMetric() for t in sorted({r.get("task", "text") for r in datamodule.val_records})})
+        tasks = sorted({r.get("task", "text") for r in datamodule.val_records})
+        self.task_scores = nn.ModuleDict({t: MeanMetric() for t in tasks})
         self.heldout_pref_acc = BinaryAccuracy()
+        self.task_pref_acc = nn.ModuleDict({t: BinaryAccuracy() for t in tasks})
 
     def _build_critic(self) -> nn.Module:
         config = self.critic_config
@@ -219,8 +223,8 @@ class DistillationModule(LightningModule):
             optimizer.step()
             scheduler.step()
         else:
-            optimizer.zero_grad(set_to_none=True)
             self.nonfinite_skips[role] += 1
+        optimizer.zero_grad(set_to_none=True)  # free this player's gradients before the other one runs
         self.untoggle_optimizer(optimizer)
         self.log(f"{role}/loss", loss.detach(), prog_bar=True)
         self.log(f"{role}/nonfinite_skips", float(self.nonfinite_skips[role]))
@@ -232,9 +236,11 @@ class DistillationModule(LightningModule):
             self.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
 
     # ------------------------------------------------------------------ evaluation
-    def generate_responses(self, records: list[dict]) -> list[str]:
+    def generate_responses(self, records: list[dict], config: Optional[GenerationConfig] = None) -> list[str]:
+        """One response per record from the current student (``val_generation`` unless told otherwise)."""
         batch_size = self.trainer.datamodule.hparams.val_batch_size if self._trainer else 64
-        responses, _ = generate(self.student, self.tokenizer, [r["prompt"] for r in records], self.val_generation, 1, batch_size)
+        prompts = [r["prompt"] for r in records]
+        responses, _ = generate(self.student, self.tokenizer, prompts, config or self.val_generation, 1, batch_size)
         return [group[0] for group in responses]
 
     def evaluate(self, records: list[dict]) -> dict[str, float]:
@@ -246,7 +252,10 @@ class DistillationModule(LightningModule):
         for task, score in score_responses(records, responses):
             self.task_scores[task].update(torch.tensor(score, device=self.device))
         if self.critic is not None:
-            self._update_heldout_preferences(records, responses)
+            # Held-out pairs are made exactly as training pairs are (a sample at the data's generation
+            # settings), on prompts never trained on: the reward model's generalisation, not a shift to greedy text.
+            samples = self.generate_responses(records, self.trainer.datamodule.generation)
+            self._update_heldout_preferences(records, samples)
         if batch_idx == 0:
             self._show_samples(records, responses)
 
@@ -264,7 +273,12 @@ class DistillationModule(LightningModule):
         student = {k: v.to(self.device) for k, v in encoder.batch(prompts, [responses[i] for i in kept]).items()}
         margin = self.reward(teacher) - self.reward(student)
         target = torch.tensor([labels[i] for i in kept], device=self.device)
-        self.heldout_pref_acc.update(torch.sigmoid(margin * target), torch.ones_like(target))
+        agreement = torch.sigmoid(margin * target)  # > 0.5 when the reward model ranks the pair as the labeler did
+        self.heldout_pref_acc.update(agreement, torch.ones_like(target))
+        tasks = [records[i].get("task", "text") for i in kept]
+        for task in set(tasks):
+            rows = torch.tensor([t == task for t in tasks], device=self.device)
+            self.task_pref_acc[task].update(agreement[rows], torch.ones_like(target[rows]))
 
     def on_validation_epoch_end(self) -> None:
         for task, metric in self.task_scores.items():
@@ -273,7 +287,12 @@ class DistillationModule(LightningModule):
             metric.reset()
         if self.critic is not None and self.heldout_pref_acc.update_count:
             self.log("critic/heldout_pref_acc", self.heldout_pref_acc.compute())
+            for task, metric in self.task_pref_acc.items():
+                if metric.update_count:
+                    self.log(f"critic/heldout_pref_acc_{task}", metric.compute())
         self.heldout_pref_acc.reset()
+        for metric in self.task_pref_acc.values():
+            metric.reset()
 
     @rank_zero_only
     def _show_samples(self, records, responses) -> None:

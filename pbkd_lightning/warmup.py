@@ -8,10 +8,12 @@ import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from lightning.pytorch.utilities import rank_zero_info
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
+from pbkd_lightning.config import validate_fields
 from pbkd_lightning.data.collate import Encoder
 from pbkd_lightning.losses import sequence_nll
 from pbkd_lightning.models.critic import response_token_logprobs
@@ -21,22 +23,17 @@ from pbkd_lightning.models.critic import response_token_logprobs
 class WarmupConfig:
     """SFT of the student on the teacher's training responses before distillation starts."""
 
-    steps: int = 0
+    steps: NonNegativeInt = 0
     """Optimizer steps; 0 turns the warm-up off."""
-    lr: float = 3e-3
+    lr: PositiveFloat = 3e-3
     """AdamW learning rate (linear decay to 0)."""
-    batch_size: int = 32
+    batch_size: PositiveInt = 32
     """Sequences per step."""
     cache_dir: str = "runs/cache"
     """Warmed-up students are saved here, one folder per settings, and reused."""
 
     def __post_init__(self):
-        if self.steps < 0:
-            raise ValueError(f"`steps` must be ≥ 0, got {self.steps}")
-        if self.lr <= 0:
-            raise ValueError(f"`lr` must be > 0, got {self.lr}")
-        if self.batch_size < 1:
-            raise ValueError(f"`batch_size` must be ≥ 1, got {self.batch_size}")
+        validate_fields(self)
 
 
 def cache_key(*parts) -> str:

@@ -4,6 +4,7 @@ import glob
 import hashlib
 import json
 import os
+import random
 from typing import Literal, Optional
 
 import torch
@@ -12,6 +13,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, RandomSampler
 
+from pbkd_lightning.config import plain
 from pbkd_lightning.data.collate import (
     CriticCollate,
     Encoder,
@@ -49,6 +51,7 @@ class PreferenceDataModule(LightningDataModule):
         teacher: Optional[Teacher] = None,
         labeler: Literal["teacher", "verifier"] = "teacher",
         samples_per_prompt: PositiveInt = 4,
+        prompts_per_iteration: Optional[PositiveInt] = None,
         online: bool = False,
         generation: GenerationConfig = GenerationConfig(),
         batch_size: PositiveInt = 8,
@@ -71,6 +74,8 @@ class PreferenceDataModule(LightningDataModule):
             teacher: who answers the prompts; default: the task program (``TaskProgramTeacher``).
             labeler: ``teacher`` (teacher always preferred, as in the paper) or ``verifier`` (higher task score preferred).
             samples_per_prompt: K student samples per prompt.
+            prompts_per_iteration: training prompts sampled per iteration (a new draw each online
+                iteration); None: all. The warm-up and SeqKD use every training prompt.
             online: regenerate samples and pairs every epoch from the current student.
             generation: how the student samples (temperature, top-p, max new tokens).
             batch_size: prompts per student step (K sequences each).
@@ -83,7 +88,7 @@ class PreferenceDataModule(LightningDataModule):
             num_workers: DataLoader workers.
         """
         super().__init__()
-        self.save_hyperparameters(ignore=["teacher"])
+        self.save_hyperparameters(plain({k: v for k, v in locals().items() if k not in ("self", "__class__")}))
         if train_file is not None and val_file is None:
             raise ValueError("`data.val_file` is required with `data.train_file`: held-out prompts are never trained on")
         for task in tasks:
@@ -95,6 +100,7 @@ class PreferenceDataModule(LightningDataModule):
         self.stats: dict[str, float] = {}
         self._groups: list[dict] = []
         self._groups_iteration: Optional[int] = None
+        self._buffer_checked = False
 
     # ------------------------------------------------------------------ setup (no model needed)
     def setup(self, stage: str) -> None:
@@ -122,8 +128,6 @@ class PreferenceDataModule(LightningDataModule):
         self.train_records, self.val_records = train, val
         if stage == "fit" and self.trainer is not None:
             self._check_online_settings()
-            if self.trainer.ckpt_path is None:
-                self._clear_buffer()  # a fresh run never reuses pairs made by another run's student
 
     def _teacher_responses(self, records: list[dict]) -> list[str]:
         """Teacher responses, cached in the run folder for teachers that are expensive to ask."""
@@ -165,17 +169,21 @@ class PreferenceDataModule(LightningDataModule):
     def _make_iteration(self, iteration: int) -> list[dict]:
         """Sample K responses per training prompt from the current student and label them."""
         module, h = self.trainer.lightning_module, self.hparams
+        records = self.train_records
+        if h.prompts_per_iteration is not None and h.prompts_per_iteration < len(records):
+            rng = random.Random(h.seed * 100_003 + iteration)
+            records = rng.sample(records, h.prompts_per_iteration)
         responses, stats = generate(
             module.student,
             module.tokenizer,
-            [r["prompt"] for r in self.train_records],
+            [r["prompt"] for r in records],
             self.generation,
             h.samples_per_prompt,
             h.generation_batch_size,
         )
         self.stats["gen/tokens_per_s"] = stats["tokens"] / max(stats["seconds"], 1e-9)
         groups = []
-        for record, samples in zip(self.train_records, responses):
+        for record, samples in zip(records, responses):
             preferences = [label_pair(h.labeler, record, record["teacher"], s) for s in samples]
             groups.append({**record, "samples": samples, "preferences": preferences, "iteration": iteration})
         if self.trainer.is_global_zero:
@@ -183,6 +191,11 @@ class PreferenceDataModule(LightningDataModule):
         return groups
 
     def _groups_for(self, iteration: int) -> list[dict]:
+        if not self._buffer_checked:
+            # Decided here, not in setup: Lightning sets ckpt_path only once it restores the checkpoint.
+            if self.trainer.ckpt_path is None:
+                self._clear_buffer()  # a fresh run never reuses pairs made by another run's student
+            self._buffer_checked = True
         if self._groups_iteration != iteration:
             path = self._iteration_path(iteration)
             if os.path.exists(path):

@@ -4,26 +4,24 @@ import time
 from dataclasses import dataclass
 
 import torch
+from jsonargparse.typing import NonNegativeFloat, PositiveInt
+
+from pbkd_lightning.config import TopP, validate_fields
 
 
 @dataclass
 class GenerationConfig:
     """How responses are sampled."""
 
-    max_new_tokens: int = 40
+    max_new_tokens: PositiveInt = 40
     """Longest response, in tokens."""
-    temperature: float = 1.0
+    temperature: NonNegativeFloat = 1.0
     """Sampling temperature; 0 means greedy."""
-    top_p: float = 1.0
+    top_p: TopP = 1.0
     """Nucleus sampling mass, in (0, 1]."""
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"`max_new_tokens` must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"`temperature` must be ≥ 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p}")
+        validate_fields(self)
 
 
 @torch.no_grad()

@@ -47,6 +47,8 @@ def read_jsonl(path: str, required: dict[str, type], optional: dict[str, type] |
 
 def read_prompts(path: str) -> list[dict]:
     """Prompt records ``{"prompt", "reference"?, "task"?}``; GSM8K's ``{"question", "answer"}`` is accepted too."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
     with open(path, encoding="utf-8") as handle:
         first = next((line for line in handle if line.strip()), "")
     if '"question"' in first and '"prompt"' not in first:

@@ -2,11 +2,13 @@
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
+from jsonargparse.typing import PositiveInt
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from pbkd_lightning.config import validate_fields
 from pbkd_lightning.models.tokenizer import build_char_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -18,25 +20,21 @@ class ModelSpec:
 
     path: Optional[str] = None
     """Local Hugging Face causal-LM directory (model and tokenizer). None: the embedded tiny Llama."""
-    layers: int = 2
+    layers: PositiveInt = 2
     """Tiny model only: number of transformer blocks."""
-    hidden: int = 128
+    hidden: PositiveInt = 128
     """Tiny model only: hidden size (the MLP is 2× this)."""
-    heads: int = 4
+    heads: PositiveInt = 4
     """Tiny model only: attention heads."""
-    max_positions: int = 256
+    max_positions: PositiveInt = 256
     """Tiny model only: context length."""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights' dtype: float32, bfloat16 or float16."""
     init_seed: int = 0
     """Tiny model only: seed of the random initialisation."""
 
     def __post_init__(self):
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"`dtype` must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        for name in ("layers", "hidden", "heads", "max_positions"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}")
+        validate_fields(self)
         if self.path is None and self.hidden % self.heads:
             raise ValueError(f"`hidden` ({self.hidden}) must be divisible by `heads` ({self.heads})")
 

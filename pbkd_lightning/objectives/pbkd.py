@@ -3,6 +3,7 @@
 import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, OpenUnitInterval
 
+from pbkd_lightning.config import check
 from pbkd_lightning.losses import (
     clipped_surrogate,
     critic_lagrangian,
@@ -11,12 +12,6 @@ from pbkd_lightning.losses import (
     sequence_nll,
 )
 from pbkd_lightning.objectives.base import Objective
-
-
-def require(condition: bool, name: str, rule: str, value) -> None:
-    """The Python-API twin of the CLI's typed checks: the error names the field."""
-    if not condition:
-        raise ValueError(f"`{name}` must be {rule}, got {value!r}")
 
 
 class BlackBoxPbKD(Objective):
@@ -51,10 +46,10 @@ class BlackBoxPbKD(Objective):
             normalize_advantages: divide advantages by the group's std (amplifies a noisy critic).
             critic_warmup_steps: training batches with a critic step only, before the student moves.
         """
-        for name, value in (("beta", beta), ("reward_l2", reward_l2), ("kl_coef", kl_coef), ("nll_coef", nll_coef)):
-            require(value >= 0, name, "≥ 0", value)
-        require(0 < clip_eps < 1, "clip_eps", "in (0, 1)", clip_eps)
-        require(critic_warmup_steps >= 0, "critic_warmup_steps", "≥ 0", critic_warmup_steps)
+        for name in ("beta", "reward_l2", "kl_coef", "nll_coef"):
+            check(name, NonNegativeFloat, locals()[name])
+        check("clip_eps", OpenUnitInterval, clip_eps)
+        check("critic_warmup_steps", NonNegativeInt, critic_warmup_steps)
         self.beta, self.reward_l2, self.clip_eps = float(beta), float(reward_l2), float(clip_eps)
         self.kl_coef, self.nll_coef = float(kl_coef), float(nll_coef)
         self.normalize_advantages, self.critic_warmup_steps = normalize_advantages, int(critic_warmup_steps)

@@ -1,0 +1,41 @@
+"""Value checks shared by the CLI and the Python API.
+
+Config fields are annotated with jsonargparse's restricted types (``PositiveInt``,
+``OpenUnitInterval``, ...) or ``Literal``: the CLI rejects a bad value at parse time naming
+the full key (``model.objective.beta``). The same annotations are checked again here when a
+class is built from Python, so both routes refuse the same values.
+"""
+
+import dataclasses
+import json
+from typing import Literal, get_args, get_origin
+
+from jsonargparse.typing import restricted_number_type
+
+TopP = restricted_number_type("TopP", float, [(">", 0), ("<=", 1)])
+
+
+def check(name: str, kind, value) -> None:
+    """Raise ValueError naming ``name`` when ``value`` is outside what ``kind`` allows."""
+    if value is None:
+        return
+    if get_origin(kind) is Literal:
+        if value not in get_args(kind):
+            raise ValueError(f"`{name}` must be one of {list(get_args(kind))}, got {value!r}")
+    elif isinstance(kind, type) and issubclass(kind, (int, float)) and kind not in (int, float, bool):
+        try:
+            kind(value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"`{name}`: {error}") from None
+
+
+def plain(values: dict) -> dict:
+    """Hyperparameters as plain JSON types (dataclasses to dicts, restricted numbers to int/float),
+    so checkpoints load with ``torch.load(weights_only=True)``."""
+    return json.loads(json.dumps(values, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else repr(o)))
+
+
+def validate_fields(instance) -> None:
+    """Check every annotated field of a dataclass instance (call from ``__post_init__``)."""
+    for field in dataclasses.fields(instance):
+        check(field.name, field.type, getattr(instance, field.name))

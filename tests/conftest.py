@@ -1,0 +1,85 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)  # two tests' worth of threads on a 2-core CI machine only slows both down
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_args(root, *extra, config="configs/blackbox.yaml"):
+    """CLI arguments for a seconds-long fit of the default config at toy size."""
+    return [
+        "--config", os.path.join(ROOT, config),
+        f"--trainer.default_root_dir={root}",
+        "--trainer.max_epochs=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.log_every_n_steps=1",
+        "--model.student.layers=1",
+        "--model.student.hidden=32",
+        "--model.student.heads=2",
+        "--model.warmup.steps=5",
+        f"--model.warmup.cache_dir={root}/cache",
+        "--data.train_size=8",
+        "--data.val_size=4",
+        "--data.samples_per_prompt=2",
+        "--data.batch_size=4",
+        "--data.critic_batch_size=8",
+        "--data.generation.max_new_tokens=12",
+        "--model.val_generation.max_new_tokens=12",
+        *extra,
+    ]
+
+
+def run_cli(*args):
+    """Run ``python -m pbkd_lightning`` in this process; returns the CLI object."""
+    from pbkd_lightning.cli import DistillationCLI, PreferenceDataModule, DistillationModule
+
+    return DistillationCLI(
+        DistillationModule,
+        PreferenceDataModule,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        args=list(args),
+    )
+
+
+@pytest.fixture
+def tiny_fit(tmp_path):
+    def fit(*extra, config="configs/blackbox.yaml", root=None):
+        return run_cli("fit", *tiny_args(root or tmp_path / "run", *extra, config=config))
+
+    return fit
+
+
+def tiny_modules(root, objective=None, online=False, **data_kwargs):
+    """The Python API at toy size: ``(module, datamodule)``."""
+    from pbkd_lightning.data import GenerationConfig, PreferenceDataModule
+    from pbkd_lightning.models import ModelSpec
+    from pbkd_lightning.module import DistillationModule
+    from pbkd_lightning.objectives import BlackBoxPbKD
+    from pbkd_lightning.warmup import WarmupConfig
+
+    module = DistillationModule(
+        objective=objective or BlackBoxPbKD(critic_warmup_steps=0),
+        student=ModelSpec(layers=1, hidden=32, heads=2),
+        warmup=WarmupConfig(steps=5, cache_dir=os.path.join(root, "cache")),
+        val_generation=GenerationConfig(max_new_tokens=12, temperature=0.0),
+    )
+    settings = dict(train_size=8, val_size=4, samples_per_prompt=2, batch_size=4, critic_batch_size=8,
+                    generation=GenerationConfig(max_new_tokens=12), online=online)
+    settings.update(data_kwargs)
+    return module, PreferenceDataModule(**settings)
+
+
+def tiny_trainer(root, callbacks=(), online=False, **kwargs):
+    from lightning.pytorch import Trainer
+
+    settings = dict(default_root_dir=str(root), max_epochs=1, enable_progress_bar=False, enable_model_summary=False,
+                    num_sanity_val_steps=0, log_every_n_steps=1, callbacks=list(callbacks), accelerator="cpu",
+                    reload_dataloaders_every_n_epochs=1 if online else 0)
+    settings.update(kwargs)
+    return Trainer(**settings)

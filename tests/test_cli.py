@@ -1,0 +1,107 @@
+"""The command line: config files, overrides and the errors a user sees before any model loads."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_cli, tiny_args
+
+OVERLAYS = {"online.yaml"}  # partial configs, used on top of a method's config
+
+
+def config_files():
+    return sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+
+
+@pytest.mark.parametrize("path", config_files(), ids=lambda p: os.path.relpath(p, ROOT))
+def test_every_config_parses(path, capsys):
+    configs = ["--config", os.path.join(ROOT, "configs", "blackbox.yaml")] if os.path.basename(path) in OVERLAYS else []
+    with pytest.raises(SystemExit) as done:
+        run_cli("fit", *configs, "--config", path, "--print_config")
+    assert done.value.code in (0, None)
+    assert "objective" in capsys.readouterr().out
+
+
+def test_configs_merge_in_order_and_dotted_overrides_win(capsys):
+    with pytest.raises(SystemExit):
+        run_cli("fit", "--config", f"{ROOT}/configs/blackbox.yaml", "--config", f"{ROOT}/configs/online.yaml",
+                "--model.objective.beta=0.25", "--print_config")
+    out = capsys.readouterr().out
+    assert "online: true" in out and "reload_dataloaders_every_n_epochs: 1" in out and "beta: 0.25" in out
+
+
+def test_yaml_interpolation_works(tmp_path, capsys):
+    extra = tmp_path / "interp.yaml"
+    extra.write_text("data:\n  train_size: 24\n  val_size: ${data.train_size}\n")
+    with pytest.raises(SystemExit):
+        run_cli("fit", "--config", f"{ROOT}/configs/blackbox.yaml", "--config", str(extra), "--print_config")
+    assert "val_size: 24" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("--model.objective.beta=-1", "beta"),
+        ("--model.objective.clip_eps=1.5", "clip_eps"),
+        ("--model.objective.clip_eps=0", "clip_eps"),
+        ("--data.samples_per_prompt=0", "samples_per_prompt"),
+        ("--data.labeler=oracle", "labeler"),
+        ("--model.bogus_key=1", "bogus_key"),
+        ("--data.batch_size=many", "batch_size"),
+    ],
+)
+def test_config_errors_name_the_key_before_any_model_loads(tmp_path, capsys, override, key):
+    with pytest.raises(SystemExit) as done:
+        run_cli("fit", *tiny_args(tmp_path / "run"), override)
+    assert done.value.code == 2
+    assert key in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing was loaded, trained or written
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("--model.warmup.lr=-0.1", "model.warmup.lr"),
+        ("--model.student.dtype=int8", "model.student.dtype"),
+        ("--data.generation.top_p=0", "data.generation.top_p"),
+        ("--model.critic_optimizer.grad_clip=-1", "model.critic_optimizer.grad_clip"),
+    ],
+)
+def test_nested_config_errors_name_the_full_key(tmp_path, capsys, override, key):
+    with pytest.raises(SystemExit) as done:
+        run_cli("fit", *tiny_args(tmp_path / "run"), override)
+    assert done.value.code == 2 and key in capsys.readouterr().err
+
+
+def test_python_api_refuses_the_same_values():
+    from pbkd_lightning.data import GenerationConfig
+    from pbkd_lightning.models import ModelSpec
+    from pbkd_lightning.objectives import BlackBoxPbKD
+
+    with pytest.raises(ValueError, match="`beta`"):
+        BlackBoxPbKD(beta=-1)
+    with pytest.raises(ValueError, match="`clip_eps`"):
+        BlackBoxPbKD(clip_eps=1.0)
+    with pytest.raises(ValueError, match="`top_p`"):
+        GenerationConfig(top_p=1.5)
+    with pytest.raises(ValueError, match="`dtype` must be one of"):
+        ModelSpec(dtype="int8")
+
+
+def test_bad_jsonl_exits_nonzero_naming_file_line_and_field_before_models_load(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"prompt": "1+1?", "reference": "#### 2"}\n{"prompt": 7}\n')
+    val = tmp_path / "val.jsonl"
+    val.write_text('{"prompt": "2+2?", "reference": "#### 4"}\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "pbkd_lightning", "fit", *tiny_args(tmp_path / "run"),
+         f"--data.train_file={train}", f"--data.val_file={val}"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert result.returncode == 2
+    assert f"{train}:2: field 'prompt' must be str, got int" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "cache").exists()  # the student was never loaded or warmed up

@@ -1,0 +1,143 @@
+import json
+
+import pytest
+import torch
+
+from pbkd_lightning.data.collate import Encoder, gather_response_logprobs, scatter_old_logprobs
+from pbkd_lightning.data.labelers import label_pair
+from pbkd_lightning.data.records import DataError, read_prompts, read_responses, write_jsonl_atomic
+from pbkd_lightning.data.teachers import HFModelTeacher, ResponseFileTeacher, TaskProgramTeacher
+from pbkd_lightning.models.loading import ModelSpec, load_causal_lm
+from pbkd_lightning.models.tokenizer import build_char_tokenizer
+from pbkd_lightning.tasks import get_task
+from pbkd_lightning.tasks.arithmetic import extract_answer
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ('{"prompt": "a"}\n{"prompt": \n', ":2: invalid JSON"),
+        ('{"prompt": "a"}\n{"reference": "b"}\n', ":2: missing field 'prompt'"),
+        ('{"prompt": "a"}\n\n{"prompt": 3}\n', ":3: field 'prompt' must be str, got int"),
+        ('[1, 2]\n', ":1: expected a JSON object"),
+        ("", ": no records (the file is empty)"),
+    ],
+)
+def test_malformed_prompt_files_name_file_line_and_field(tmp_path, content, expected):
+    path = write(tmp_path / "prompts.jsonl", content)
+    with pytest.raises(DataError) as error:
+        read_prompts(path)
+    assert str(error.value).startswith(path) and expected in str(error.value)
+
+
+def test_missing_file_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="file not found"):
+        read_prompts(str(tmp_path / "nope.jsonl"))
+
+
+def test_gsm8k_format_is_read_as_arithmetic(tmp_path):
+    path = write(tmp_path / "gsm8k.jsonl", json.dumps({"question": "1+1?", "answer": "1+1=2\n#### 2"}) + "\n")
+    [record] = read_prompts(path)
+    assert record == {"prompt": "1+1?\n", "reference": "1+1=2\n#### 2", "task": "arithmetic"}
+
+
+def test_response_file_teacher(tmp_path):
+    path = write(tmp_path / "t.jsonl", '{"prompt": "p1", "teacher": "r1"}\n{"prompt": "p2", "response": "r2"}\n')
+    assert read_responses(path) == {"p1": "r1", "p2": "r2"}
+    teacher = ResponseFileTeacher(path)
+    assert teacher.respond([{"prompt": "p2"}, {"prompt": "p1"}]) == ["r2", "r1"]
+    with pytest.raises(DataError, match="no teacher response for prompt 'p3'"):
+        teacher.respond([{"prompt": "p3"}])
+
+
+def test_atomic_write_leaves_no_partial_file_on_error(tmp_path):
+    path = tmp_path / "out.jsonl"
+    write_jsonl_atomic(str(path), [{"a": 1}])
+
+    def broken():
+        yield {"a": 2}
+        raise RuntimeError("crash mid-write")
+
+    with pytest.raises(RuntimeError):
+        write_jsonl_atomic(str(path), broken())
+    assert path.read_text() == '{"a": 1}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_tasks_are_deterministic_and_the_teacher_scores_perfectly():
+    for name in ("arithmetic", "reversal"):
+        task = get_task(name)
+        records = task.generate(20, seed=5)
+        assert records == task.generate(20, seed=5) and records != task.generate(20, seed=6)
+        assert all(task.score(r["reference"], r["reference"]) == 1.0 for r in records)
+        assert TaskProgramTeacher().respond(records) == [r["reference"] for r in records]
+
+
+def test_arithmetic_chain_of_thought_is_consistent():
+    for record in get_task("arithmetic").generate(200, seed=0):
+        steps = record["reference"].split("\n")[0].rstrip(".").split(". ")
+        for step in steps:
+            expression, result = step.split("=")
+            assert eval(expression) == int(result) >= 0  # noqa: S307 - digits and +/- only
+        assert extract_answer(record["reference"]) == steps[-1].split("=")[1]
+
+
+def test_scores_give_partial_credit_only_for_rouge():
+    assert get_task("arithmetic").score("3+4=7.\n#### 8", "3+4=7.\n#### 7") == 0.0
+    assert get_task("arithmetic").score("junk #### 7", "3+4=7.\n#### 7") == 1.0
+    partial = get_task("reversal").score("dog cat", "dog sun cat")
+    assert 0 < partial < 1
+    assert get_task("reversal").score("", "dog") == 0.0
+
+
+def test_labelers():
+    record = {"task": "arithmetic", "reference": "#### 7"}
+    assert label_pair("teacher", record, "#### 7", "#### 9") == 1
+    assert label_pair("teacher", record, "#### 7", " #### 7 ") == 0  # identical texts carry no preference
+    assert label_pair("verifier", record, "#### 7", "#### 9") == 1
+    assert label_pair("verifier", record, "#### 9", "x #### 7") == -1
+    assert label_pair("verifier", record, "#### 8", "#### 9") == 0
+
+
+def test_char_tokenizer_round_trips_text():
+    tokenizer = build_char_tokenizer()
+    text = "Ann has 3 pens, gets 4.\n#### 7"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and tokenizer.decode(ids) == text
+    assert tokenizer.pad_token_id == 0 and tokenizer.eos_token_id == 2
+
+
+def test_encoder_layout_and_truncation():
+    tokenizer = build_char_tokenizer()
+    encoder = Encoder(tokenizer, max_prompt_tokens=4, max_response_tokens=3)
+    batch = encoder.batch(["abcdef", "xy"], ["12345", "9"])
+    # prompt keeps its end ("cdef"), response its start ("123"), then eos; right padding
+    assert tokenizer.decode(batch["input_ids"][0]) == "cdef123</s>"
+    assert batch["response_mask"][0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert batch["attention_mask"][1].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    assert batch["response_mask"][1].tolist() == [0, 0, 1, 1, 0, 0, 0, 0]
+
+
+def test_old_logprobs_scatter_and_gather_are_inverse():
+    response_mask = torch.tensor([[0, 1, 1, 0], [0, 0, 1, 1]])
+    values = torch.tensor([[-1.0, -2.0, 9.0], [9.0, -4.0, -3.0]])  # index t scores token t + 1
+    rows = gather_response_logprobs(values, response_mask)
+    assert rows == [[-1.0, -2.0], [-4.0, -3.0]]
+    torch.testing.assert_close(scatter_old_logprobs(rows, response_mask), values * response_mask[:, 1:])
+
+
+def test_hf_model_teacher_generates_from_a_local_folder(tmp_path):
+    model, tokenizer = load_causal_lm(ModelSpec(layers=1, hidden=16, heads=2))
+    model.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    teacher = HFModelTeacher(str(tmp_path / "teacher"), max_new_tokens=5)
+    responses = teacher.respond([{"prompt": "ab"}, {"prompt": "abc de"}])
+    assert len(responses) == 2 and all(isinstance(r, str) and len(r) <= 5 for r in responses)
+    assert responses == teacher.respond([{"prompt": "ab"}, {"prompt": "abc de"}])  # greedy: deterministic
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        HFModelTeacher(str(tmp_path / "missing")).respond([{"prompt": "x"}])

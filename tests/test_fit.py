@@ -1,0 +1,220 @@
+"""End-to-end fits of tiny models through the CLI, in this process."""
+
+import glob
+import json
+import os
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import run_cli, tiny_args, tiny_modules, tiny_trainer
+
+
+def scalars(root):
+    [events] = glob.glob(os.path.join(root, "tensorboard", "version_*"))
+    accumulator = EventAccumulator(events)
+    accumulator.Reload()
+    return {tag: [e.value for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def read_jsonl(path):
+    with open(path) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def checksum(model):
+    return sum(p.detach().double().sum().item() for p in model.parameters())
+
+
+def test_offline_fit_end_to_end(tiny_fit, tmp_path):
+    root = tmp_path / "run"
+    tiny_fit("--model.objective.critic_warmup_steps=0")
+    logged = scalars(root)
+    for tag in ("critic/pref_acc", "critic/loss", "critic/reward_gap", "critic/heldout_pref_acc",
+                "student/pg_loss", "student/clip_frac", "student/nll_teacher", "eval/arithmetic_score",
+                "eval/reversal_score", "data/buffer_pairs", "gen/tokens_per_s", "student/loss"):
+        assert tag in logged, tag
+    summary = json.loads((root / "summary.json").read_text())
+    assert set(summary) >= {"teacher", "student_before_warmup", "student_start", "student_final",
+                            "reward_model_heldout_pref_acc"}
+    assert summary["teacher"]["mean"] == 1.0
+    assert (root / "checkpoints" / "last.ckpt").exists()
+    assert (root / "student" / "config.json").exists()
+    groups = read_jsonl(root / "buffer" / "iter_0000.jsonl")
+    assert len(groups) == 16 and all(len(g["samples"]) == 2 for g in groups)
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)
+    assert not any(k.startswith("reference.") for k in ckpt["state_dict"])  # rebuilt, not stored
+
+
+def test_each_optimizer_step_touches_only_its_own_parameters(tmp_path):
+    class StepAudit(Callback):
+        def __init__(self):
+            self.events = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.before = (checksum(module.student), checksum(module.critic))
+
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            owner = "critic" if optimizer.param_groups[0]["params"][0] is next(module.critic.parameters()) else "student"
+            student_grads = [p.grad for p in module.student.parameters()]
+            critic_grads = [p.grad for p in module.critic.parameters()]
+            self.events.append((owner, any(g is not None for g in student_grads), any(g is not None for g in critic_grads),
+                                checksum(module.student), checksum(module.critic)))
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.after = (checksum(module.student), checksum(module.critic))
+
+    audit = StepAudit()
+    module, datamodule = tiny_modules(tmp_path)
+    tiny_trainer(tmp_path / "run", [audit], max_steps=2).fit(module, datamodule)
+    (c_owner, c_sgrad, c_cgrad, c_s, c_c), (s_owner, s_sgrad, s_cgrad, s_s, s_c) = audit.events[:2]
+    assert (c_owner, c_sgrad, c_cgrad) == ("critic", False, True)  # critic step: no student gradient
+    assert (c_s, c_c) == audit.before  # nothing has moved before the critic's step
+    assert (s_owner, s_sgrad, s_cgrad) == ("student", True, False)  # student step: no critic gradient
+    assert s_s == audit.before[0] and s_c != audit.before[1]  # the critic step moved only the critic
+    assert audit.after[0] != s_s and audit.after[1] == s_c  # the student step moved only the student
+
+
+def test_online_fit_regenerates_samples_from_the_updated_student(tmp_path, monkeypatch):
+    import pbkd_lightning.data.datamodule as datamodule_code
+
+    sampled_from = []
+    real_generate = datamodule_code.generate
+
+    def recording_generate(model, *args, **kwargs):
+        sampled_from.append(checksum(model))
+        return real_generate(model, *args, **kwargs)
+
+    class EpochEnd(Callback):
+        def __init__(self):
+            self.students = []
+
+        def on_train_epoch_end(self, trainer, module):
+            self.students.append(checksum(module.student))
+
+    monkeypatch.setattr(datamodule_code, "generate", recording_generate)
+    epoch_end = EpochEnd()
+    module, datamodule = tiny_modules(tmp_path, online=True)
+    tiny_trainer(tmp_path / "run", [epoch_end], online=True, max_epochs=2).fit(module, datamodule)
+
+    assert len(sampled_from) == 2
+    assert sampled_from[1] == pytest.approx(epoch_end.students[0])  # iteration 1 samples the student after epoch 0
+    assert sampled_from[1] != pytest.approx(sampled_from[0])
+    iterations = [read_jsonl(tmp_path / "run" / "buffer" / f"iter_{i:04d}.jsonl") for i in range(2)]
+    assert [g["samples"] for g in iterations[0]] != [g["samples"] for g in iterations[1]]
+    assert all(g["iteration"] == i for i in range(2) for g in iterations[i])
+    pairs = scalars_of_trainer_root(tmp_path / "run")["data/buffer_pairs"]
+    assert len(pairs) == 2 and pairs[1] > pairs[0]  # the buffer grows every iteration
+
+
+def scalars_of_trainer_root(root):
+    [events] = glob.glob(os.path.join(root, "lightning_logs", "version_*"))
+    accumulator = EventAccumulator(events)
+    accumulator.Reload()
+    return {tag: [e.value for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+class Killed(Exception):
+    pass
+
+
+def test_kill_and_resume_continues_with_the_same_buffer(tmp_path):
+    class KillInSecondEpoch(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.current_epoch == 1 and batch_idx == 1:
+                raise Killed()
+
+    root = tmp_path / "run"
+    module, datamodule = tiny_modules(tmp_path, online=True)
+    with pytest.raises(Killed):
+        tiny_trainer(root, [KillInSecondEpoch()], online=True, max_epochs=3).fit(module, datamodule)
+    buffer = {p.name: p.read_text() for p in (root / "buffer").iterdir()}
+    assert sorted(buffer) == ["iter_0000.jsonl", "iter_0001.jsonl"]
+    checkpoint = root / "lightning_logs" / "version_0" / "checkpoints"
+    [last] = list(checkpoint.iterdir())  # written at the end of epoch 0
+
+    module, datamodule = tiny_modules(tmp_path, online=True)
+    trainer = tiny_trainer(root, online=True, max_epochs=3)
+    trainer.fit(module, datamodule, ckpt_path=str(last))
+    assert trainer.current_epoch == 3
+    after = {p.name: p.read_text() for p in (root / "buffer").iterdir()}
+    assert sorted(after) == ["iter_0000.jsonl", "iter_0001.jsonl", "iter_0002.jsonl"]
+    assert all(after[name] == text for name, text in buffer.items())  # resumed with the same pairs
+
+
+def test_a_fresh_run_in_the_same_folder_does_not_reuse_another_runs_pairs(tmp_path):
+    root = tmp_path / "run"
+    (root / "buffer").mkdir(parents=True)
+    stale = root / "buffer" / "iter_0000.jsonl"
+    stale.write_text('{"prompt": "stale", "teacher": "t", "samples": ["s", "s"], "preferences": [1, 1]}\n')
+    module, datamodule = tiny_modules(tmp_path)
+    tiny_trainer(root, max_steps=1).fit(module, datamodule)
+    assert "stale" not in stale.read_text()
+
+
+def test_nonfinite_loss_skips_the_step_and_counts_it(tmp_path):
+    from pbkd_lightning.objectives import BlackBoxPbKD
+
+    class NaNOnFirstStudentStep(BlackBoxPbKD):
+        calls = 0
+
+        def student_loss(self, module, batch):
+            terms = super().student_loss(module, batch)
+            NaNOnFirstStudentStep.calls += 1
+            if NaNOnFirstStudentStep.calls == 1:
+                terms["loss"] = terms["loss"] * float("nan")
+            return terms
+
+    class Watch(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.student_before = checksum(module.student)
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if batch_idx == 0:
+                self.student_after_first = checksum(module.student)
+
+    watch = Watch()
+    module, datamodule = tiny_modules(tmp_path, objective=NaNOnFirstStudentStep(critic_warmup_steps=0))
+    tiny_trainer(tmp_path / "run", [watch], max_steps=4).fit(module, datamodule)
+    assert module.nonfinite_skips == {"student": 1, "critic": 0}
+    assert all(torch.isfinite(p).all() for p in module.student.parameters())
+    logged = scalars_of_trainer_root(tmp_path / "run")
+    assert logged["student/nonfinite_skips"][-1] == 1.0
+
+
+def test_long_prompts_are_truncated_and_counted_or_rejected(tmp_path):
+    from pbkd_lightning.data import DataError
+
+    module, datamodule = tiny_modules(tmp_path, max_prompt_tokens=30)  # arithmetic prompts are longer
+    tiny_trainer(tmp_path / "run", max_steps=1).fit(module, datamodule)
+    truncated = datamodule.stats["data/truncated_prompts"]
+    assert truncated == sum(len(r["prompt"]) > 30 for r in datamodule.train_records + datamodule.val_records) > 0
+    assert scalars_of_trainer_root(tmp_path / "run")["data/truncated_prompts"] == [truncated]
+
+    module, datamodule = tiny_modules(tmp_path, max_prompt_tokens=30, truncation="error")
+    with pytest.raises(DataError, match="longer than `data.max_prompt_tokens` \\(30\\)"):
+        tiny_trainer(tmp_path / "run2", max_steps=1).fit(module, datamodule)
+
+
+def test_heldout_prompts_are_never_trained_on(tmp_path):
+    train = tmp_path / "train.jsonl"
+    val = tmp_path / "val.jsonl"
+    train.write_text("".join(f'{{"prompt": "p{i}", "reference": "r{i}"}}\n' for i in range(6)))
+    val.write_text('{"prompt": "p1", "reference": "r1"}\n{"prompt": "q", "reference": "r"}\n')
+    module, datamodule = tiny_modules(tmp_path, train_file=str(train), val_file=str(val))
+    datamodule.setup("fit")
+    assert [r["prompt"] for r in datamodule.val_records] == ["q"]
+    module, datamodule = tiny_modules(tmp_path)
+    datamodule.setup("fit")
+    assert not {r["prompt"] for r in datamodule.train_records} & {r["prompt"] for r in datamodule.val_records}
+
+
+def test_seqkd_baseline_trains_without_critic_or_samples(tiny_fit, tmp_path):
+    cli = tiny_fit(config="configs/baselines/seqkd.yaml")
+    assert cli.model.critic is None and cli.model.reference is None
+    logged = scalars(tmp_path / "run")
+    assert "student/nll_teacher" in logged and "eval/arithmetic_score" in logged
+    assert not any(tag.startswith("critic/") for tag in logged)
+    assert not (tmp_path / "run" / "buffer" / "iter_0000.jsonl").exists()

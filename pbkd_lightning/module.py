@@ -137,7 +137,7 @@ class DistillationModule(LightningModule):
                 self.summary["student_before_warmup"] = self.evaluate(datamodule.val_records)
                 key = [asdict(self.student_spec), [r["teacher"] for r in datamodule.train_records]]
                 encoder = datamodule.encoder(self.tokenizer)
-                self.student = warm_start(student, encoder, datamodule.train_records, self.warmup_config, 0, key)
+                self.student = warm_start(student, encoder, datamodule.train_records, self.warmup_config, self.student_spec.init_seed, key)
             self.summary["student_start"] = self.evaluate(datamodule.val_records)
         self.student.train()
         if self.objective.uses_reference(self):
@@ -165,7 +165,7 @@ class DistillationModule(LightningModule):
         groups = [(self.student, self.student_optimizer_config)]
         if self.critic is not None:
             groups.insert(0, (self.critic, self.critic_optimizer_config))
-        total = max(1, int(self.trainer.estimated_stepping_batches) // max(1, len(groups)))
+        total = max(1, int(self.trainer.estimated_stepping_batches))  # one step per optimizer per batch
         for model, config in groups:
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -236,26 +236,37 @@ class DistillationModule(LightningModule):
             self.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
 
     # ------------------------------------------------------------------ evaluation
-    def generate_responses(self, records: list[dict], config: Optional[GenerationConfig] = None) -> list[str]:
-        """One response per record from the current student (``val_generation`` unless told otherwise)."""
-        batch_size = self.trainer.datamodule.hparams.val_batch_size if self._trainer else 64
+    def generate_responses(
+        self, records: list[dict], config: Optional[GenerationConfig] = None, num_samples: int = 1
+    ) -> list[list[str]]:
+        """``num_samples`` responses per record from the current student (``val_generation`` unless told otherwise)."""
+        data = self.trainer.datamodule.hparams
         prompts = [r["prompt"] for r in records]
-        responses, _ = generate(self.student, self.tokenizer, prompts, config or self.val_generation, 1, batch_size)
-        return [group[0] for group in responses]
+        config = config or self.val_generation
+        responses, _ = generate(
+            self.student, self.tokenizer, prompts, config, num_samples, data.val_batch_size, data.max_prompt_tokens
+        )
+        return responses
+
+    def greedy_responses(self, records: list[dict]) -> list[str]:
+        return [group[0] for group in self.generate_responses(records)]
 
     def evaluate(self, records: list[dict]) -> dict[str, float]:
         """Mean held-out score per task of the current student (greedy by default)."""
-        return mean_scores(score_responses(records, self.generate_responses(records)))
+        return mean_scores(score_responses(records, self.greedy_responses(records)))
 
     def validation_step(self, records: list[dict], batch_idx: int):
-        responses = self.generate_responses(records)
+        responses = self.greedy_responses(records)
         for task, score in score_responses(records, responses):
             self.task_scores[task].update(torch.tensor(score, device=self.device))
         if self.critic is not None:
-            # Held-out pairs are made exactly as training pairs are (a sample at the data's generation
+            # Held-out pairs are made exactly as training pairs are (K samples at the data's generation
             # settings), on prompts never trained on: the reward model's generalisation, not a shift to greedy text.
-            samples = self.generate_responses(records, self.trainer.datamodule.generation)
-            self._update_heldout_preferences(records, samples)
+            data = self.trainer.datamodule
+            samples = self.generate_responses(records, data.generation, data.hparams.samples_per_prompt)
+            self._update_heldout_preferences(
+                [r for r, group in zip(records, samples) for _ in group], [s for group in samples for s in group]
+            )
         if batch_idx == 0:
             self._show_samples(records, responses)
 
@@ -305,7 +316,7 @@ class DistillationModule(LightningModule):
         self.logger.experiment.add_text("samples", "\n".join(rows), self.global_step)
 
     def predict_step(self, records: list[dict], batch_idx: int):
-        return [{"prompt": r["prompt"], "response": s} for r, s in zip(records, self.generate_responses(records))]
+        return [{"prompt": r["prompt"], "response": s} for r, s in zip(records, self.greedy_responses(records))]
 
     # ------------------------------------------------------------------ end of fit, checkpoints
     def on_fit_end(self) -> None:

@@ -9,6 +9,15 @@ from dataclasses import dataclass
 import torch
 
 
+def render_prompt(tokenizer, prompt: str) -> str:
+    """The prompt as the model expects it: through its chat template when the tokenizer has one."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return prompt
+
+
 @dataclass
 class Encoder:
     """Tokenises prompt/response pairs with one tokenizer and fixed limits."""
@@ -19,12 +28,13 @@ class Encoder:
 
     def encode(self, prompt: str, response: str) -> tuple[list[int], int]:
         """Returns ``(ids, prompt_length)``. A long prompt keeps its end (the question); a long response its start."""
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"][-self.max_prompt_tokens :]
+        prompt_ids = self.tokenizer(render_prompt(self.tokenizer, prompt), add_special_tokens=False)["input_ids"]
+        prompt_ids = prompt_ids[-self.max_prompt_tokens :]
         response_ids = self.tokenizer(response, add_special_tokens=False)["input_ids"][: self.max_response_tokens]
         return prompt_ids + response_ids + [self.tokenizer.eos_token_id], len(prompt_ids)
 
     def prompt_length(self, prompt: str) -> int:
-        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return len(self.tokenizer(render_prompt(self.tokenizer, prompt), add_special_tokens=False)["input_ids"])
 
     def batch(self, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
         """``input_ids``, ``attention_mask``, ``response_mask``: each ``(N, T)``."""

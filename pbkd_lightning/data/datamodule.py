@@ -180,6 +180,7 @@ class PreferenceDataModule(LightningDataModule):
             self.generation,
             h.samples_per_prompt,
             h.generation_batch_size,
+            h.max_prompt_tokens,
         )
         self.stats["gen/tokens_per_s"] = stats["tokens"] / max(stats["seconds"], 1e-9)
         groups = []

@@ -7,6 +7,7 @@ import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveInt
 
 from pbkd_lightning.config import TopP, validate_fields
+from pbkd_lightning.data.collate import render_prompt
 
 
 @dataclass
@@ -25,8 +26,16 @@ class GenerationConfig:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], config: GenerationConfig, num_samples: int, batch_size: int):
-    """Sample ``num_samples`` responses per prompt.
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    config: GenerationConfig,
+    num_samples: int,
+    batch_size: int,
+    max_prompt_tokens: int | None = None,
+):
+    """Sample ``num_samples`` responses per prompt; a prompt over ``max_prompt_tokens`` keeps its end.
 
     Returns:
         ``(responses, stats)``: responses[i] is the list of num_samples texts for prompts[i]
@@ -34,15 +43,22 @@ def generate(model, tokenizer, prompts: list[str], config: GenerationConfig, num
     """
     was_training = model.training
     model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues from the right edge of every row
+    sides = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side = tokenizer.truncation_side = "left"  # generation continues from the right edge
     device = next(model.parameters()).device
     greedy = config.temperature == 0
     responses, new_tokens, start = [], 0, time.perf_counter()
     try:
         for begin in range(0, len(prompts), batch_size):
-            chunk = prompts[begin : begin + batch_size]
-            encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            chunk = [render_prompt(tokenizer, p) for p in prompts[begin : begin + batch_size]]
+            encoded = tokenizer(
+                chunk,
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+                truncation=max_prompt_tokens is not None,
+                max_length=max_prompt_tokens,
+            ).to(device)
             output = model.generate(
                 **encoded,
                 do_sample=not greedy,
@@ -60,6 +76,6 @@ def generate(model, tokenizer, prompts: list[str], config: GenerationConfig, num
             texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
             responses.extend(texts[i : i + num_samples] for i in range(0, len(texts), num_samples))
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.truncation_side = sides
         model.train(was_training)
     return responses, {"tokens": new_tokens, "seconds": time.perf_counter() - start}

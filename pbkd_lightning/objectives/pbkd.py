@@ -29,12 +29,12 @@ class BlackBoxPbKD(Objective):
     def __init__(
         self,
         beta: NonNegativeFloat = 1.0,
-        reward_l2: NonNegativeFloat = 0.01,
+        reward_l2: NonNegativeFloat = 0.3,
         clip_eps: OpenUnitInterval = 0.2,
         kl_coef: NonNegativeFloat = 0.0,
         nll_coef: NonNegativeFloat = 1.0,
         normalize_advantages: bool = False,
-        critic_warmup_steps: NonNegativeInt = 8,
+        critic_warmup_steps: NonNegativeInt = 64,
     ):
         """
         Args:

@@ -7,6 +7,7 @@ class is built from Python, so both routes refuse the same values.
 """
 
 import dataclasses
+import inspect
 import json
 from typing import Literal, get_args, get_origin
 
@@ -29,10 +30,25 @@ def check(name: str, kind, value) -> None:
             raise ValueError(f"`{name}`: {error}") from None
 
 
+def class_spec(instance) -> dict:
+    """``{"class_path", "init_args"}`` of an object whose constructor arguments are kept as attributes of
+    the same names: the form LightningCLI parses, so a checkpoint's hyperparameters can be read back."""
+    kind = type(instance)
+    names = [n for n in inspect.signature(kind.__init__).parameters if n != "self"]
+    return {
+        "class_path": f"{kind.__module__}.{kind.__qualname__}",
+        "init_args": {n: getattr(instance, n) for n in names if hasattr(instance, n)},
+    }
+
+
 def plain(values: dict) -> dict:
-    """Hyperparameters as plain JSON types (dataclasses to dicts, restricted numbers to int/float),
-    so checkpoints load with ``torch.load(weights_only=True)``."""
-    return json.loads(json.dumps(values, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else repr(o)))
+    """Hyperparameters as plain JSON types (dataclasses to dicts, objects to their class spec, restricted
+    numbers to int/float), so checkpoints load with ``torch.load(weights_only=True)``."""
+
+    def convert(value):
+        return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else class_spec(value)
+
+    return json.loads(json.dumps(values, default=convert))
 
 
 def validate_fields(instance) -> None:

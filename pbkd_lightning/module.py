@@ -168,7 +168,8 @@ class DistillationModule(LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))  # one step per optimizer per batch
         for model, config in groups:
             params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+            # plain floats: jsonargparse's restricted types would be pickled into the optimizer state
+            optimizer = torch.optim.AdamW(params, lr=float(config.lr), weight_decay=float(config.weight_decay))
             optimizers.append(optimizer)
             schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total)))
         return optimizers, schedulers
@@ -297,10 +298,15 @@ class DistillationModule(LightningModule):
                 self.log(f"eval/{task}_score", metric.compute())
             metric.reset()
         if self.critic is not None and self.heldout_pref_acc.update_count:
-            self.log("critic/heldout_pref_acc", self.heldout_pref_acc.compute())
+            accuracy = self.heldout_pref_acc.compute()
+            self.log("critic/heldout_pref_acc", accuracy)
+            history = {"epoch": self.current_epoch, "all": float(accuracy)}
             for task, metric in self.task_pref_acc.items():
                 if metric.update_count:
-                    self.log(f"critic/heldout_pref_acc_{task}", metric.compute())
+                    history[task] = float(metric.compute())
+                    self.log(f"critic/heldout_pref_acc_{task}", history[task])
+            if not self.trainer.sanity_checking:
+                self.summary.setdefault("heldout_pref_acc_per_epoch", []).append(history)
         self.heldout_pref_acc.reset()
         for metric in self.task_pref_acc.values():
             metric.reset()
@@ -371,4 +377,7 @@ def format_summary(summary: dict) -> str:
             lines.append(f"{label:<26}" + "".join(f"{summary[key].get(t, float('nan')):>12.3f}" for t in tasks))
     if "reward_model_heldout_pref_acc" in summary:
         lines.append(f"{'reward model held-out preference accuracy':<42} {summary['reward_model_heldout_pref_acc']:.3f}")
+    history = summary.get("heldout_pref_acc_per_epoch", [])
+    if history:
+        lines.append("  per epoch: " + ", ".join(f"{h['all']:.3f}" for h in history))
     return "\n".join(lines)

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import run_cli, tiny_args, tiny_modules, tiny_trainer
+from conftest import ROOT, run_cli, tiny_args, tiny_modules, tiny_trainer
 
 
 def scalars(root):
@@ -40,6 +40,8 @@ def test_offline_fit_end_to_end(tiny_fit, tmp_path):
     assert set(summary) >= {"teacher", "student_before_warmup", "student_start", "student_final",
                             "reward_model_heldout_pref_acc"}
     assert summary["teacher"]["mean"] == 1.0
+    assert [h["epoch"] for h in summary["heldout_pref_acc_per_epoch"]] == [0]
+    assert summary["heldout_pref_acc_per_epoch"][0]["all"] == pytest.approx(logged["critic/heldout_pref_acc"][-1])
     assert (root / "checkpoints" / "last.ckpt").exists()
     assert (root / "student" / "config.json").exists()
     groups = read_jsonl(root / "buffer" / "iter_0000.jsonl")
@@ -218,3 +220,16 @@ def test_seqkd_baseline_trains_without_critic_or_samples(tiny_fit, tmp_path):
     assert "student/nll_teacher" in logged and "eval/arithmetic_score" in logged
     assert not any(tag.startswith("critic/") for tag in logged)
     assert not (tmp_path / "run" / "buffer" / "iter_0000.jsonl").exists()
+
+
+def test_validate_and_predict_from_a_checkpoint(tiny_fit, tmp_path, capsys):
+    tiny_fit("--model.objective.critic_warmup_steps=0")
+    ckpt = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    args = tiny_args(tmp_path / "run")[2:]  # the same settings, without a second --config
+    validate = run_cli("validate", "--config", f"{ROOT}/configs/blackbox.yaml", *args, f"--ckpt_path={ckpt}")
+    fitted = torch.load(ckpt, weights_only=True)["state_dict"]
+    loaded = validate.model.student.state_dict()
+    assert all(torch.equal(fitted[f"student.{k}"], v) for k, v in loaded.items())
+    assert "eval/arithmetic_score" in validate.trainer.callback_metrics
+    predict = run_cli("predict", "--config", f"{ROOT}/configs/blackbox.yaml", *args, f"--ckpt_path={ckpt}")
+    assert predict.trainer.predict_loop.predictions  # one list of {prompt, response} per batch

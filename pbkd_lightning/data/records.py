@@ -81,6 +81,7 @@ def write_jsonl_atomic(path: str, records: Iterable[dict]) -> None:
                 handle.write(json.dumps(record) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the buffer is ordinary output
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

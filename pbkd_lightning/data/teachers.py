@@ -56,6 +56,7 @@ class HFModelTeacher(Teacher):
 
     def __init__(self, path: str, max_new_tokens: int = 64, temperature: float = 0.0, batch_size: int = 16):
         self.path, self.batch_size = path, batch_size
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.generation = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
 
     def respond(self, records: list[dict]) -> list[str]:

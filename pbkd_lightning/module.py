@@ -271,6 +271,12 @@ class DistillationModule(LightningModule):
         if batch_idx == 0:
             self._show_samples(records, responses)
 
+    def test_step(self, records: list[dict], batch_idx: int):
+        self.validation_step(records, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
     @torch.no_grad()
     def _update_heldout_preferences(self, records, responses) -> None:
         """Does the reward model rank held-out (teacher, current student) pairs as the labeler does? Ties don't count."""

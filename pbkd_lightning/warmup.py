@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 
@@ -51,7 +52,10 @@ def warm_start(student, encoder: Encoder, records: list[dict], config: WarmupCon
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / config.steps)
     student.train()
-    progress = tqdm(range(config.steps), desc="warm-up (SFT on teacher responses)", dynamic_ncols=True)
+    interactive = sys.stderr.isatty()  # in a log file, one line every 10 s rather than every step
+    progress = tqdm(
+        range(config.steps), desc="warm-up (SFT on teacher responses)", dynamic_ncols=True, mininterval=0.1 if interactive else 10
+    )
     for _ in progress:
         rows = torch.randint(len(records), (config.batch_size,), generator=generator).tolist()
         batch = encoder.batch([records[i]["prompt"] for i in rows], [records[i]["teacher"] for i in rows])

@@ -231,5 +231,33 @@ def test_validate_and_predict_from_a_checkpoint(tiny_fit, tmp_path, capsys):
     loaded = validate.model.student.state_dict()
     assert all(torch.equal(fitted[f"student.{k}"], v) for k, v in loaded.items())
     assert "eval/arithmetic_score" in validate.trainer.callback_metrics
+    tested = run_cli("test", "--config", f"{ROOT}/configs/blackbox.yaml", *args, f"--ckpt_path={ckpt}")
+    assert "critic/heldout_pref_acc" in tested.trainer.callback_metrics
     predict = run_cli("predict", "--config", f"{ROOT}/configs/blackbox.yaml", *args, f"--ckpt_path={ckpt}")
     assert predict.trainer.predict_loop.predictions  # one list of {prompt, response} per batch
+
+
+def test_black_box_teacher_with_another_tokenizer_exchanges_text_only(tmp_path):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from pbkd_lightning.data import HFModelTeacher
+
+    # A teacher whose token ids mean other characters than the student's.
+    characters = sorted(set("0123456789+-=.#\n abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ,?:"), reverse=True)
+    vocab = {t: i for i, t in enumerate(["<unk>", "</s>", "<pad>"] + characters)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>", pad_token="<pad>")
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=2, pad_token_id=2, eos_token_id=1))
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+
+    module, datamodule = tiny_modules(tmp_path, teacher=HFModelTeacher(str(tmp_path / "teacher"), max_new_tokens=8))
+    tiny_trainer(tmp_path / "run", max_steps=1).fit(module, datamodule)
+    expected = HFModelTeacher(str(tmp_path / "teacher"), max_new_tokens=8).respond(datamodule.train_records)
+    assert [r["teacher"] for r in datamodule.train_records] == expected  # the teacher's text, decoded by its tokenizer
+    assert len(list((tmp_path / "run" / "teacher").iterdir())) == 2  # train and held-out responses cached

@@ -12,8 +12,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import ROOT, run_cli, tiny_args, tiny_modules, tiny_trainer
 
 
-def scalars(root):
-    [events] = glob.glob(os.path.join(root, "tensorboard", "version_*"))
+def scalars(root, folder="tensorboard"):
+    """Logged scalars of the run in ``root`` (``folder``: the CLI's ``tensorboard`` or Lightning's default)."""
+    [events] = glob.glob(os.path.join(root, folder, "version_*"))
     accumulator = EventAccumulator(events)
     accumulator.Reload()
     return {tag: [e.value for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
@@ -107,15 +108,8 @@ def test_online_fit_regenerates_samples_from_the_updated_student(tmp_path, monke
     iterations = [read_jsonl(tmp_path / "run" / "buffer" / f"iter_{i:04d}.jsonl") for i in range(2)]
     assert [g["samples"] for g in iterations[0]] != [g["samples"] for g in iterations[1]]
     assert all(g["iteration"] == i for i in range(2) for g in iterations[i])
-    pairs = scalars_of_trainer_root(tmp_path / "run")["data/buffer_pairs"]
+    pairs = scalars(tmp_path / "run", "lightning_logs")["data/buffer_pairs"]
     assert len(pairs) == 2 and pairs[1] > pairs[0]  # the buffer grows every iteration
-
-
-def scalars_of_trainer_root(root):
-    [events] = glob.glob(os.path.join(root, "lightning_logs", "version_*"))
-    accumulator = EventAccumulator(events)
-    accumulator.Reload()
-    return {tag: [e.value for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
 
 
 class Killed(Exception):
@@ -182,7 +176,7 @@ def test_nonfinite_loss_skips_the_step_and_counts_it(tmp_path):
     tiny_trainer(tmp_path / "run", [watch], max_steps=4).fit(module, datamodule)
     assert module.nonfinite_skips == {"student": 1, "critic": 0}
     assert all(torch.isfinite(p).all() for p in module.student.parameters())
-    logged = scalars_of_trainer_root(tmp_path / "run")
+    logged = scalars(tmp_path / "run", "lightning_logs")
     assert logged["student/nonfinite_skips"][-1] == 1.0
 
 
@@ -193,7 +187,7 @@ def test_long_prompts_are_truncated_and_counted_or_rejected(tmp_path):
     tiny_trainer(tmp_path / "run", max_steps=1).fit(module, datamodule)
     truncated = datamodule.stats["data/truncated_prompts"]
     assert truncated == sum(len(r["prompt"]) > 30 for r in datamodule.train_records + datamodule.val_records) > 0
-    assert scalars_of_trainer_root(tmp_path / "run")["data/truncated_prompts"] == [truncated]
+    assert scalars(tmp_path / "run", "lightning_logs")["data/truncated_prompts"] == [truncated]
 
     module, datamodule = tiny_modules(tmp_path, max_prompt_tokens=30, truncation="error")
     with pytest.raises(DataError, match="longer than `data.max_prompt_tokens` \\(30\\)"):

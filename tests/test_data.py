@@ -35,6 +35,12 @@ def test_malformed_prompt_files_name_file_line_and_field(tmp_path, content, expe
     assert str(error.value).startswith(path) and expected in str(error.value)
 
 
+def test_unknown_task_is_named(tmp_path):
+    path = write(tmp_path / "p.jsonl", '{"prompt": "a", "task": "text"}\n\n{"prompt": "b", "task": "poetry"}\n')
+    with pytest.raises(DataError, match=":3: field 'task' must be one of .* got 'poetry'"):
+        read_prompts(path)
+
+
 def test_missing_file_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="file not found"):
         read_prompts(str(tmp_path / "nope.jsonl"))

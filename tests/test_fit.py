@@ -99,7 +99,7 @@ def test_online_fit_regenerates_samples_from_the_updated_student(tmp_path, monke
 
     monkeypatch.setattr(datamodule_code, "generate", recording_generate)
     epoch_end = EpochEnd()
-    module, datamodule = tiny_modules(tmp_path, online=True)
+    module, datamodule = tiny_modules(tmp_path, online=True, prompts_per_iteration=12)
     tiny_trainer(tmp_path / "run", [epoch_end], online=True, max_epochs=2).fit(module, datamodule)
 
     assert len(sampled_from) == 2
@@ -108,6 +108,8 @@ def test_online_fit_regenerates_samples_from_the_updated_student(tmp_path, monke
     iterations = [read_jsonl(tmp_path / "run" / "buffer" / f"iter_{i:04d}.jsonl") for i in range(2)]
     assert [g["samples"] for g in iterations[0]] != [g["samples"] for g in iterations[1]]
     assert all(g["iteration"] == i for i in range(2) for g in iterations[i])
+    assert [len(it) for it in iterations] == [12, 12]  # a fresh draw of 12 of the 16 prompts each iteration
+    assert [g["prompt"] for g in iterations[0]] != [g["prompt"] for g in iterations[1]]
     pairs = scalars(tmp_path / "run", "lightning_logs")["data/buffer_pairs"]
     assert len(pairs) == 2 and pairs[1] > pairs[0]  # the buffer grows every iteration
 
@@ -255,3 +257,24 @@ def test_black_box_teacher_with_another_tokenizer_exchanges_text_only(tmp_path):
     expected = HFModelTeacher(str(tmp_path / "teacher"), max_new_tokens=8).respond(datamodule.train_records)
     assert [r["teacher"] for r in datamodule.train_records] == expected  # the teacher's text, decoded by its tokenizer
     assert len(list((tmp_path / "run" / "teacher").iterdir())) == 2  # train and held-out responses cached
+
+
+@pytest.mark.parametrize(
+    "critic, objective_args, data_args, expected_tag",
+    [
+        ({"kind": "scalar", "pooling": "last"}, {}, {}, "critic/reward_gap"),
+        ({"kind": "scalar", "pooling": "mean", "init": "scratch"}, {}, {}, "critic/reward_gap"),
+        ({"kind": "implicit"}, {"kl_coef": 0.1, "normalize_advantages": True}, {}, "student/kl_ref"),
+        ({"kind": "implicit"}, {}, {"labeler": "verifier"}, "critic/bt"),
+    ],
+)
+def test_critic_and_objective_variants_train(tmp_path, critic, objective_args, data_args, expected_tag):
+    from pbkd_lightning.module import CriticConfig
+    from pbkd_lightning.objectives import BlackBoxPbKD
+
+    module, datamodule = tiny_modules(tmp_path, objective=BlackBoxPbKD(critic_warmup_steps=0, **objective_args), **data_args)
+    module.critic_config = CriticConfig(**critic)
+    tiny_trainer(tmp_path / "run", max_steps=2).fit(module, datamodule)
+    logged = scalars(tmp_path / "run", "lightning_logs")
+    assert expected_tag in logged and all(torch.isfinite(torch.tensor(v)).all() for v in logged.values())
+    assert type(module.critic).__name__ == ("ScalarReward" if critic["kind"] == "scalar" else "ImplicitReward")

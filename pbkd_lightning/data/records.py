@@ -10,8 +10,10 @@ class DataError(ValueError):
     """Bad input data; the message names the file, the line and the field."""
 
 
-def read_jsonl(path: str, required: dict[str, type], optional: dict[str, type] | None = None) -> list[dict]:
-    """Read a JSONL file, checking each line's fields and types; aliases are resolved by the caller.
+def read_jsonl(
+    path: str, required: dict[str, type], optional: dict[str, type] | None = None, choices: dict | None = None
+) -> list[dict]:
+    """Read a JSONL file, checking each line's fields, types and, for fields in ``choices``, values.
 
     Raises:
         DataError: on a missing file, an empty file, bad JSON, a missing field or a wrong type.
@@ -39,6 +41,9 @@ def read_jsonl(path: str, required: dict[str, type], optional: dict[str, type] |
                     raise DataError(
                         f"{path}:{line_no}: field {field!r} must be {kind.__name__}, got {type(record[field]).__name__}"
                     )
+            for field, allowed in (choices or {}).items():
+                if field in record and record[field] not in allowed:
+                    raise DataError(f"{path}:{line_no}: field {field!r} must be one of {sorted(allowed)}, got {record[field]!r}")
             records.append(record)
     if not records:
         raise DataError(f"{path}: no records (the file is empty)")
@@ -54,7 +59,9 @@ def read_prompts(path: str) -> list[dict]:
     if '"question"' in first and '"prompt"' not in first:
         rows = read_jsonl(path, {"question": str, "answer": str})
         return [{"prompt": r["question"] + "\n", "reference": r["answer"], "task": "arithmetic"} for r in rows]
-    rows = read_jsonl(path, {"prompt": str}, {"reference": str, "task": str})
+    from pbkd_lightning.tasks import TASKS  # here, not at the top: tasks import torchmetrics, records stay light
+
+    rows = read_jsonl(path, {"prompt": str}, {"reference": str, "task": str}, choices={"task": TASKS})
     return [{"prompt": r["prompt"], "reference": r.get("reference"), "task": r.get("task", "text")} for r in rows]
 
 

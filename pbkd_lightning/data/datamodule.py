@@ -110,11 +110,14 @@ class PreferenceDataModule(LightningDataModule):
         if h.train_file is not None:
             train, val = read_prompts(h.train_file), read_prompts(h.val_file)
         else:
-            train, val = [], []
-            for offset, name in enumerate(h.tasks):
-                task = get_task(name)
-                train += task.generate(h.train_size, seed=h.seed + 1000 * offset)
-                val += task.generate(h.val_size, seed=h.seed + 1000 * offset + 1)
+            per_task = [
+                (get_task(name).generate(h.train_size, seed=h.seed + 1000 * offset),
+                 get_task(name).generate(h.val_size, seed=h.seed + 1000 * offset + 1))
+                for offset, name in enumerate(h.tasks)
+            ]
+            # Interleaved, so every batch (and the dashboard's sample panel) mixes the tasks.
+            train = [r for group in zip(*(t for t, _ in per_task)) for r in group]
+            val = [r for group in zip(*(v for _, v in per_task)) for r in group]
         train_prompts = {r["prompt"] for r in train}
         dropped = sum(r["prompt"] in train_prompts for r in val)
         val = [r for r in val if r["prompt"] not in train_prompts]

@@ -5,6 +5,9 @@ token is scored and 0.0 elsewhere; every mean is over the tokens actually scored
 mask with no scored token gives 0 (not NaN).
 """
 
+import math
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -163,3 +166,183 @@ def kl_to_reference(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Ten
     """
     delta = ref_logprobs - logprobs
     return masked_mean(torch.exp(delta) - delta - 1.0, mask)
+
+
+# ---------------------------------------------------------------------------- token-level divergences
+#
+# Each divergence compares the teacher's distribution p_T with the student's p_S at every scored
+# token and returns the mean over scored tokens. The teacher is dense logits ``(N, T, V)`` or a
+# :class:`SparseTeacher` (top-k log-probabilities, their token ids and the leftover mass); a sparse
+# teacher is compared on k + 1 bins (the k tokens and "everything else"), which equals the dense
+# form when k = V. Work is done chunk by chunk over tokens in float32 and the gradient with
+# respect to the student's logits is computed inside the forward pass, so the extra memory is one
+# gradient buffer plus ``chunk_size × V`` float32 temporaries, never ``N × T × V`` float32 copies.
+
+
+class SparseTeacher(NamedTuple):
+    """A teacher distribution kept as its top-k tokens per position.
+
+    Attributes:
+        logprobs: ``(N, T, k)`` log p_T of the k tokens (at temperature 1).
+        indices: ``(N, T, k)`` their token ids.
+        leftover: ``(N, T)`` probability mass of all other tokens, ``1 − Σ exp(logprobs)``.
+    """
+
+    logprobs: Tensor
+    indices: Tensor
+    leftover: Tensor
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Σ p (log p − log q) over the last dim; terms with p = 0 are 0 (not NaN)."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+
+
+def _mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
+    """log(w·a + (1 − w)·b) from log a and log b."""
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def _forward_kl_rows(log_t: Tensor, log_s: Tensor, _: float) -> Tensor:
+    return _kl(log_t, log_s)
+
+
+def _reverse_kl_rows(log_t: Tensor, log_s: Tensor, _: float) -> Tensor:
+    return _kl(log_s, log_t)
+
+
+def _jsd_rows(log_t: Tensor, log_s: Tensor, beta: float) -> Tensor:
+    if beta == 0.0:  # the endpoints are the KL directions exactly, not a vanishing interpolation
+        return _kl(log_t, log_s)
+    if beta == 1.0:
+        return _kl(log_s, log_t)
+    log_m = _mixture(log_t, log_s, beta)
+    return beta * _kl(log_t, log_m) + (1.0 - beta) * _kl(log_s, log_m)
+
+
+def _skew_kl_rows(log_t: Tensor, log_s: Tensor, alpha: float) -> Tensor:
+    return _kl(log_t, _mixture(log_t, log_s, alpha))
+
+
+def _skew_reverse_kl_rows(log_t: Tensor, log_s: Tensor, alpha: float) -> Tensor:
+    return _kl(log_s, _mixture(log_s, log_t, alpha))
+
+
+def _tvd_rows(log_t: Tensor, log_s: Tensor, _: float) -> Tensor:
+    return 0.5 * (log_t.exp() - log_s.exp()).abs().sum(-1)
+
+
+def _row_log_probs(student_rows: Tensor, teacher, rows: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """(log p_T, log p_S) of a chunk of scored rows, in float32, on the vocabulary or on k + 1 bins."""
+    dtype = torch.promote_types(student_rows.dtype, torch.float32)  # float32 at least (float64 stays, for gradcheck)
+    log_s = F.log_softmax(student_rows.to(dtype) / temperature, dim=-1)
+    if isinstance(teacher, SparseTeacher):
+        indices = teacher.indices.reshape(-1, teacher.indices.shape[-1])[rows]
+        top_t = teacher.logprobs.reshape(-1, teacher.logprobs.shape[-1])[rows].to(dtype)
+        # Leftover masses are floored at the smallest normal number on both sides, so that rounding
+        # (k = V leaves ~1e-16 on one side and 0 on the other) gives a negligible term, not inf or NaN.
+        tiny = torch.finfo(dtype).tiny
+        rest_t = teacher.leftover.reshape(-1)[rows].to(dtype).clamp(min=tiny).log()
+        top_s = log_s.gather(-1, indices)
+        rest_s = (1.0 - top_s.exp().sum(-1)).clamp(min=tiny).log()  # the student's mass outside the top k
+        return torch.cat([top_t, rest_t[:, None]], -1), torch.cat([top_s, rest_s[:, None]], -1)
+    log_t = F.log_softmax(teacher.reshape(-1, teacher.shape[-1])[rows].to(dtype) / temperature, dim=-1)
+    return log_t, log_s
+
+
+class _ChunkedDivergence(torch.autograd.Function):
+    """Mean divergence over scored rows; d loss / d student logits is filled chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher, rows, row_fn, parameter, temperature, chunk_size, scale):
+        V = student_logits.shape[-1]
+        flat = student_logits.reshape(-1, V)
+        needs_grad = student_logits.requires_grad
+        grad = torch.zeros_like(flat) if needs_grad else None
+        total = torch.zeros((), dtype=torch.promote_types(flat.dtype, torch.float32), device=flat.device)
+        count = max(1, rows.numel())
+        for start in range(0, rows.numel(), chunk_size):
+            chunk_rows = rows[start : start + chunk_size]
+            chunk = flat[chunk_rows].detach().requires_grad_(needs_grad)
+            with torch.enable_grad():
+                log_t, log_s = _row_log_probs(chunk, teacher, chunk_rows, temperature)
+                loss = row_fn(log_t, log_s, parameter).sum() * (scale / count)
+            if needs_grad:
+                grad[chunk_rows] = torch.autograd.grad(loss, chunk)[0].to(grad.dtype)
+            total += loss.detach()
+        ctx.save_for_backward(grad if needs_grad else torch.empty(0))
+        ctx.shape = student_logits.shape
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_output.to(grad.dtype)).reshape(ctx.shape), None, None, None, None, None, None, None
+
+
+def _divergence(
+    row_fn, parameter: float, student_logits: Tensor, teacher, labels: Tensor, temperature: float,
+    chunk_size: int, scale_by_temperature: bool,
+) -> Tensor:
+    if temperature <= 0:
+        raise ValueError(f"`temperature` must be > 0, got {temperature}")
+    if isinstance(teacher, SparseTeacher) and temperature != 1.0:
+        raise ValueError("a sparse (top-k) teacher holds temperature-1 probabilities; use temperature 1")
+    rows = (labels.reshape(-1) != -100).nonzero().squeeze(-1)
+    scale = temperature**2 if scale_by_temperature else 1.0
+    return _ChunkedDivergence.apply(student_logits, teacher, rows, row_fn, parameter, temperature, chunk_size, scale)
+
+
+def forward_kl(student_logits, teacher, labels, temperature=1.0, chunk_size=1024, scale_by_temperature=False):
+    """KL(p_T ‖ p_S) per scored token, averaged (the usual KD loss).
+
+    Args:
+        student_logits: ``(N, T, V)``.
+        teacher: dense teacher logits ``(N, T, V)`` or a :class:`SparseTeacher`.
+        labels: ``(N, T)``; positions equal to -100 are not scored.
+        temperature: both distributions are softened by it (a sparse teacher needs 1).
+        chunk_size: scored tokens per chunk; peak extra memory grows with chunk_size × V.
+        scale_by_temperature: multiply by T² (keeps gradient size comparable across temperatures).
+
+    Returns:
+        The mean over scored tokens (0 when none is scored).
+    """
+    return _divergence(_forward_kl_rows, 0.0, student_logits, teacher, labels, temperature, chunk_size, scale_by_temperature)
+
+
+def reverse_kl(student_logits, teacher, labels, temperature=1.0, chunk_size=1024, scale_by_temperature=False):
+    """KL(p_S ‖ p_T) per scored token, averaged (mode-seeking). Arguments as :func:`forward_kl`."""
+    return _divergence(_reverse_kl_rows, 0.0, student_logits, teacher, labels, temperature, chunk_size, scale_by_temperature)
+
+
+def generalized_jsd(student_logits, teacher, labels, beta=0.5, temperature=1.0, chunk_size=1024, scale_by_temperature=False):
+    """GKD's generalised Jensen–Shannon divergence ``β·KL(p_T ‖ M) + (1 − β)·KL(p_S ‖ M)``,
+    ``M = β·p_T + (1 − β)·p_S``; β = 0 is computed as KL(p_T ‖ p_S) and β = 1 as KL(p_S ‖ p_T),
+    exactly. Other arguments as :func:`forward_kl`.
+    """
+    _check_unit("beta", beta)
+    return _divergence(_jsd_rows, float(beta), student_logits, teacher, labels, temperature, chunk_size, scale_by_temperature)
+
+
+def skew_kl(student_logits, teacher, labels, alpha=0.1, temperature=1.0, chunk_size=1024, scale_by_temperature=False):
+    """DistiLLM's skew KL ``KL(p_T ‖ α·p_T + (1 − α)·p_S)``. Other arguments as :func:`forward_kl`."""
+    _check_unit("alpha", alpha)
+    return _divergence(_skew_kl_rows, float(alpha), student_logits, teacher, labels, temperature, chunk_size, scale_by_temperature)
+
+
+def skew_reverse_kl(student_logits, teacher, labels, alpha=0.1, temperature=1.0, chunk_size=1024, scale_by_temperature=False):
+    """DistiLLM's skew reverse KL ``KL(p_S ‖ α·p_S + (1 − α)·p_T)``. Other arguments as :func:`forward_kl`."""
+    _check_unit("alpha", alpha)
+    return _divergence(_skew_reverse_kl_rows, float(alpha), student_logits, teacher, labels, temperature, chunk_size, scale_by_temperature)
+
+
+def total_variation(student_logits, teacher, labels, temperature=1.0, chunk_size=1024, scale_by_temperature=False):
+    """Total variation distance ``½ Σ |p_T − p_S|`` per scored token, averaged. Arguments as :func:`forward_kl`."""
+    return _divergence(_tvd_rows, 0.0, student_logits, teacher, labels, temperature, chunk_size, scale_by_temperature)
+
+
+def _check_unit(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"`{name}` must be in [0, 1], got {value}")

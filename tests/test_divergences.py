@@ -1,0 +1,135 @@
+"""Token-level divergences: against naive full-tensor formulas, torch's kl_div, and their properties."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pbkd_lightning import losses as L
+
+torch.manual_seed(0)
+S = torch.randn(2, 6, 13, dtype=torch.double)
+T = torch.randn(2, 6, 13, dtype=torch.double)
+LABELS = torch.tensor([[5, 1, -100, 2, 3, 4], [-100, 1, 7, 1, 2, -100]])
+MASK = LABELS != -100
+
+
+def naive_kl(p_logits, q_logits):
+    lp, lq = F.log_softmax(p_logits, -1), F.log_softmax(q_logits, -1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def naive(name, s, t, param=None):
+    ps, pt = s.softmax(-1), t.softmax(-1)
+    if name == "forward_kl":
+        rows = naive_kl(t, s)
+    elif name == "reverse_kl":
+        rows = naive_kl(s, t)
+    elif name == "generalized_jsd":
+        m = param * pt + (1 - param) * ps
+        rows = param * (pt * (pt / m).log()).sum(-1) + (1 - param) * (ps * (ps / m).log()).sum(-1)
+    elif name == "skew_kl":
+        m = param * pt + (1 - param) * ps
+        rows = (pt * (pt / m).log()).sum(-1)
+    elif name == "skew_reverse_kl":
+        m = param * ps + (1 - param) * pt
+        rows = (ps * (ps / m).log()).sum(-1)
+    else:
+        rows = 0.5 * (pt - ps).abs().sum(-1)
+    return rows[MASK].mean()
+
+
+CASES = [
+    ("forward_kl", {}, None),
+    ("reverse_kl", {}, None),
+    ("generalized_jsd", {"beta": 0.3}, 0.3),
+    ("generalized_jsd", {"beta": 0.5}, 0.5),
+    ("skew_kl", {"alpha": 0.1}, 0.1),
+    ("skew_reverse_kl", {"alpha": 0.25}, 0.25),
+    ("total_variation", {}, None),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, param", CASES)
+@pytest.mark.parametrize("chunk_size", [1, 4, 1024])
+def test_matches_naive_formula(name, kwargs, param, chunk_size):
+    value = getattr(L, name)(S, T, LABELS, chunk_size=chunk_size, **kwargs)
+    torch.testing.assert_close(value, naive(name, S, T, param), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, kwargs, param", CASES)
+def test_gradients(name, kwargs, param):
+    student = S.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: getattr(L, name)(x, T, LABELS, chunk_size=3, **kwargs), (student,))
+    getattr(L, name)(student, T, LABELS, **kwargs).backward()
+    assert (student.grad[~MASK] == 0).all()  # unscored positions get no gradient
+
+
+@pytest.mark.parametrize("name, kwargs, param", CASES)
+def test_zero_on_identical_inputs_and_zero_when_nothing_is_scored(name, kwargs, param):
+    assert getattr(L, name)(S, S, LABELS, **kwargs).abs().item() < 1e-12
+    student = S.clone().requires_grad_()
+    empty = getattr(L, name)(student, T, torch.full_like(LABELS, -100), **kwargs)
+    empty.backward()
+    assert empty.item() == 0.0 and not torch.isnan(student.grad).any()
+
+
+def test_jsd_endpoints_are_the_kl_directions_as_torch_computes_them():
+    lp_s, lp_t = F.log_softmax(S, -1), F.log_softmax(T, -1)
+    forward = F.kl_div(lp_s, lp_t, reduction="none", log_target=True).sum(-1)[MASK].mean()
+    reverse = F.kl_div(lp_t, lp_s, reduction="none", log_target=True).sum(-1)[MASK].mean()
+    torch.testing.assert_close(L.generalized_jsd(S, T, LABELS, beta=0.0), forward)
+    torch.testing.assert_close(L.generalized_jsd(S, T, LABELS, beta=1.0), reverse)
+    torch.testing.assert_close(L.forward_kl(S, T, LABELS), forward)
+    torch.testing.assert_close(L.reverse_kl(S, T, LABELS), reverse)
+
+
+def test_jsd_is_symmetric_at_one_half():
+    torch.testing.assert_close(L.generalized_jsd(S, T, LABELS, beta=0.5), L.generalized_jsd(T, S, LABELS, beta=0.5))
+
+
+def test_temperature_softens_both_and_can_scale_by_its_square():
+    value = L.forward_kl(S, T, LABELS, temperature=2.0)
+    torch.testing.assert_close(value, naive("forward_kl", S / 2, T / 2))
+    torch.testing.assert_close(L.forward_kl(S, T, LABELS, temperature=2.0, scale_by_temperature=True), 4 * value)
+
+
+def sparse(teacher_logits, k):
+    logprobs = F.log_softmax(teacher_logits, -1)
+    top, indices = logprobs.topk(k, dim=-1)
+    return L.SparseTeacher(top, indices, (1 - top.exp().sum(-1)).clamp(min=0))
+
+
+@pytest.mark.parametrize("name, kwargs, param", CASES)
+def test_sparse_teacher_with_k_equal_to_vocabulary_equals_dense(name, kwargs, param):
+    torch.testing.assert_close(
+        getattr(L, name)(S, sparse(T, 13), LABELS, **kwargs), getattr(L, name)(S, T, LABELS, **kwargs), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_sparse_teacher_compares_on_top_k_plus_the_rest():
+    k = 3
+    teacher = sparse(T, k)
+    ls = F.log_softmax(S, -1)
+    top_s = ls.gather(-1, teacher.indices).exp()
+    p_t = torch.cat([teacher.logprobs.exp(), teacher.leftover[..., None]], -1)
+    p_s = torch.cat([top_s, 1 - top_s.sum(-1, keepdim=True)], -1)
+    expected = (p_t * (p_t / p_s).log()).sum(-1)[MASK].mean()
+    torch.testing.assert_close(L.forward_kl(S, teacher, LABELS), expected)
+    with pytest.raises(ValueError, match="temperature 1"):
+        L.forward_kl(S, teacher, LABELS, temperature=2.0)
+
+
+def test_bf16_logits_are_scored_in_float32_and_get_bf16_gradients():
+    student = S.float().bfloat16().requires_grad_()
+    value = L.forward_kl(student, T.float().bfloat16(), LABELS)
+    assert value.dtype == torch.float32
+    value.backward()
+    assert student.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(value, naive("forward_kl", S.float().bfloat16().float(), T.float().bfloat16().float()).float(),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [{"beta": -0.1}, {"beta": 1.5}])
+def test_out_of_range_parameters_are_refused(bad):
+    with pytest.raises(ValueError, match="beta"):
+        L.generalized_jsd(S, T, LABELS, **bad)

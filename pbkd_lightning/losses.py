@@ -271,21 +271,32 @@ class _ChunkedDivergence(torch.autograd.Function):
             if needs_grad:
                 grad[chunk_rows] = torch.autograd.grad(loss, chunk)[0].to(grad.dtype)
             total += loss.detach()
-        ctx.save_for_backward(grad if needs_grad else torch.empty(0))
-        ctx.shape = student_logits.shape
+        # Kept as an attribute, not saved for backward: backward hands this very buffer on (scaled in
+        # place), so the peak holds one N × V gradient, not two; hence backward can run only once.
+        ctx.grad, ctx.shape = grad, student_logits.shape
         return total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_output.to(grad.dtype)).reshape(ctx.shape), None, None, None, None, None, None, None
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError("a chunked divergence supports one backward pass (retain_graph reuse is not supported)")
+        if not bool(grad_output == 1):
+            grad.mul_(grad_output.to(grad.dtype))
+        return grad.reshape(ctx.shape), None, None, None, None, None, None, None
+
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+"""Rows per chunk when ``chunk_size`` is None: about this many logits (16 MiB in float32)."""
 
 
 def _divergence(
     row_fn, parameter: float, student_logits: Tensor, teacher, labels: Tensor, temperature: float,
-    chunk_size: int, scale_by_temperature: bool,
+    chunk_size: int | None, scale_by_temperature: bool,
 ) -> Tensor:
+    if chunk_size is None:
+        chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // student_logits.shape[-1])
     if temperature <= 0:
         raise ValueError(f"`temperature` must be > 0, got {temperature}")
     if isinstance(teacher, SparseTeacher) and temperature != 1.0:
@@ -295,7 +306,7 @@ def _divergence(
     return _ChunkedDivergence.apply(student_logits, teacher, rows, row_fn, parameter, temperature, chunk_size, scale)
 
 
-def forward_kl(student_logits, teacher, labels, temperature=1.0, chunk_size=1024, scale_by_temperature=False):
+def forward_kl(student_logits, teacher, labels, temperature=1.0, chunk_size=None, scale_by_temperature=False):
     """KL(p_T ‖ p_S) per scored token, averaged (the usual KD loss).
 
     Args:
@@ -304,6 +315,7 @@ def forward_kl(student_logits, teacher, labels, temperature=1.0, chunk_size=1024
         labels: ``(N, T)``; positions equal to -100 are not scored.
         temperature: both distributions are softened by it (a sparse teacher needs 1).
         chunk_size: scored tokens per chunk; peak extra memory grows with chunk_size × V.
+            None: about 4M logits per chunk (``DEFAULT_CHUNK_ELEMENTS``).
         scale_by_temperature: multiply by T² (keeps gradient size comparable across temperatures).
 
     Returns:
@@ -312,12 +324,12 @@ def forward_kl(student_logits, teacher, labels, temperature=1.0, chunk_size=1024
     return _divergence(_forward_kl_rows, 0.0, student_logits, teacher, labels, temperature, chunk_size, scale_by_temperature)
 
 
-def reverse_kl(student_logits, teacher, labels, temperature=1.0, chunk_size=1024, scale_by_temperature=False):
+def reverse_kl(student_logits, teacher, labels, temperature=1.0, chunk_size=None, scale_by_temperature=False):
     """KL(p_S ‖ p_T) per scored token, averaged (mode-seeking). Arguments as :func:`forward_kl`."""
     return _divergence(_reverse_kl_rows, 0.0, student_logits, teacher, labels, temperature, chunk_size, scale_by_temperature)
 
 
-def generalized_jsd(student_logits, teacher, labels, beta=0.5, temperature=1.0, chunk_size=1024, scale_by_temperature=False):
+def generalized_jsd(student_logits, teacher, labels, beta=0.5, temperature=1.0, chunk_size=None, scale_by_temperature=False):
     """GKD's generalised Jensen–Shannon divergence ``β·KL(p_T ‖ M) + (1 − β)·KL(p_S ‖ M)``,
     ``M = β·p_T + (1 − β)·p_S``; β = 0 is computed as KL(p_T ‖ p_S) and β = 1 as KL(p_S ‖ p_T),
     exactly. Other arguments as :func:`forward_kl`.
@@ -326,19 +338,19 @@ def generalized_jsd(student_logits, teacher, labels, beta=0.5, temperature=1.0, 
     return _divergence(_jsd_rows, float(beta), student_logits, teacher, labels, temperature, chunk_size, scale_by_temperature)
 
 
-def skew_kl(student_logits, teacher, labels, alpha=0.1, temperature=1.0, chunk_size=1024, scale_by_temperature=False):
+def skew_kl(student_logits, teacher, labels, alpha=0.1, temperature=1.0, chunk_size=None, scale_by_temperature=False):
     """DistiLLM's skew KL ``KL(p_T ‖ α·p_T + (1 − α)·p_S)``. Other arguments as :func:`forward_kl`."""
     _check_unit("alpha", alpha)
     return _divergence(_skew_kl_rows, float(alpha), student_logits, teacher, labels, temperature, chunk_size, scale_by_temperature)
 
 
-def skew_reverse_kl(student_logits, teacher, labels, alpha=0.1, temperature=1.0, chunk_size=1024, scale_by_temperature=False):
+def skew_reverse_kl(student_logits, teacher, labels, alpha=0.1, temperature=1.0, chunk_size=None, scale_by_temperature=False):
     """DistiLLM's skew reverse KL ``KL(p_S ‖ α·p_S + (1 − α)·p_T)``. Other arguments as :func:`forward_kl`."""
     _check_unit("alpha", alpha)
     return _divergence(_skew_reverse_kl_rows, float(alpha), student_logits, teacher, labels, temperature, chunk_size, scale_by_temperature)
 
 
-def total_variation(student_logits, teacher, labels, temperature=1.0, chunk_size=1024, scale_by_temperature=False):
+def total_variation(student_logits, teacher, labels, temperature=1.0, chunk_size=None, scale_by_temperature=False):
     """Total variation distance ``½ Σ |p_T − p_S|`` per scored token, averaged. Arguments as :func:`forward_kl`."""
     return _divergence(_tvd_rows, 0.0, student_logits, teacher, labels, temperature, chunk_size, scale_by_temperature)
 

@@ -57,11 +57,33 @@ def test_matches_naive_formula(name, kwargs, param, chunk_size):
 
 
 @pytest.mark.parametrize("name, kwargs, param", CASES)
-def test_gradients(name, kwargs, param):
-    student = S.clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda x: getattr(L, name)(x, T, LABELS, chunk_size=3, **kwargs), (student,))
-    getattr(L, name)(student, T, LABELS, **kwargs).backward()
+@pytest.mark.parametrize("upstream", [1.0, 0.3])
+def test_gradients_match_autograd_of_the_naive_formula(name, kwargs, param, upstream):
+    # float64 autograd through the naive formula is the reference; gradcheck itself needs repeated
+    # backward passes, which the chunked loss refuses by design (it hands its buffer on).
+    student, reference = S.clone().requires_grad_(), S.clone().requires_grad_()
+    (upstream * getattr(L, name)(student, T, LABELS, chunk_size=3, **kwargs)).backward()
+    (upstream * naive(name, reference, T, param)).backward()
+    torch.testing.assert_close(student.grad, reference.grad, rtol=1e-7, atol=1e-10)
     assert (student.grad[~MASK] == 0).all()  # unscored positions get no gradient
+
+
+def test_finite_differences_agree_with_the_gradient():
+    student = S.clone().requires_grad_()
+    L.generalized_jsd(student, T, LABELS, beta=0.3).backward()
+    direction = torch.randn_like(S)
+    eps = 1e-6
+    numeric = (L.generalized_jsd(S + eps * direction, T, LABELS, beta=0.3)
+               - L.generalized_jsd(S - eps * direction, T, LABELS, beta=0.3)) / (2 * eps)
+    assert numeric.item() == pytest.approx((student.grad * direction).sum().item(), rel=1e-6)
+
+
+def test_a_second_backward_is_refused_not_wrong():
+    student = S.clone().requires_grad_()
+    loss = L.forward_kl(student, T, LABELS)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        loss.backward()
 
 
 @pytest.mark.parametrize("name, kwargs, param", CASES)

@@ -8,13 +8,14 @@ from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
 import torch
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
+from transformers import AutoModelForCausalLM
 
 from pbkd_lightning.config import plain, validate_fields
 from pbkd_lightning.data.generation import GenerationConfig, generate
@@ -153,8 +154,8 @@ class DistillationModule(LightningModule):
         config = self.critic_config
         if config.init == "student":
             lm = copy.deepcopy(self.student)
-        else:
-            lm, _ = load_causal_lm(ModelSpec(**{**asdict(self.student_spec), "init_seed": 1}), self.tokenizer)
+        else:  # the student's architecture with fresh weights (seeded by the global seed)
+            lm = AutoModelForCausalLM.from_config(self.student.config).to(next(self.student.parameters()).dtype)
         lm.train().requires_grad_(True)
         if config.kind == "implicit":
             return ImplicitReward(lm, scale=config.scale)

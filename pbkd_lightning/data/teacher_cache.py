@@ -1,0 +1,156 @@
+"""A teacher-logit cache: the teacher's top-k log-probabilities per response token, on disk.
+
+One pass of the teacher writes, for every scored token of every sequence, the k most likely
+tokens' log-probabilities (float16), their ids (int32) and the leftover mass ``1 − Σ p`` (float32):
+``6k + 4`` bytes a token, 388 at k = 64. Later runs read :class:`SparseTeacher` batches from it
+with no teacher in memory. Shards are safetensors files written atomically (temporary file, then
+rename) and listed in ``index.json`` (rewritten atomically after each shard), so an interrupted
+pass resumes at the first missing shard.
+
+Layout of a shard: ``logprobs (R, k)``, ``indices (R, k)``, ``leftover (R,)`` for its R scored
+tokens, and ``offsets (S + 1,)``: sequence i of the shard owns rows ``offsets[i]:offsets[i+1]``.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from pbkd_lightning.data.collate import Encoder
+from pbkd_lightning.losses import SparseTeacher
+
+INDEX = "index.json"
+
+
+def _fingerprint(sequences: list[tuple[str, str]], k: int) -> str:
+    return hashlib.sha256(json.dumps([k, sequences]).encode()).hexdigest()[:16]
+
+
+def _write_json_atomic(path: str, value: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(value, handle, indent=1)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def write_teacher_cache(
+    teacher,
+    encoder: Encoder,
+    sequences: list[tuple[str, str]],
+    folder: str,
+    k: int = 64,
+    shard_size: int = 256,
+    batch_size: int = 16,
+) -> dict:
+    """Score ``(prompt, response)`` pairs with ``teacher`` and store its top-k per response token.
+
+    Resumes an interrupted pass over the same sequences and k; refuses a folder made for others.
+
+    Returns:
+        The index (also in ``folder/index.json``), with ``bytes_per_token``.
+    """
+    if k < 1:
+        raise ValueError(f"`k` must be ≥ 1, got {k}")
+    os.makedirs(folder, exist_ok=True)
+    fingerprint = _fingerprint(sequences, k)
+    index_path = os.path.join(folder, INDEX)
+    index = {"k": k, "fingerprint": fingerprint, "sequences": len(sequences), "shard_size": shard_size, "shards": []}
+    if os.path.exists(index_path):
+        with open(index_path) as handle:
+            found = json.load(handle)
+        if (found["fingerprint"], found["shard_size"]) != (fingerprint, shard_size):
+            raise ValueError(f"{folder} holds a cache of other sequences or settings; use another folder")
+        index = found
+    done = {shard["file"] for shard in index["shards"]}
+    device = next(teacher.parameters()).device
+    was_training = teacher.training
+    teacher.eval()
+    shards = range(0, len(sequences), shard_size)
+    try:
+        for number, start in enumerate(tqdm(shards, desc="teacher cache", unit="shard")):
+            name = f"shard_{number:05d}.safetensors"
+            if name in done:
+                continue
+            rows = {"logprobs": [], "indices": [], "leftover": []}
+            offsets = [0]
+            chunk = sequences[start : start + shard_size]
+            for begin in range(0, len(chunk), batch_size):
+                part = chunk[begin : begin + batch_size]
+                batch = encoder.batch([p for p, _ in part], [r for _, r in part])
+                logits = teacher(
+                    input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+                ).logits[:, :-1]
+                scored = batch["response_mask"][:, 1:].bool().to(device)
+                for row_logits, row_mask in zip(logits, scored):
+                    logprobs = torch.log_softmax(row_logits[row_mask].float(), dim=-1)
+                    top, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+                    rows["logprobs"].append(top.half().cpu())
+                    rows["indices"].append(ids.int().cpu())
+                    rows["leftover"].append((1.0 - top.exp().sum(-1)).clamp(min=0.0).cpu())
+                    offsets.append(offsets[-1] + int(row_mask.sum()))
+            tensors = {key: torch.cat(values) for key, values in rows.items()}
+            tensors["offsets"] = torch.tensor(offsets, dtype=torch.int64)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+            os.close(fd)
+            try:
+                save_file(tensors, tmp)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, os.path.join(folder, name))
+            except BaseException:
+                os.unlink(tmp)  # an interrupted write leaves nothing behind; the shard is redone on resume
+                raise
+            index["shards"].append({"file": name, "start": start, "count": len(chunk), "tokens": offsets[-1]})
+            _write_json_atomic(index_path, index)
+    finally:
+        teacher.train(was_training)
+    tokens = sum(shard["tokens"] for shard in index["shards"])
+    size = sum(os.path.getsize(os.path.join(folder, shard["file"])) for shard in index["shards"])
+    index["bytes_per_token"] = size / max(1, tokens)
+    _write_json_atomic(index_path, index)
+    return index
+
+
+class TeacherCache:
+    """Reads a cache made by :func:`write_teacher_cache`; shards are loaded on first use."""
+
+    def __init__(self, folder: str):
+        path = os.path.join(folder, INDEX)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{folder}: no {INDEX}; write the cache first")
+        with open(path) as handle:
+            self.index = json.load(handle)
+        if sum(s["count"] for s in self.index["shards"]) != self.index["sequences"]:
+            raise ValueError(f"{folder}: the cache is incomplete; run the caching pass again to finish it")
+        self.folder, self.k, self._loaded = folder, self.index["k"], {}
+
+    def __len__(self) -> int:
+        return self.index["sequences"]
+
+    def rows(self, sequence: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logprobs (n, k), indices (n, k), leftover (n,))`` of one sequence's n scored tokens."""
+        shard = next(s for s in self.index["shards"] if s["start"] <= sequence < s["start"] + s["count"])
+        if shard["file"] not in self._loaded:
+            self._loaded[shard["file"]] = load_file(os.path.join(self.folder, shard["file"]))
+        data = self._loaded[shard["file"]]
+        begin, end = data["offsets"][sequence - shard["start"] : sequence - shard["start"] + 2].tolist()
+        return data["logprobs"][begin:end].float(), data["indices"][begin:end].long(), data["leftover"][begin:end]
+
+    def batch(self, sequences: list[int], response_mask: torch.Tensor) -> SparseTeacher:
+        """A :class:`SparseTeacher` aligned with a collated batch's positions 1..T-1 (``(B, T-1, k)``)."""
+        target = response_mask[:, 1:].bool()
+        B, T = target.shape  # sequences, positions
+        logprobs = torch.zeros(B, T, self.k)
+        indices = torch.zeros(B, T, self.k, dtype=torch.long)
+        leftover = torch.zeros(B, T)
+        for row, sequence in enumerate(sequences):
+            values, ids, rest = self.rows(sequence)
+            if values.shape[0] != int(target[row].sum()):
+                raise ValueError(f"sequence {sequence}: the cache has {values.shape[0]} tokens, the batch {int(target[row].sum())}")
+            logprobs[row, target[row]], indices[row, target[row]], leftover[row, target[row]] = values, ids, rest
+        return SparseTeacher(logprobs, indices, leftover)

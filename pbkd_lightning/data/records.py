@@ -3,6 +3,7 @@
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from typing import Iterable
 
 
@@ -77,20 +78,28 @@ def read_responses(path: str) -> dict[str, str]:
     return responses
 
 
-def write_jsonl_atomic(path: str, records: Iterable[dict]) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+@contextmanager
+def atomic_output(path: str):
+    """Yield a temporary path in ``path``'s folder; on success it is renamed to ``path``, on any
+    error removed. A crash never leaves half a file under the final name."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".jsonl")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the buffer is ordinary output
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary outputs
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_jsonl_atomic(path: str, records: Iterable[dict]) -> None:
+    """Write JSONL through :func:`atomic_output`, flushed to disk before the rename."""
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())

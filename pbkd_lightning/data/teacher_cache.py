@@ -14,13 +14,13 @@ tokens, and ``offsets (S + 1,)``: sequence i of the shard owns rows ``offsets[i]
 import hashlib
 import json
 import os
-import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from pbkd_lightning.data.collate import Encoder
+from pbkd_lightning.data.records import atomic_output
 from pbkd_lightning.losses import SparseTeacher
 
 INDEX = "index.json"
@@ -31,11 +31,8 @@ def _fingerprint(sequences: list[tuple[str, str]], k: int) -> str:
 
 
 def _write_json_atomic(path: str, value: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as handle:
+    with atomic_output(path) as tmp, open(tmp, "w") as handle:
         json.dump(value, handle, indent=1)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -96,15 +93,8 @@ def write_teacher_cache(
                     offsets.append(offsets[-1] + int(row_mask.sum()))
             tensors = {key: torch.cat(values) for key, values in rows.items()}
             tensors["offsets"] = torch.tensor(offsets, dtype=torch.int64)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-            os.close(fd)
-            try:
+            with atomic_output(os.path.join(folder, name)) as tmp:  # an interrupted shard is redone on resume
                 save_file(tensors, tmp)
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, os.path.join(folder, name))
-            except BaseException:
-                os.unlink(tmp)  # an interrupted write leaves nothing behind; the shard is redone on resume
-                raise
             index["shards"].append({"file": name, "start": start, "count": len(chunk), "tokens": offsets[-1]})
             _write_json_atomic(index_path, index)
     finally:

@@ -125,9 +125,9 @@ class PreferenceDataModule(LightningDataModule):
             rank_zero_info(f"data: dropped {dropped} held-out prompts that also occur in the training prompts")
         if not val:
             raise DataError("no held-out prompt is left once those seen in training are removed")
-        for records in (train, val):
-            for record, response in zip(records, self._teacher_responses(records)):
-                record["teacher"] = response
+        # One request for both splits: a model teacher is loaded once.
+        for record, response in zip(train + val, self._teacher_responses(train + val)):
+            record["teacher"] = response
         self.train_records, self.val_records = train, val
         if stage == "fit" and self.trainer is not None:
             self._check_online_settings()

@@ -147,3 +147,29 @@ def test_hf_model_teacher_generates_from_a_local_folder(tmp_path):
     assert responses == teacher.respond([{"prompt": "ab"}, {"prompt": "abc de"}])  # greedy: deterministic
     with pytest.raises(FileNotFoundError, match="never downloaded"):
         HFModelTeacher(str(tmp_path / "missing")).respond([{"prompt": "x"}])
+
+
+@pytest.mark.parametrize("quantization, layer", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
+def test_quantized_teacher_loads_smaller_and_generates(tmp_path, quantization, layer):
+    from pbkd_lightning.models.loading import load_frozen_model
+
+    model, tokenizer = load_causal_lm(ModelSpec(layers=1, hidden=64, heads=2))
+    model.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    quantized = load_frozen_model(str(tmp_path / "teacher"), quantization)
+    assert type(quantized.model.layers[0].mlp.up_proj).__name__ == layer
+    assert quantized.get_memory_footprint() < 0.5 * model.get_memory_footprint()
+    ids = tokenizer("Reverse: cat dog\n", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        drift = (quantized(ids).logits - model(ids).logits).abs().max().item()
+    assert drift < 0.5  # close to the full-precision model, not identical
+    teacher = HFModelTeacher(str(tmp_path / "teacher"), max_new_tokens=4, quantization=quantization)
+    assert all(isinstance(r, str) for r in teacher.respond([{"prompt": "ab"}, {"prompt": "cd"}]))
+
+
+def test_unknown_quantization_is_refused(tmp_path):
+    from pbkd_lightning.models.loading import load_frozen_model
+
+    (tmp_path / "m").mkdir()
+    with pytest.raises(ValueError, match="`quantization` must be one of"):
+        load_frozen_model(str(tmp_path / "m"), "int4")

@@ -1,12 +1,12 @@
 """Black-box teachers: anything that turns prompt records into response text."""
 
-import os
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
 from pbkd_lightning.data.generation import GenerationConfig, generate
 from pbkd_lightning.data.records import DataError, read_responses
+from pbkd_lightning.models.loading import ModelSpec, load_frozen_model, load_tokenizer
 
 
 class Teacher:
@@ -52,26 +52,30 @@ class ResponseFileTeacher(Teacher):
 
 
 class HFModelTeacher(Teacher):
-    """A local Hugging Face causal LM answering through ``generate`` with its own tokenizer."""
+    """A local Hugging Face causal LM answering through ``generate`` with its own tokenizer,
+    optionally quantized to 4-bit NF4 or 8-bit by bitsandbytes to fit a big teacher in memory."""
 
-    def __init__(self, path: str, max_new_tokens: int = 64, temperature: float = 0.0, batch_size: int = 16):
+    def __init__(
+        self,
+        path: str,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        batch_size: int = 16,
+        quantization: Optional[Literal["nf4", "int8"]] = None,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    ):
         self.path, self.batch_size = path, batch_size
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.quantization, self.dtype = quantization, dtype
         self.generation = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
 
     def respond(self, records: list[dict]) -> list[str]:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if not os.path.isdir(self.path):
-            raise FileNotFoundError(f"teacher directory {self.path!r} does not exist (models are never downloaded)")
-        tokenizer = AutoTokenizer.from_pretrained(self.path)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(self.path).eval()
+        model = load_frozen_model(self.path, self.quantization, self.dtype)
+        tokenizer = load_tokenizer(ModelSpec(path=self.path))
         with torch.inference_mode():
             texts, _ = generate(model, tokenizer, [r["prompt"] for r in records], self.generation, 1, self.batch_size)
         del model
         return [group[0] for group in texts]
 
     def describe(self) -> str:
-        return f"HFModelTeacher({self.path}, {self.generation})"
+        return f"HFModelTeacher({self.path}, {self.generation}, quantization={self.quantization}, dtype={self.dtype})"

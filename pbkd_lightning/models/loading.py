@@ -6,7 +6,7 @@ from typing import Literal, Optional
 
 import torch
 from jsonargparse.typing import PositiveInt
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 from pbkd_lightning.config import validate_fields
 from pbkd_lightning.models.tokenizer import build_char_tokenizer
@@ -73,3 +73,24 @@ def load_causal_lm(spec: ModelSpec, tokenizer=None):
         torch.manual_seed(spec.init_seed)
         model = LlamaForCausalLM(config)
     return model.to(dtype), tokenizer
+
+
+QUANTIZATIONS = ("nf4", "int8")
+
+
+def load_frozen_model(path: str, quantization: Optional[str] = None, dtype: str = "float32"):
+    """A local causal LM for inference only (a teacher): in ``dtype``, or quantized by bitsandbytes to
+    4-bit NF4 or 8-bit (``quantization``), on the GPU when there is one, else on the CPU."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory {path!r} does not exist (models are never downloaded)")
+    if quantization not in (None, *QUANTIZATIONS):
+        raise ValueError(f"`quantization` must be one of {list(QUANTIZATIONS)} or null, got {quantization!r}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = None
+    if quantization == "nf4":
+        compute = torch.bfloat16 if device == "cuda" else torch.float32
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+    elif quantization == "int8":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], quantization_config=config, device_map=device)
+    return model.eval().requires_grad_(False)

@@ -173,3 +173,31 @@ def test_unknown_quantization_is_refused(tmp_path):
     (tmp_path / "m").mkdir()
     with pytest.raises(ValueError, match="`quantization` must be one of"):
         load_frozen_model(str(tmp_path / "m"), "int4")
+
+
+def test_vocabulary_rows_padded_past_the_tokenizer_are_cropped(caplog):
+    from pbkd_lightning.models.loading import shared_vocabulary_size
+
+    tokenizer = build_char_tokenizer()
+    size = len(tokenizer)
+    with caplog.at_level("INFO"):
+        assert shared_vocabulary_size(tokenizer, build_char_tokenizer(), size + 28, size) == size
+    assert [r.message for r in caplog.records] == [f"vocabulary: teacher {size + 28} and student {size} logit rows, both cropped to the tokenizer's {size}"]
+    assert shared_vocabulary_size(tokenizer, tokenizer, size, size) == size
+
+
+def test_a_real_vocabulary_mismatch_names_both_tokenizers():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from pbkd_lightning.models.loading import shared_vocabulary_size
+
+    student = build_char_tokenizer()
+    vocab = dict(student.get_vocab())
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]  # same tokens, two ids swapped
+    teacher = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>")),
+                                      unk_token="<unk>", name_or_path="teacher-tok")
+    with pytest.raises(ValueError, match="teacher 'teacher-tok', student .* differ .*'a'"):
+        shared_vocabulary_size(teacher, student, len(vocab), len(vocab))
+    with pytest.raises(ValueError, match="fewer logit rows"):
+        shared_vocabulary_size(student, build_char_tokenizer(), len(student) - 1, len(student))

@@ -1,5 +1,6 @@
 """Loading a causal LM and its tokenizer: a local Hugging Face directory, or an embedded tiny Llama."""
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -10,6 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from pbkd_lightning.config import validate_fields
 from pbkd_lightning.models.tokenizer import build_char_tokenizer
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -94,3 +97,32 @@ def load_frozen_model(path: str, quantization: Optional[str] = None, dtype: str 
         config = BitsAndBytesConfig(load_in_8bit=True)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], quantization_config=config, device_map=device)
     return model.eval().requires_grad_(False)
+
+
+def shared_vocabulary_size(teacher_tokenizer, student_tokenizer, teacher_rows: int, student_rows: int) -> int:
+    """How many logit columns a white-box loss may compare between teacher and student.
+
+    White-box methods need one tokenizer on both sides. Models often pad their embedding
+    matrices past the tokenizer (e.g. 151,936 vs 152,064 rows for one tokenizer); those rows
+    are never real tokens, so both sides are cropped to the tokenizer's length. Tokenizers that
+    map any token to another id are a real mismatch and stop the run.
+
+    Raises:
+        ValueError: naming both tokenizers, when their vocabularies differ or a model has fewer
+            rows than its tokenizer has tokens.
+    """
+    teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    names = f"teacher {teacher_tokenizer.name_or_path or type(teacher_tokenizer).__name__!r}, " \
+        f"student {student_tokenizer.name_or_path or type(student_tokenizer).__name__!r}"
+    if teacher_vocab != student_vocab:
+        differing = sorted(set(teacher_vocab.items()) ^ set(student_vocab.items()), key=lambda item: item[1])[:3]
+        raise ValueError(
+            f"white-box distillation needs one tokenizer, but the {names} differ "
+            f"({len(teacher_vocab)} vs {len(student_vocab)} tokens; e.g. {differing}); use a black-box method"
+        )
+    size = len(teacher_tokenizer)
+    if min(teacher_rows, student_rows) < size:
+        raise ValueError(f"a model has fewer logit rows ({teacher_rows}, {student_rows}) than the tokenizer has tokens ({size}); {names}")
+    if teacher_rows != student_rows:
+        logger.info("vocabulary: teacher %d and student %d logit rows, both cropped to the tokenizer's %d", teacher_rows, student_rows, size)
+    return size

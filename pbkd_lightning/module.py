@@ -266,9 +266,7 @@ class DistillationModule(LightningModule):
             # settings), on prompts never trained on: the reward model's generalisation, not a shift to greedy text.
             data = self.trainer.datamodule
             samples = self.generate_responses(records, data.generation, data.hparams.samples_per_prompt)
-            self._update_heldout_preferences(
-                [r for r, group in zip(records, samples) for _ in group], [s for group in samples for s in group]
-            )
+            self._update_heldout_preferences(records, samples)
         if batch_idx == 0:
             self._show_samples(records, responses)
 
@@ -279,22 +277,27 @@ class DistillationModule(LightningModule):
         self.on_validation_epoch_end()
 
     @torch.no_grad()
-    def _update_heldout_preferences(self, records, responses) -> None:
-        """Does the reward model rank held-out (teacher, current student) pairs as the labeler does? Ties don't count."""
+    def _update_heldout_preferences(self, records: list[dict], samples: list[list[str]]) -> None:
+        """Does the reward model rank held-out (teacher, current student) pairs as the labeler does? Ties don't count.
+
+        ``samples[i]`` are the K student samples for ``records[i]``; each teacher response is scored once.
+        """
         labeler = self.trainer.datamodule.hparams.labeler
-        labels = [label_pair(labeler, r, r["teacher"], s) for r, s in zip(records, responses)]
-        kept = [i for i, label in enumerate(labels) if label != 0]
-        if not kept:
+        pairs = [(i, s, label_pair(labeler, r, r["teacher"], s)) for i, (r, group) in enumerate(zip(records, samples)) for s in group]
+        pairs = [pair for pair in pairs if pair[2] != 0]
+        if not pairs:
             return
         encoder = self.trainer.datamodule.encoder(self.critic_tokenizer)
-        prompts = [records[i]["prompt"] for i in kept]
-        teacher = {k: v.to(self.device) for k, v in encoder.batch(prompts, [records[i]["teacher"] for i in kept]).items()}
-        student = {k: v.to(self.device) for k, v in encoder.batch(prompts, [responses[i] for i in kept]).items()}
-        margin = self.reward(teacher) - self.reward(student)
-        target = torch.tensor([labels[i] for i in kept], device=self.device)
+        scored = sorted({i for i, _, _ in pairs})
+        teacher = encoder.batch([records[i]["prompt"] for i in scored], [records[i]["teacher"] for i in scored])
+        teacher_reward = dict(zip(scored, self.reward({k: v.to(self.device) for k, v in teacher.items()})))
+        student = encoder.batch([records[i]["prompt"] for i, _, _ in pairs], [s for _, s, _ in pairs])
+        student_reward = self.reward({k: v.to(self.device) for k, v in student.items()})
+        margin = torch.stack([teacher_reward[i] for i, _, _ in pairs]) - student_reward
+        target = torch.tensor([label for _, _, label in pairs], device=self.device)
         agreement = torch.sigmoid(margin * target)  # > 0.5 when the reward model ranks the pair as the labeler did
         self.heldout_pref_acc.update(agreement, torch.ones_like(target))
-        tasks = [records[i].get("task", "text") for i in kept]
+        tasks = [records[i].get("task", "text") for i, _, _ in pairs]
         for task in set(tasks):
             rows = torch.tensor([t == task for t in tasks], device=self.device)
             self.task_pref_acc[task].update(agreement[rows], torch.ones_like(target[rows]))

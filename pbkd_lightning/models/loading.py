@@ -42,6 +42,11 @@ class ModelSpec:
             raise ValueError(f"`hidden` ({self.hidden}) must be divisible by `heads` ({self.heads})")
 
 
+def _require_folder(path: str) -> None:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory {path!r} does not exist (models are never downloaded)")
+
+
 def load_tokenizer(spec: ModelSpec):
     if spec.path is None:
         return build_char_tokenizer()
@@ -56,8 +61,7 @@ def load_causal_lm(spec: ModelSpec, tokenizer=None):
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     dtype = _DTYPES[spec.dtype]
     if spec.path is not None:
-        if not os.path.isdir(spec.path):
-            raise FileNotFoundError(f"model directory {spec.path!r} does not exist (models are never downloaded)")
+        _require_folder(spec.path)
         return AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype), tokenizer
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -84,8 +88,7 @@ QUANTIZATIONS = ("nf4", "int8")
 def load_frozen_model(path: str, quantization: Optional[str] = None, dtype: str = "float32"):
     """A local causal LM for inference only (a teacher): in ``dtype``, or quantized by bitsandbytes to
     4-bit NF4 or 8-bit (``quantization``), on the GPU when there is one, else on the CPU."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model directory {path!r} does not exist (models are never downloaded)")
+    _require_folder(path)
     if quantization not in (None, *QUANTIZATIONS):
         raise ValueError(f"`quantization` must be one of {list(QUANTIZATIONS)} or null, got {quantization!r}")
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -168,6 +168,71 @@ def kl_to_reference(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Ten
     return masked_mean(torch.exp(delta) - delta - 1.0, mask)
 
 
+# ---------------------------------------------------------------------------- white-box PbKD (Q-head)
+#
+# These take the R scored states of a batch as rows (the response positions, gathered), so the
+# ``R × V`` tensors exist once each and the prompt and padding positions never reach the vocabulary.
+
+
+def dense_teacher_probs(teacher, vocabulary: int) -> Tensor:
+    """p_T over the vocabulary from dense logits ``(R, V)`` or a :class:`SparseTeacher` with ``(R, k)`` fields.
+
+    A sparse teacher's leftover mass is spread evenly over the tokens outside its top k (the cache
+    keeps no more than that); with k = V it is exact.
+
+    Returns:
+        ``(R, V)`` float32 probabilities.
+    """
+    if not isinstance(teacher, SparseTeacher):
+        return F.softmax(teacher.float(), dim=-1)
+    k = teacher.indices.shape[-1]
+    probs = torch.zeros(*teacher.indices.shape[:-1], vocabulary, device=teacher.logprobs.device)
+    if k < vocabulary:
+        probs += (teacher.leftover.float() / (vocabulary - k))[..., None]
+    return probs.scatter(-1, teacher.indices, teacher.logprobs.float().exp())
+
+
+def moment_matching_gap(q_values: Tensor, teacher_probs: Tensor, student_probs: Tensor) -> Tensor:
+    """The performance-difference form of the moment-matching gap, exact over the vocabulary:
+    ``G = mean_s Σ_a (p_T(a|s) − π_θ(a|s)) · Q(s, a)``.
+
+    Args:
+        q_values: ``(R, V)`` Q_ψ(s, ·) at R scored states.
+        teacher_probs: ``(R, V)`` p_T(·|s).
+        student_probs: ``(R, V)`` π_θ(·|s).
+
+    Returns:
+        The mean over the R states (0 when R = 0).
+
+    >>> moment_matching_gap(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5, 0.5]]))
+    tensor(0.5000)
+    """
+    per_state = ((teacher_probs - student_probs) * q_values).sum(-1)
+    return per_state.mean() if per_state.numel() else per_state.sum()
+
+
+def q_induced_returns(q_taken: Tensor, state_values: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """Sequence rewards induced by a Q-function: ``R(y) = Σ_t Q(s_t, a_t) − γ·V(s_{t+1})`` over scored tokens.
+
+    The state after the last scored token (the eos) is terminal: its value is 0.
+
+    Args:
+        q_taken: ``(N, T)`` Q(s_t, a_t) of the token taken at t.
+        state_values: ``(N, T)`` V(s_t) = Σ_a π_θ(a|s_t) Q(s_t, a).
+        mask: ``(N, T)`` the scored (response) positions, contiguous per row.
+        gamma: discount γ.
+
+    Returns:
+        ``(N,)``.
+
+    >>> q_induced_returns(torch.tensor([[2.0, 3.0]]), torch.tensor([[1.0, 1.5]]), torch.ones(1, 2))
+    tensor([3.5000])
+    """
+    mask = mask.to(q_taken.dtype)
+    next_values = torch.cat([(state_values * mask)[:, 1:], torch.zeros_like(state_values[:, :1])], dim=1)
+    return ((q_taken - gamma * next_values) * mask).sum(1)
+
+
 # ---------------------------------------------------------------------------- token-level divergences
 #
 # Each divergence compares the teacher's distribution p_T with the student's p_S at every scored

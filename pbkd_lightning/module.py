@@ -22,7 +22,9 @@ from pbkd_lightning.data.generation import GenerationConfig, generate
 from pbkd_lightning.data.labelers import label_pair
 from pbkd_lightning.eval import mean_scores, score_responses
 from pbkd_lightning.models.critic import ImplicitReward, ScalarReward, response_token_logprobs
-from pbkd_lightning.models.loading import ModelSpec, load_causal_lm
+from pbkd_lightning.data.teacher_cache import TeacherCache, cache_fingerprint, cache_is_complete, write_teacher_cache
+from pbkd_lightning.models.loading import ModelSpec, load_causal_lm, shared_vocabulary_size
+from pbkd_lightning.models.teacher import TeacherModel, load_teacher
 from pbkd_lightning.objectives.base import Objective
 from pbkd_lightning.warmup import WarmupConfig, warm_start
 
@@ -74,6 +76,7 @@ class DistillationModule(LightningModule):
         self,
         objective: Objective,
         student: ModelSpec = ModelSpec(),
+        teacher: Optional[TeacherModel] = None,
         critic: CriticConfig = CriticConfig(),
         warmup: WarmupConfig = WarmupConfig(),
         student_optimizer: OptimizerConfig = OptimizerConfig(lr=1e-3),
@@ -87,7 +90,9 @@ class DistillationModule(LightningModule):
         Args:
             objective: the method (``BlackBoxPbKD``, ``SeqKD``, ...).
             student: the student model.
-            critic: the reward model (used when the objective has a critic).
+            teacher: the teacher model, for white-box objectives (their teacher sequences still come from
+                the data module's teacher; this model gives the token distributions).
+            critic: the reward model of black-box PbKD (white-box PbKD's critic is its Q-head).
             warmup: SFT of the student on teacher responses before fit (cached).
             student_optimizer: the student's optimizer.
             critic_optimizer: the critic's optimizer.
@@ -97,12 +102,18 @@ class DistillationModule(LightningModule):
             save_student: at the end of fit, ``save_pretrained`` the student to ``<default_root_dir>/student``.
         """
         super().__init__()
+        if objective.needs_teacher_logits and teacher is None:
+            raise ValueError(f"{type(objective).__name__} is white-box: it needs `model.teacher` (a teacher model)")
         self.automatic_optimization = False
         self.strict_loading = False  # the frozen reference is rebuilt in setup, not stored in checkpoints
         self.save_hyperparameters(plain({k: v for k, v in locals().items() if k not in ("self", "__class__")}))
         # hparams hold the config as plain data (LightningCLI stores its own copy there); use the objects.
         self.objective = objective
         self.student_spec, self.critic_config, self.warmup_config = student, critic, warmup
+        self.teacher_config = teacher if objective.needs_teacher_logits else None
+        self.vocabulary: Optional[int] = None  # logit columns compared with the teacher's (white-box)
+        self._frozen: dict[str, nn.Module] = {}  # the teacher: kept out of the module tree, so out of
+        # checkpoints, optimizers and device moves (a quantized model cannot be moved)
         self.student_optimizer_config, self.critic_optimizer_config = student_optimizer, critic_optimizer
         self.val_generation = val_generation
         self.student: Optional[nn.Module] = None
@@ -130,10 +141,16 @@ class DistillationModule(LightningModule):
         student, self.tokenizer = load_causal_lm(self.student_spec)
         self.critic_tokenizer = self.tokenizer
         self.student = student
+        if self.teacher_config is not None:
+            self._setup_teacher(datamodule, stage)
         if stage == "fit":
             self.summary["teacher"] = mean_scores(
                 score_responses(datamodule.val_records, [r["teacher"] for r in datamodule.val_records])
             )
+            if self.teacher is not None:
+                self.summary["teacher_model"] = mean_scores(
+                    score_responses(datamodule.val_records, self.greedy_responses(datamodule.val_records, self.teacher))
+                )
             if self.warmup_config.steps > 0:
                 self.summary["student_before_warmup"] = self.evaluate(datamodule.val_records)
                 key = [asdict(self.student_spec), [r["teacher"] for r in datamodule.train_records]]
@@ -144,13 +161,37 @@ class DistillationModule(LightningModule):
         if self.objective.uses_reference(self):
             self.reference = copy.deepcopy(self.student).eval().requires_grad_(False)
         if self.objective.needs_critic:
-            self.critic = self._build_critic()
+            self.critic = self.objective.build_critic(self) or self._build_reward_model()
         tasks = sorted({r.get("task", "text") for r in datamodule.val_records})
         self.task_scores = nn.ModuleDict({t: MeanMetric() for t in tasks})
         self.heldout_pref_acc = BinaryAccuracy()
         self.task_pref_acc = nn.ModuleDict({t: BinaryAccuracy() for t in tasks})
 
-    def _build_critic(self) -> nn.Module:
+    @property
+    def teacher(self) -> Optional[nn.Module]:
+        return self._frozen.get("teacher")
+
+    def _setup_teacher(self, datamodule, stage: str) -> None:
+        """Load the teacher (or only its cache), and check that it shares the student's tokenizer."""
+        config, h = self.teacher_config, datamodule.hparams
+        teacher, teacher_tokenizer = load_teacher(config, datamodule.train_records, h.max_prompt_tokens, datamodule.generation.max_new_tokens)
+        self.vocabulary = shared_vocabulary_size(teacher_tokenizer, self.tokenizer, teacher.config.vocab_size, self.student.config.vocab_size)
+        self._frozen["teacher"] = teacher
+        folder = h.get("teacher_cache")
+        if stage != "fit" or not folder:
+            return
+        sequences = [(r["prompt"], r["teacher"]) for r in datamodule.train_records]
+        fingerprint = cache_fingerprint(sequences, h.teacher_cache_k, config.describe())
+        if not cache_is_complete(folder, fingerprint):
+            rank_zero_info(f"teacher cache: writing the teacher's top-{h.teacher_cache_k} log-probabilities to {folder}")
+            write_teacher_cache(teacher, datamodule.encoder(self.tokenizer), sequences, folder, h.teacher_cache_k,
+                                vocabulary=self.vocabulary, tag=config.describe())
+        datamodule.teacher_cache = TeacherCache(folder, fingerprint)
+        if not self.objective.needs_teacher_on_samples:
+            del self._frozen["teacher"]  # every teacher distribution now comes from the cache
+            rank_zero_info(f"teacher cache: training from {folder}, no teacher in memory")
+
+    def _build_reward_model(self) -> nn.Module:
         config = self.critic_config
         if config.init == "student":
             lm = copy.deepcopy(self.student)
@@ -184,8 +225,51 @@ class DistillationModule(LightningModule):
     def reference_logprobs(self, sequences: dict) -> torch.Tensor:
         return response_token_logprobs(self.reference, sequences["input_ids"], sequences["attention_mask"])
 
+    def scored_rows(self, sequences: dict, lm: Optional[nn.Module] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's (or ``lm``'s) last hidden states and logits at the scored positions only.
+
+        Row r is the state before the r-th response token, in row-major order of
+        ``response_mask[:, 1:]``; the vocabulary projection never sees prompt or padding positions.
+
+        Returns:
+            ``(hidden (R, H), logits (R, V))``, logits cropped to the vocabulary shared with the teacher.
+        """
+        lm = lm if lm is not None else self.student
+        hidden = lm.get_decoder()(input_ids=sequences["input_ids"], attention_mask=sequences["attention_mask"]).last_hidden_state
+        hidden = hidden[:, :-1][sequences["response_mask"][:, 1:].bool()]
+        logits = lm.get_output_embeddings()(hidden)
+        return hidden, logits[:, : self.vocabulary] if self.vocabulary else logits
+
+    @torch.no_grad()
+    def teacher_rows(self, sequences: dict):
+        """The teacher's distribution at the rows of :meth:`scored_rows`: dense logits ``(R, V)``, or the cached
+        top-k (a :class:`~pbkd_lightning.losses.SparseTeacher` with ``(R, k)`` fields) for teacher sequences."""
+        if "teacher_topk" in sequences:
+            return sequences["teacher_topk"]
+        teacher = self.teacher
+        if teacher is None:
+            raise RuntimeError("the teacher is not in memory (training from its cache) but a batch needs it")
+        device = next(teacher.parameters()).device
+        logits = teacher(input_ids=sequences["input_ids"].to(device), attention_mask=sequences["attention_mask"].to(device)).logits
+        rows = logits[:, :-1][sequences["response_mask"][:, 1:].bool().to(device)]
+        return rows[:, : self.vocabulary].float().to(self.device)
+
+    def sample_sequences(self, prompts: list[str], model: Optional[nn.Module] = None) -> dict:
+        """One sample per prompt from the student (or ``model``) at the data's generation settings, encoded
+        like training sequences (on-policy batches of GKD, teacher samples of ``seq_kd``)."""
+        data = self.trainer.datamodule
+        model = model if model is not None else self.student
+        responses, _ = generate(model, self.tokenizer, prompts, data.generation, 1, data.hparams.generation_batch_size,
+                                data.hparams.max_prompt_tokens)
+        batch = data.encoder(self.tokenizer).batch(prompts, [group[0] for group in responses])
+        return {k: v.to(self.device) for k, v in batch.items()}
+
     def reward(self, sequences: dict) -> torch.Tensor:
-        """r_φ(x, y) for each sequence: ``(N,)``."""
+        """The critic's sequence reward for each sequence: ``(N,)`` (the objective says how it is induced)."""
+        return self.objective.sequence_reward(self, sequences)
+
+    def reward_model_score(self, sequences: dict) -> torch.Tensor:
+        """r_φ(x, y) of black-box PbKD's reward model for each sequence: ``(N,)``."""
         ref = self.reference_logprobs(sequences) if isinstance(self.critic, ImplicitReward) else None
         return self.critic(
             sequences["input_ids"], sequences["attention_mask"], sequences["response_mask"], ref_logprobs=ref
@@ -239,19 +323,18 @@ class DistillationModule(LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     def generate_responses(
-        self, records: list[dict], config: Optional[GenerationConfig] = None, num_samples: int = 1
+        self, records: list[dict], config: Optional[GenerationConfig] = None, num_samples: int = 1, model=None
     ) -> list[list[str]]:
-        """``num_samples`` responses per record from the current student (``val_generation`` unless told otherwise)."""
+        """``num_samples`` responses per record from the current student or ``model`` (``val_generation`` unless told otherwise)."""
         data = self.trainer.datamodule.hparams
         prompts = [r["prompt"] for r in records]
         config = config or self.val_generation
-        responses, _ = generate(
-            self.student, self.tokenizer, prompts, config, num_samples, data.val_batch_size, data.max_prompt_tokens
-        )
+        model = model if model is not None else self.student
+        responses, _ = generate(model, self.tokenizer, prompts, config, num_samples, data.val_batch_size, data.max_prompt_tokens)
         return responses
 
-    def greedy_responses(self, records: list[dict]) -> list[str]:
-        return [group[0] for group in self.generate_responses(records)]
+    def greedy_responses(self, records: list[dict], model=None) -> list[str]:
+        return [group[0] for group in self.generate_responses(records, model=model)]
 
     def evaluate(self, records: list[dict]) -> dict[str, float]:
         """Mean held-out score per task of the current student (greedy by default)."""
@@ -378,7 +461,7 @@ def _lr_lambda(config: OptimizerConfig, total_steps: int):
 
 def format_summary(summary: dict) -> str:
     """The end-of-fit table: held-out scores of teacher and student at each stage."""
-    rows = [("teacher", "teacher"), ("student, before warm-up", "student_before_warmup"),
+    rows = [("teacher responses", "teacher"), ("teacher model, greedy", "teacher_model"), ("student, before warm-up", "student_before_warmup"),
             ("student, start of fit", "student_start"), ("student, end of fit", "student_final")]
     tasks = sorted({t for _, key in rows for t in summary.get(key, {}) if t != "mean"}) + ["mean"]
     lines = ["", f"{'held-out score':<26}" + "".join(f"{t:>12}" for t in tasks)]

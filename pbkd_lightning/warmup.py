@@ -41,20 +41,31 @@ def cache_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def warm_start(student, encoder: Encoder, records: list[dict], config: WarmupConfig, seed: int, key_parts) -> object:
-    """Return the student after ``config.steps`` SFT steps, from the cache when the same settings ran before."""
-    folder = os.path.join(config.cache_dir, f"student-sft-{cache_key(asdict(config), seed, key_parts)}")
+def sft_folder(config: WarmupConfig, seed: int, key_parts, role: str = "student") -> str:
+    """Where :func:`warm_start` keeps the model trained with these settings."""
+    return os.path.join(config.cache_dir, f"{role}-sft-{cache_key(asdict(config), seed, key_parts)}")
+
+
+def warm_start(
+    student, encoder: Encoder, records: list[dict], config: WarmupConfig, seed: int, key_parts, role: str = "student"
+) -> object:
+    """Return the model after ``config.steps`` SFT steps, from the cache when the same settings ran before.
+
+    The trained model is saved to :func:`sft_folder` (``role`` names it: the student's warm-up, or
+    the embedded teacher's training).
+    """
+    folder = sft_folder(config, seed, key_parts, role)
     if os.path.isfile(os.path.join(folder, "config.json")):
-        rank_zero_info(f"warm-up: reusing the cached student in {folder}")
+        rank_zero_info(f"warm-up: reusing the cached {role} in {folder}")
         return AutoModelForCausalLM.from_pretrained(folder, dtype=next(student.parameters()).dtype)
     device = next(student.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / config.steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(1, config.steps))
     student.train()
     interactive = sys.stderr.isatty()  # in a log file, one line every 10 s rather than every step
     progress = tqdm(
-        range(config.steps), desc="warm-up (SFT on teacher responses)", dynamic_ncols=True, mininterval=0.1 if interactive else 10
+        range(config.steps), desc=f"{role} SFT on teacher responses", dynamic_ncols=True, mininterval=0.1 if interactive else 10
     )
     for _ in progress:
         rows = torch.randint(len(records), (config.batch_size,), generator=generator).tolist()

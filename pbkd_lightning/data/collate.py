@@ -74,9 +74,14 @@ class StudentCollate:
 
     student: Encoder
     critic: Encoder | None = None
+    teacher_cache: object | None = None
+    """A :class:`~pbkd_lightning.data.teacher_cache.TeacherCache` of the teacher sequences (white-box), or None."""
 
     def __call__(self, items: list[dict]) -> dict:
         batch = {"teacher": self.student.batch([i["prompt"] for i in items], [i["teacher"] for i in items])}
+        batch["prompts"] = [i["prompt"] for i in items]
+        if self.teacher_cache is not None:
+            batch["teacher"]["teacher_topk"] = self.teacher_cache.flat([i["row"] for i in items], batch["teacher"]["response_mask"])
         if "samples" in items[0]:
             prompts = [i["prompt"] for i in items for _ in i["samples"]]
             responses = [s for i in items for s in i["samples"]]
@@ -95,14 +100,19 @@ class CriticCollate:
     """Batches of (prompt, teacher response, student response, preference) for the critic step."""
 
     critic: Encoder
+    teacher_cache: object | None = None
+    """As in :class:`StudentCollate`."""
 
     def __call__(self, items: list[dict]) -> dict:
         prompts = [i["prompt"] for i in items]
-        return {
+        batch = {
             "teacher": self.critic.batch(prompts, [i["teacher"] for i in items]),
             "student": self.critic.batch(prompts, [i["student"] for i in items]),
             "preference": torch.tensor([i["preference"] for i in items], dtype=torch.long),
         }
+        if self.teacher_cache is not None:
+            batch["teacher"]["teacher_topk"] = self.teacher_cache.flat([i["row"] for i in items], batch["teacher"]["response_mask"])
+        return batch
 
 
 def collate_records(items: list[dict]) -> list[dict]:

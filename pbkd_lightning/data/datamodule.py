@@ -62,6 +62,8 @@ class PreferenceDataModule(LightningDataModule):
         truncation: Literal["truncate", "error"] = "truncate",
         buffer_iterations: Optional[PositiveInt] = None,
         num_workers: NonNegativeInt = 0,
+        teacher_cache: Optional[str] = None,
+        teacher_cache_k: PositiveInt = 64,
     ):
         """
         Args:
@@ -86,9 +88,18 @@ class PreferenceDataModule(LightningDataModule):
             truncation: what to do with a prompt longer than ``max_prompt_tokens``.
             buffer_iterations: the critic trains on the pairs of the last this-many iterations; None: all.
             num_workers: DataLoader workers.
+            teacher_cache: white-box methods only: a folder for the teacher model's top-k log-probabilities on
+                the training teacher sequences. Written by the first fit that names it (resumable), then read
+                with no teacher forward pass; the teacher stays out of memory unless the method also scores
+                student samples with it.
+            teacher_cache_k: tokens kept per position in the cache.
         """
         super().__init__()
-        self.save_hyperparameters(plain({k: v for k, v in locals().items() if k not in ("self", "__class__")}))
+        settings = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        # Logged as ``response_teacher``: Lightning merges the module's and the data's hparams, and the
+        # module's ``teacher`` is the white-box teacher model, a different thing.
+        settings["response_teacher"] = settings.pop("teacher")
+        self.save_hyperparameters(plain(settings))
         if train_file is not None and val_file is None:
             raise ValueError("`data.val_file` is required with `data.train_file`: held-out prompts are never trained on")
         for task in tasks:
@@ -101,6 +112,7 @@ class PreferenceDataModule(LightningDataModule):
         self._groups: list[dict] = []
         self._groups_iteration: Optional[int] = None
         self._buffer_checked = False
+        self.teacher_cache = None  # a TeacherCache, attached by the module once it is written
 
     # ------------------------------------------------------------------ setup (no model needed)
     def setup(self, stage: str) -> None:
@@ -128,6 +140,8 @@ class PreferenceDataModule(LightningDataModule):
         # One request for both splits: a model teacher is loaded once.
         for record, response in zip(train + val, self._teacher_responses(train + val)):
             record["teacher"] = response
+        for row, record in enumerate(train):
+            record["row"] = row  # the sequence's place in the teacher-logit cache
         self.train_records, self.val_records = train, val
         if stage == "fit" and self.trainer is not None:
             self._check_online_settings()
@@ -242,9 +256,8 @@ class PreferenceDataModule(LightningDataModule):
             for group in groups:
                 for sample, preference in zip(group["samples"], group["preferences"]):
                     if sample.strip() != group["teacher"].strip():
-                        pairs.append(
-                            {"prompt": group["prompt"], "teacher": group["teacher"], "student": sample, "preference": preference}
-                        )
+                        pairs.append({"prompt": group["prompt"], "teacher": group["teacher"], "student": sample,
+                                      "preference": preference, "row": group.get("row")})
         return pairs
 
     # ------------------------------------------------------------------ loaders
@@ -269,11 +282,13 @@ class PreferenceDataModule(LightningDataModule):
             self._check_prompt_lengths(student_encoder)
         iteration = self.trainer.current_epoch if self.hparams.online else 0
         if not module.needs_samples:
-            items = [{"prompt": r["prompt"], "teacher": r["teacher"]} for r in self.train_records]
-            return self._loader(items, self.hparams.batch_size, StudentCollate(student_encoder), shuffle=True)
+            items = [{"prompt": r["prompt"], "teacher": r["teacher"], "row": r["row"]} for r in self.train_records]
+            collate = StudentCollate(student_encoder, teacher_cache=self.teacher_cache)
+            return self._loader(items, self.hparams.batch_size, collate, shuffle=True)
         groups = self._groups_for(iteration)
         critic_encoder = self.encoder(module.critic_tokenizer) if module.critic_tokenizer is not module.tokenizer else None
-        student_loader = self._loader(groups, self.hparams.batch_size, StudentCollate(student_encoder, critic_encoder), True)
+        collate = StudentCollate(student_encoder, critic_encoder, self.teacher_cache)
+        student_loader = self._loader(groups, self.hparams.batch_size, collate, True)
         if not module.needs_pairs:
             return student_loader
         pairs = self.critic_pairs(iteration)
@@ -287,7 +302,7 @@ class PreferenceDataModule(LightningDataModule):
             pairs,
             batch_size=self.hparams.critic_batch_size,
             sampler=sampler,
-            collate_fn=CriticCollate(self.encoder(module.critic_tokenizer)),
+            collate_fn=CriticCollate(self.encoder(module.critic_tokenizer), self.teacher_cache),
             num_workers=self.hparams.num_workers,
         )
         return {"student": student_loader, "critic": critic_loader}

@@ -26,8 +26,9 @@ from pbkd_lightning.losses import SparseTeacher
 INDEX = "index.json"
 
 
-def _fingerprint(sequences: list[tuple[str, str]], k: int) -> str:
-    return hashlib.sha256(json.dumps([k, sequences]).encode()).hexdigest()[:16]
+def cache_fingerprint(sequences: list[tuple[str, str]], k: int, tag: str = "") -> str:
+    """Identifies the sequences, k and the teacher (``tag``) a cache was written for."""
+    return hashlib.sha256(json.dumps([k, tag, sequences]).encode()).hexdigest()[:16]
 
 
 def _write_json_atomic(path: str, value: dict) -> None:
@@ -44,10 +45,16 @@ def write_teacher_cache(
     k: int = 64,
     shard_size: int = 256,
     batch_size: int = 16,
+    vocabulary: int | None = None,
+    tag: str = "",
 ) -> dict:
     """Score ``(prompt, response)`` pairs with ``teacher`` and store its top-k per response token.
 
-    Resumes an interrupted pass over the same sequences and k; refuses a folder made for others.
+    Resumes an interrupted pass over the same sequences, k and teacher; refuses a folder made for others.
+
+    Args:
+        vocabulary: keep only the first this-many logits (padding rows past the shared tokenizer).
+        tag: names the teacher; part of the fingerprint, so another teacher's cache is never reused.
 
     Returns:
         The index (also in ``folder/index.json``), with ``bytes_per_token``.
@@ -55,7 +62,7 @@ def write_teacher_cache(
     if k < 1:
         raise ValueError(f"`k` must be ≥ 1, got {k}")
     os.makedirs(folder, exist_ok=True)
-    fingerprint = _fingerprint(sequences, k)
+    fingerprint = cache_fingerprint(sequences, k, tag)
     index_path = os.path.join(folder, INDEX)
     index = {"k": k, "fingerprint": fingerprint, "sequences": len(sequences), "shard_size": shard_size, "shards": []}
     if os.path.exists(index_path):
@@ -82,7 +89,7 @@ def write_teacher_cache(
                 batch = encoder.batch([p for p, _ in part], [r for _, r in part])
                 logits = teacher(
                     input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-                ).logits[:, :-1]
+                ).logits[:, :-1, :vocabulary]
                 scored = batch["response_mask"][:, 1:].bool().to(device)
                 for row_logits, row_mask in zip(logits, scored):
                     logprobs = torch.log_softmax(row_logits[row_mask].float(), dim=-1)
@@ -109,7 +116,8 @@ def write_teacher_cache(
 class TeacherCache:
     """Reads a cache made by :func:`write_teacher_cache`; shards are loaded on first use."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, fingerprint: str | None = None):
+        """``fingerprint``: when given, the cache must have been written for it (:func:`cache_fingerprint`)."""
         path = os.path.join(folder, INDEX)
         if not os.path.exists(path):
             raise FileNotFoundError(f"{folder}: no {INDEX}; write the cache first")
@@ -117,6 +125,8 @@ class TeacherCache:
             self.index = json.load(handle)
         if sum(s["count"] for s in self.index["shards"]) != self.index["sequences"]:
             raise ValueError(f"{folder}: the cache is incomplete; run the caching pass again to finish it")
+        if fingerprint is not None and self.index["fingerprint"] != fingerprint:
+            raise ValueError(f"{folder} holds a cache of other sequences, k or teacher; use another folder")
         self.folder, self.k, self._loaded = folder, self.index["k"], {}
 
     def __len__(self) -> int:
@@ -144,3 +154,22 @@ class TeacherCache:
                 raise ValueError(f"sequence {sequence}: the cache has {values.shape[0]} tokens, the batch {int(target[row].sum())}")
             logprobs[row, target[row]], indices[row, target[row]], leftover[row, target[row]] = values, ids, rest
         return SparseTeacher(logprobs, indices, leftover)
+
+    def flat(self, sequences: list[int], response_mask: torch.Tensor) -> SparseTeacher:
+        """The scored rows of a collated batch, row-major: a :class:`SparseTeacher` with ``(R, k)`` fields,
+        R = the number of response tokens (positions 1..T-1 of ``response_mask``)."""
+        counts = response_mask[:, 1:].sum(1).tolist()
+        parts = [self.rows(sequence) for sequence in sequences]
+        for sequence, (values, _, _), count in zip(sequences, parts, counts):
+            if values.shape[0] != count:
+                raise ValueError(f"sequence {sequence}: the cache has {values.shape[0]} tokens, the batch {count}")
+        return SparseTeacher(*(torch.cat([part[i] for part in parts]) for i in range(3)))
+
+
+def cache_is_complete(folder: str, fingerprint: str) -> bool:
+    """Whether ``folder`` holds a finished cache written for ``fingerprint``."""
+    try:
+        TeacherCache(folder, fingerprint)
+    except (FileNotFoundError, ValueError):
+        return False
+    return True

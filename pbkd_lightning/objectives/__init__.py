@@ -1,5 +1,7 @@
 from pbkd_lightning.objectives.base import Objective
+from pbkd_lightning.objectives.divergence import DivergenceKD
 from pbkd_lightning.objectives.pbkd import BlackBoxPbKD
+from pbkd_lightning.objectives.pbkd_whitebox import WhiteBoxPbKD
 from pbkd_lightning.objectives.seqkd import SeqKD
 
-__all__ = ["BlackBoxPbKD", "Objective", "SeqKD"]
+__all__ = ["BlackBoxPbKD", "DivergenceKD", "Objective", "SeqKD", "WhiteBoxPbKD"]

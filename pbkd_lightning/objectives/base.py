@@ -16,6 +16,21 @@ class Objective:
     """There is a reward model with its own optimizer and a critic step."""
     critic_warmup_steps: int = 0
     """Training batches with a critic step only, before the first student step."""
+    needs_teacher_logits: bool = False
+    """White-box: the loss needs the teacher's token distributions (``model.teacher``)."""
+
+    @property
+    def needs_teacher_on_samples(self) -> bool:
+        """The teacher must score sequences the teacher-logit cache cannot hold (fresh samples)."""
+        return False
+
+    def build_critic(self, module):
+        """The critic module, when it is not black-box PbKD's reward model (None: the module builds that)."""
+        return None
+
+    def sequence_reward(self, module, sequences: dict) -> Tensor:
+        """The critic's reward of each sequence, ``(N,)``: used for held-out preference accuracy."""
+        return module.reward_model_score(sequences)
 
     def student_loss(self, module, batch: dict) -> dict[str, Tensor]:
         raise NotImplementedError

@@ -1,0 +1,67 @@
+"""The white-box teacher: a frozen causal LM whose token distributions the student is matched to."""
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
+from lightning.pytorch.utilities import rank_zero_info
+
+from pbkd_lightning.config import validate_fields
+from pbkd_lightning.data.collate import Encoder
+from pbkd_lightning.models.loading import ModelSpec, load_causal_lm, load_frozen_model, load_tokenizer
+from pbkd_lightning.warmup import WarmupConfig, sft_folder, warm_start
+
+
+@dataclass
+class TeacherModel:
+    """A local Hugging Face causal LM, or the embedded teacher: a tiny Llama the project trains by SFT on
+    the data's teacher responses (the task program's solutions by default) and caches."""
+
+    path: Optional[str] = None
+    """Local Hugging Face causal-LM folder (model and tokenizer). None: the embedded teacher."""
+    quantization: Optional[Literal["nf4", "int8"]] = None
+    """Load the weights 4-bit NF4 or 8-bit through bitsandbytes (also the embedded teacher, from its cache)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the (non-quantized) weights and of the computation."""
+    layers: PositiveInt = 4
+    """Embedded teacher only: transformer blocks."""
+    hidden: PositiveInt = 192
+    """Embedded teacher only: hidden size."""
+    heads: PositiveInt = 4
+    """Embedded teacher only: attention heads."""
+    init_seed: int = 1
+    """Embedded teacher only: seed of its initialisation and of its training batches."""
+    train_steps: NonNegativeInt = 1200
+    """Embedded teacher only: SFT steps (cached under ``cache_dir``, so paid once)."""
+    train_lr: PositiveFloat = 3e-3
+    """Embedded teacher only: AdamW learning rate of its SFT."""
+    cache_dir: str = "runs/cache"
+    """Embedded teacher only: where the trained teacher is kept and reused."""
+
+    def __post_init__(self):
+        validate_fields(self)
+        if self.path is None and self.hidden % self.heads:
+            raise ValueError(f"teacher: `hidden` ({self.hidden}) must be divisible by `heads` ({self.heads})")
+
+    def describe(self) -> str:
+        if self.path is not None:
+            return f"{self.path} ({self.quantization or self.dtype})"
+        return f"embedded {self.layers}x{self.hidden} Llama, {self.train_steps} SFT steps ({self.quantization or self.dtype})"
+
+
+def load_teacher(config: TeacherModel, records: list[dict], max_prompt_tokens: int, max_response_tokens: int):
+    """The frozen teacher and its tokenizer: ``(model, tokenizer)``, in eval mode without gradients.
+
+    The embedded teacher is trained on ``records``' teacher responses first (or taken from its cache).
+    """
+    if config.path is not None:
+        return load_frozen_model(config.path, config.quantization, config.dtype), load_tokenizer(ModelSpec(path=config.path))
+    spec = ModelSpec(layers=config.layers, hidden=config.hidden, heads=config.heads, init_seed=config.init_seed)
+    model, tokenizer = load_causal_lm(spec)
+    training = WarmupConfig(steps=config.train_steps, lr=config.train_lr, batch_size=32, cache_dir=config.cache_dir)
+    key = [repr(spec), [(r["prompt"], r["teacher"]) for r in records]]
+    folder = sft_folder(training, config.init_seed, key, role="teacher")
+    encoder = Encoder(tokenizer, max_prompt_tokens, max_response_tokens)
+    warm_start(model, encoder, records, training, config.init_seed, key, role="teacher")
+    rank_zero_info(f"teacher: {config.describe()} from {folder}")
+    return load_frozen_model(folder, config.quantization, config.dtype), tokenizer

@@ -1,0 +1,104 @@
+"""Token-level divergence baselines: forward/reverse KL, GKD's generalized JSD, skew KL/RKL, TVD."""
+
+import random
+from typing import Literal, Optional
+
+import torch
+from jsonargparse.typing import ClosedUnitInterval, PositiveFloat, PositiveInt
+
+from pbkd_lightning import losses
+from pbkd_lightning.config import check
+from pbkd_lightning.losses import SparseTeacher
+from pbkd_lightning.objectives.base import Objective
+
+Divergence = Literal["forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "total_variation"]
+DIVERGENCES = ("forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "total_variation")
+
+
+def divergence_loss(name: str, student_logits, teacher, beta: float, skew: float, temperature: float,
+                    scale_by_temperature: bool, chunk_size: Optional[int] = None):
+    """One of the chunked divergences of :mod:`pbkd_lightning.losses` over R scored rows.
+
+    Args:
+        student_logits: ``(R, V)``.
+        teacher: dense logits ``(R, V)`` or a :class:`SparseTeacher` with ``(R, k)`` fields.
+    """
+    if name not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {name!r}; choose one of {list(DIVERGENCES)}")
+    as_batch = SparseTeacher(*(t[None] for t in teacher)) if isinstance(teacher, SparseTeacher) else teacher[None]
+    labels = torch.zeros(student_logits.shape[:1], dtype=torch.long, device=student_logits.device)[None]
+    extra = {"generalized_jsd": {"beta": beta}, "skew_kl": {"alpha": skew}, "skew_reverse_kl": {"alpha": skew}}.get(name, {})
+    return getattr(losses, name)(student_logits[None], as_batch, labels, temperature=temperature, chunk_size=chunk_size,
+                                 scale_by_temperature=scale_by_temperature, **extra)
+
+
+class DivergenceKD(Objective):
+    """White-box KD by a token-level divergence between the teacher's and the student's distributions.
+
+    Off-policy batches are the data's teacher sequences (or, with ``seq_kd``, sequences sampled from the
+    teacher model); with probability ``on_policy_fraction`` (GKD's λ) a batch is instead sampled from the
+    current student on the same prompts, and the teacher scores those tokens. Every mean is over the
+    tokens actually scored in that batch.
+    """
+
+    needs_teacher_logits = True
+
+    def __init__(
+        self,
+        divergence: Divergence = "forward_kl",
+        beta: ClosedUnitInterval = 0.5,
+        skew: ClosedUnitInterval = 0.1,
+        temperature: PositiveFloat = 1.0,
+        scale_by_temperature: bool = False,
+        on_policy_fraction: ClosedUnitInterval = 0.0,
+        seq_kd: bool = False,
+        chunk_size: Optional[PositiveInt] = None,
+        seed: int = 0,
+    ):
+        """
+        Args:
+            divergence: which divergence (``forward_kl``, ``reverse_kl``, ``generalized_jsd``, ``skew_kl``,
+                ``skew_reverse_kl``, ``total_variation``).
+            beta: generalized JSD only: β in [0, 1]; 0 is forward KL and 1 reverse KL, exactly.
+            skew: skew KL / skew reverse KL only: α in [0, 1] (DistiLLM: 0.1).
+            temperature: both distributions are softened by it inside the loss (a cached teacher needs 1).
+            scale_by_temperature: multiply the loss by T².
+            on_policy_fraction: GKD's λ in [0, 1]: the share of batches sampled from the current student.
+            seq_kd: off-policy batches are sampled from the teacher model instead of the data's teacher responses.
+            chunk_size: scored tokens per chunk of the loss; None: about 4M logits a chunk.
+            seed: seed of the on-policy draws.
+        """
+        if divergence not in DIVERGENCES:
+            raise ValueError(f"`divergence` must be one of {list(DIVERGENCES)}, got {divergence!r}")
+        for name in ("beta", "skew", "on_policy_fraction"):
+            check(name, ClosedUnitInterval, locals()[name])
+        check("temperature", PositiveFloat, temperature)
+        self.divergence, self.beta, self.skew = divergence, float(beta), float(skew)
+        self.temperature, self.scale_by_temperature = float(temperature), bool(scale_by_temperature)
+        self.on_policy_fraction, self.seq_kd = float(on_policy_fraction), bool(seq_kd)
+        self.chunk_size, self.seed = chunk_size, int(seed)
+        self._draws = random.Random(self.seed)
+
+    @property
+    def needs_teacher_on_samples(self) -> bool:
+        return self.on_policy_fraction > 0 or self.seq_kd
+
+    def student_loss(self, module, batch: dict) -> dict:
+        on_policy = self.on_policy_fraction > 0 and self._draws.random() < self.on_policy_fraction
+        if on_policy:
+            sequences = module.sample_sequences(batch["prompts"])
+        elif self.seq_kd:
+            sequences = module.sample_sequences(batch["prompts"], model=module.teacher)
+        else:
+            sequences = batch["teacher"]
+        _, logits = module.scored_rows(sequences)
+        teacher = module.teacher_rows(sequences)
+        loss = divergence_loss(self.divergence, logits, teacher, self.beta, self.skew, self.temperature,
+                               self.scale_by_temperature, self.chunk_size)
+        terms = {"loss": loss, "divergence": loss.detach(), "on_policy": torch.tensor(float(on_policy))}
+        terms["scored_tokens"] = torch.tensor(float(logits.shape[0]))
+        return terms
+
+    def __repr__(self) -> str:
+        return (f"DivergenceKD(divergence={self.divergence!r}, beta={self.beta}, skew={self.skew}, temperature={self.temperature}, "
+                f"on_policy_fraction={self.on_policy_fraction}, seq_kd={self.seq_kd})")

@@ -1,0 +1,162 @@
+"""White-box PbKD ("MM PbKD"): a Q-head over the vocabulary, moment matching through the
+performance-difference lemma with the teacher's probabilities, plus preference consistency."""
+
+import torch
+import torch.nn.functional as F
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, OpenUnitInterval
+from torch import nn
+
+from pbkd_lightning.config import check
+from pbkd_lightning.losses import (
+    bradley_terry,
+    clipped_surrogate,
+    dense_teacher_probs,
+    moment_matching_gap,
+    q_induced_returns,
+)
+from pbkd_lightning.objectives.base import Objective
+
+
+class QHead(nn.Module):
+    """Q_ψ(s, ·) over the vocabulary: a linear map of the student's last hidden state at s.
+
+    Initialised to zero, so the critic starts with no opinion (G = 0) and learns it from the gap.
+    """
+
+    def __init__(self, hidden_size: int, vocabulary: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, vocabulary)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(R, H)`` hidden states (detached from the student) → ``(R, V)`` float32 Q-values."""
+        return self.linear(hidden.to(self.linear.weight.dtype)).float()
+
+
+def _scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Place R row values at the set positions of an ``(N, T)`` mask (row-major), zeros elsewhere."""
+    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+    return out.masked_scatter(mask, values)
+
+
+class WhiteBoxPbKD(Objective):
+    """MM PbKD (DESIGN.md §2).
+
+    Critic (ascent, Q-head only): ``max_ψ G − β·BT(R_ψ) − λ_q·mean_s Σ_a Q²``, where
+    ``G = (1 − α_on)·G(teacher states) + α_on·G(student states)`` and
+    ``G(states) = mean_s Σ_a (p_T(a|s) − π_θ(a|s)) Q_ψ(s, a)``; ``R_ψ(y) = Σ_t Q_ψ(s_t, a_t) − γ V_ψ(s_{t+1})``
+    with ``V_ψ(s) = Σ_a π_θ(a|s) Q_ψ(s, a)`` scores the preference pairs.
+
+    Student (descent, student only, Q frozen): ``(1 − α_on)·G(teacher states)`` exactly over the vocabulary
+    (only ``−Σ_a π_θ Q`` depends on θ), plus ``α_on`` times the clipped surrogate on the K samples with the
+    per-token advantage ``Q_ψ(s, a) − V_ψ(s)``, plus ``nll_coef · NLL(y_T)``.
+    """
+
+    needs_samples = True
+    needs_critic = True
+    needs_teacher_logits = True
+
+    def __init__(
+        self,
+        beta: NonNegativeFloat = 1.0,
+        q_l2: NonNegativeFloat = 0.5,
+        gamma: ClosedUnitInterval = 1.0,
+        alpha_on: ClosedUnitInterval = 0.5,
+        clip_eps: OpenUnitInterval = 0.2,
+        nll_coef: NonNegativeFloat = 0.0,
+        critic_warmup_steps: NonNegativeInt = 0,
+    ):
+        """
+        Args:
+            beta: weight β of the Bradley–Terry term on the Q-induced sequence rewards.
+            q_l2: weight λ_q of ``mean_s Σ_a Q(s, a)²``; the gap's optimum is then ``Q = (p_T − π_θ) / (2λ_q)``.
+            gamma: discount γ in the induced reward ``Q(s_t, a_t) − γ·V(s_{t+1})``.
+            alpha_on: weight of the student's own states (its K samples) against the teacher's sequences.
+            clip_eps: PPO clip ε of the on-policy term.
+            nll_coef: weight α of an NLL anchor on the teacher's responses (0: pure moment matching).
+            critic_warmup_steps: training batches with a critic step only, before the student moves.
+        """
+        for name in ("beta", "q_l2", "nll_coef"):
+            check(name, NonNegativeFloat, locals()[name])
+        check("gamma", ClosedUnitInterval, gamma)
+        check("alpha_on", ClosedUnitInterval, alpha_on)
+        check("clip_eps", OpenUnitInterval, clip_eps)
+        check("critic_warmup_steps", NonNegativeInt, critic_warmup_steps)
+        self.beta, self.q_l2, self.gamma, self.alpha_on = float(beta), float(q_l2), float(gamma), float(alpha_on)
+        self.clip_eps, self.nll_coef, self.critic_warmup_steps = float(clip_eps), float(nll_coef), int(critic_warmup_steps)
+
+    @property
+    def needs_teacher_on_samples(self) -> bool:
+        return self.alpha_on > 0  # the critic's G on student states needs p_T there
+
+    def build_critic(self, module) -> nn.Module:
+        return QHead(module.student.config.hidden_size, module.vocabulary).to(next(module.student.parameters()).device)
+
+    # ------------------------------------------------------------------ pieces
+    def _critic_view(self, module, sequences: dict, with_teacher: bool):
+        """Q (with grad to ψ), π_θ (no grad) and, if asked, p_T at the scored rows of ``sequences``."""
+        with torch.no_grad():
+            hidden, logits = module.scored_rows(sequences)
+            student_probs = F.softmax(logits.float(), dim=-1)
+        teacher_probs = dense_teacher_probs(module.teacher_rows(sequences), logits.shape[-1]) if with_teacher else None
+        return module.critic(hidden), student_probs, teacher_probs
+
+    def _returns(self, q: torch.Tensor, student_probs: torch.Tensor, sequences: dict) -> torch.Tensor:
+        mask = sequences["response_mask"][:, 1:].bool()
+        actions = sequences["input_ids"][:, 1:][mask]
+        q_taken = q.gather(-1, actions[:, None]).squeeze(-1)
+        values = (student_probs * q).sum(-1)
+        return q_induced_returns(_scatter(q_taken, mask), _scatter(values, mask), mask, self.gamma)
+
+    def sequence_reward(self, module, sequences: dict) -> torch.Tensor:
+        q, student_probs, _ = self._critic_view(module, sequences, with_teacher=False)
+        return self._returns(q, student_probs, sequences)
+
+    # ------------------------------------------------------------------ the two players
+    def critic_loss(self, module, batch: dict) -> dict:
+        teacher_seqs, student_seqs, preference = batch["teacher"], batch["student"], batch["preference"]
+        q_t, pi_t, p_t = self._critic_view(module, teacher_seqs, with_teacher=True)
+        q_s, pi_s, p_s = self._critic_view(module, student_seqs, with_teacher=self.alpha_on > 0)
+        gap_off = moment_matching_gap(q_t, p_t, pi_t)
+        gap_on = moment_matching_gap(q_s, p_s, pi_s) if self.alpha_on > 0 else torch.zeros_like(gap_off)
+        gap = (1.0 - self.alpha_on) * gap_off + self.alpha_on * gap_on
+        margin = self._returns(q_t, pi_t, teacher_seqs) - self._returns(q_s, pi_s, student_seqs)
+        sign = preference.to(margin.dtype)
+        bt = bradley_terry(sign * margin, torch.zeros_like(margin), weight=sign.abs())
+        l2 = torch.cat([q_t, q_s]).pow(2).sum(-1).mean()
+        decided = sign != 0
+        return {
+            "loss": -gap + self.beta * bt + self.q_l2 * l2,
+            "gap": gap.detach(), "gap_off": gap_off.detach(), "gap_on": gap_on.detach(), "bt": bt.detach(),
+            "l2": l2.detach(), "pref_acc": ((torch.sign(margin) == sign) & decided).sum() / decided.sum().clamp(min=1),
+        }
+
+    def student_loss(self, module, batch: dict) -> dict:
+        teacher_seqs, samples = batch["teacher"], batch["samples"]
+        hidden, logits = module.scored_rows(teacher_seqs)
+        with torch.no_grad():
+            q = module.critic(hidden.detach())
+        log_pi = F.log_softmax(logits.float(), dim=-1)
+        policy_value = (log_pi.exp() * q).sum(-1).mean()  # G(teacher states) = const − this
+        loss = -(1.0 - self.alpha_on) * policy_value
+        mask = teacher_seqs["response_mask"][:, 1:].bool()
+        nll = -log_pi.gather(-1, teacher_seqs["input_ids"][:, 1:][mask][:, None]).mean()
+        terms = {"policy_value_off": policy_value.detach(), "nll_teacher": nll.detach()}
+        if self.alpha_on > 0:
+            hidden_s, logits_s = module.scored_rows(samples)
+            sample_mask = samples["response_mask"][:, 1:].bool()
+            actions = samples["input_ids"][:, 1:][sample_mask]
+            log_pi_s = F.log_softmax(logits_s.float(), dim=-1)
+            with torch.no_grad():
+                q_s = module.critic(hidden_s.detach())
+                advantages = q_s.gather(-1, actions[:, None]).squeeze(-1) - (log_pi_s.exp() * q_s).sum(-1)
+            logprobs = _scatter(log_pi_s.gather(-1, actions[:, None]).squeeze(-1), sample_mask)
+            pg, clip_frac = clipped_surrogate(logprobs, samples["old_logprobs"], _scatter(advantages, sample_mask),
+                                              sample_mask, self.clip_eps)
+            loss = loss + self.alpha_on * pg
+            terms.update(pg_loss=pg.detach(), clip_frac=clip_frac, advantage_abs=advantages.abs().mean())
+        if self.nll_coef > 0:
+            loss = loss + self.nll_coef * nll
+        terms["loss"] = loss
+        return terms

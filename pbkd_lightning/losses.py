@@ -233,6 +233,83 @@ def q_induced_returns(q_taken: Tensor, state_values: Tensor, mask: Tensor, gamma
     return ((q_taken - gamma * next_values) * mask).sum(1)
 
 
+# ---------------------------------------------------------------------------- MiniLLM
+
+
+def future_rewards(rewards: Tensor, mask: Tensor, gamma: float = 1.0, normalize: bool = True) -> Tensor:
+    """MiniLLM's long-term advantage: for each scored position t, ``Σ_{t' > t} γ^(t'−t−1) r_t'``,
+    divided by the number of scored positions after t when ``normalize`` (0 at the last one).
+
+    Args:
+        rewards: ``(N, T)`` per-token rewards (e.g. ``log p_T(y_t) − log π_θ(y_t)``).
+        mask: ``(N, T)`` scored positions.
+        gamma: discount γ.
+        normalize: length normalisation (MiniLLM's default).
+
+    Returns:
+        ``(N, T)``, 0 at unscored positions.
+
+    >>> future_rewards(torch.tensor([[1.0, 2.0, 4.0]]), torch.ones(1, 3))
+    tensor([[3., 4., 0.]])
+    """
+    mask = mask.to(rewards.dtype)
+    rewards = rewards * mask
+    future = torch.zeros_like(rewards[:, 0])
+    remaining = torch.zeros_like(rewards[:, 0])
+    out = torch.zeros_like(rewards)
+    for t in range(rewards.shape[1] - 1, -1, -1):
+        out[:, t] = future / remaining.clamp(min=1.0) if normalize else future
+        # what position t - 1 sees: this token's reward plus the discounted rest
+        future = rewards[:, t] + gamma * future
+        remaining = remaining + mask[:, t]
+    return out * mask
+
+
+# ---------------------------------------------------------------------------- X-KD (AVRIL reward posterior)
+
+
+def next_token_values(q: Tensor, mask: Tensor) -> Tensor:
+    """Q_{t+1} for each scored position t: the next position's value while it is still scored, else 0.
+
+    The last scored token of a sequence (the eos) ends the episode, so its successor is terminal
+    and contributes 0: its TD target is Q_t itself.
+
+    Args:
+        q, mask: ``(N, T)``.
+
+    >>> next_token_values(torch.tensor([[1.0, 2.0, 3.0, 9.0]]), torch.tensor([[1, 1, 1, 0]]))
+    tensor([[2., 3., 0., 0.]])
+    """
+    mask = mask.to(q.dtype)
+    following = torch.cat([(q * mask)[:, 1:], torch.zeros_like(q[:, :1])], dim=1)
+    return following * mask
+
+
+def avril_terms(mu: Tensor, log_sigma: Tensor, td: Tensor, mask: Tensor, td_weight: float = 1.0) -> dict[str, Tensor]:
+    """AVRIL's per-token objective with a Gaussian reward posterior N(μ_t, σ_t²) and a N(0, 1) prior:
+    ``KL(N(μ, σ²) ‖ N(0, 1)) − λ · log N(td; μ, σ)``, averaged over scored tokens.
+
+    ``KL = ½(μ² + σ² − 1) − log σ``; ``−log N(td; μ, σ) = ½ log 2π + log σ + (td − μ)² / (2σ²)``.
+
+    Args:
+        mu, log_sigma: ``(N, T)`` the reward head's outputs.
+        td: ``(N, T)`` the temporal difference ``Q_t − γ·Q_{t+1}`` the reward should explain.
+        mask: ``(N, T)`` scored tokens.
+        td_weight: λ.
+
+    Returns:
+        ``loss`` (KL + λ·td_nll), ``kl``, ``td_nll``, ``mu_mean`` and ``sigma_mean`` (the last two detached).
+    """
+    sigma = log_sigma.exp()
+    kl = 0.5 * (mu.pow(2) + sigma.pow(2) - 1.0) - log_sigma
+    td_nll = 0.5 * math.log(2 * math.pi) + log_sigma + 0.5 * ((td - mu) / sigma).pow(2)
+    kl_mean, td_mean = masked_mean(kl, mask), masked_mean(td_nll, mask)
+    return {
+        "loss": kl_mean + td_weight * td_mean, "kl": kl_mean, "td_nll": td_mean,
+        "mu_mean": masked_mean(mu, mask).detach(), "sigma_mean": masked_mean(sigma, mask).detach(),
+    }
+
+
 # ---------------------------------------------------------------------------- token-level divergences
 #
 # Each divergence compares the teacher's distribution p_T with the student's p_S at every scored

@@ -21,6 +21,7 @@ from pbkd_lightning.config import plain, validate_fields
 from pbkd_lightning.data.generation import GenerationConfig, generate
 from pbkd_lightning.data.labelers import label_pair
 from pbkd_lightning.eval import mean_scores, score_responses
+from pbkd_lightning.eval.diversity import diversity
 from pbkd_lightning.models.critic import ImplicitReward, ScalarReward, response_token_logprobs
 from pbkd_lightning.data.teacher_cache import TeacherCache, cache_fingerprint, cache_is_complete, write_teacher_cache
 from pbkd_lightning.models.loading import ModelSpec, load_causal_lm, shared_vocabulary_size
@@ -129,7 +130,7 @@ class DistillationModule(LightningModule):
 
     @property
     def needs_pairs(self) -> bool:
-        return self.objective.needs_critic
+        return self.objective.needs_critic and self.objective.critic_uses_pairs
 
     # ------------------------------------------------------------------ models
     def setup(self, stage: str) -> None:
@@ -164,6 +165,7 @@ class DistillationModule(LightningModule):
             self.critic = self.objective.build_critic(self) or self._build_reward_model()
         tasks = sorted({r.get("task", "text") for r in datamodule.val_records})
         self.task_scores = nn.ModuleDict({t: MeanMetric() for t in tasks})
+        self.diversity = nn.ModuleDict({name: MeanMetric() for name in ("distinct_1", "distinct_2", "self_bleu")})
         self.heldout_pref_acc = BinaryAccuracy()
         self.task_pref_acc = nn.ModuleDict({t: BinaryAccuracy() for t in tasks})
 
@@ -280,13 +282,13 @@ class DistillationModule(LightningModule):
         optimizers, schedulers = self.optimizers(), self.lr_schedulers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+        paired = self.needs_pairs  # {"student": ..., "critic": ...} batches; else one batch for both steps
+        student_batch = batch["student"] if paired else batch
         if self.critic is not None:
+            critic_batch = batch["critic"] if paired else batch
             self._optimizer_step(
-                "critic", optimizers[0], schedulers[0], self.critic, lambda: self.objective.critic_loss(self, batch["critic"])
+                "critic", optimizers[0], schedulers[0], self.critic, lambda: self.objective.critic_loss(self, critic_batch)
             )
-            student_batch = batch["student"]
-        else:
-            student_batch = batch
         if self.trainer.fit_loop.epoch_loop.total_batch_idx >= self.objective.critic_warmup_steps:
             self._optimizer_step(
                 "student", optimizers[-1], schedulers[-1], self.student, lambda: self.objective.student_loss(self, student_batch)
@@ -314,7 +316,7 @@ class DistillationModule(LightningModule):
         self.untoggle_optimizer(optimizer)
         self.log(f"{role}/loss", loss.detach(), prog_bar=True)
         self.log(f"{role}/nonfinite_skips", float(self.nonfinite_skips[role]))
-        self.log_dict({f"{role}/{k}": v for k, v in terms.items() if k != "loss"})
+        self.log_dict({(k if "/" in k else f"{role}/{k}"): v for k, v in terms.items() if k != "loss"})
 
     def on_train_epoch_start(self) -> None:
         stats = getattr(self.trainer.datamodule, "stats", {})
@@ -344,11 +346,13 @@ class DistillationModule(LightningModule):
         responses = self.greedy_responses(records)
         for task, score in score_responses(records, responses):
             self.task_scores[task].update(torch.tensor(score, device=self.device))
-        if self.critic is not None:
-            # Held-out pairs are made exactly as training pairs are (K samples at the data's generation
-            # settings), on prompts never trained on: the reward model's generalisation, not a shift to greedy text.
-            data = self.trainer.datamodule
-            samples = self.generate_responses(records, data.generation, data.hparams.samples_per_prompt)
+        # K samples per held-out prompt at the data's generation settings: their diversity, and, with a
+        # critic, held-out pairs made exactly as training pairs are (the reward model's generalisation).
+        data = self.trainer.datamodule
+        samples = self.generate_responses(records, data.generation, data.hparams.samples_per_prompt)
+        for name, value in diversity(samples).items():
+            self.diversity[name].update(torch.tensor(value, device=self.device), weight=len(samples))
+        if self.critic is not None and self.objective.critic_ranks_pairs:
             self._update_heldout_preferences(records, samples)
         if batch_idx == 0:
             self._show_samples(records, responses)
@@ -390,6 +394,10 @@ class DistillationModule(LightningModule):
             if metric.update_count:
                 self.log(f"eval/{task}_score", metric.compute())
             metric.reset()
+        for name, metric in self.diversity.items():
+            if metric.update_count:
+                self.log(f"eval/{name}", metric.compute())
+            metric.reset()
         if self.critic is not None and self.heldout_pref_acc.update_count:
             accuracy = self.heldout_pref_acc.compute()
             self.log("critic/heldout_pref_acc", accuracy)
@@ -424,6 +432,9 @@ class DistillationModule(LightningModule):
         if final:
             final["mean"] = sum(final.values()) / len(final)
             self.summary["student_final"] = final
+        spread = {name: float(metrics[f"eval/{name}"]) for name in self.diversity if f"eval/{name}" in metrics}
+        if spread:
+            self.summary["student_final_diversity"] = spread
         if "critic/heldout_pref_acc" in metrics:
             self.summary["reward_model_heldout_pref_acc"] = float(metrics["critic/heldout_pref_acc"])
         self.summary["objective"] = repr(self.objective)

@@ -81,10 +81,10 @@ def test_each_optimizer_step_touches_only_its_own_parameters(tmp_path):
 
 
 def test_online_fit_regenerates_samples_from_the_updated_student(tmp_path, monkeypatch):
-    import pbkd_lightning.data.datamodule as datamodule_code
+    import pbkd_lightning.data.generation as generation_code  # what Objective.sample calls
 
     sampled_from = []
-    real_generate = datamodule_code.generate
+    real_generate = generation_code.generate
 
     def recording_generate(model, *args, **kwargs):
         sampled_from.append(checksum(model))
@@ -97,7 +97,7 @@ def test_online_fit_regenerates_samples_from_the_updated_student(tmp_path, monke
         def on_train_epoch_end(self, trainer, module):
             self.students.append(checksum(module.student))
 
-    monkeypatch.setattr(datamodule_code, "generate", recording_generate)
+    monkeypatch.setattr(generation_code, "generate", recording_generate)
     epoch_end = EpochEnd()
     module, datamodule = tiny_modules(tmp_path, online=True, prompts_per_iteration=12)
     tiny_trainer(tmp_path / "run", [epoch_end], online=True, max_epochs=2).fit(module, datamodule)

@@ -21,7 +21,7 @@ from pbkd_lightning.data.collate import (
     collate_records,
     gather_response_logprobs,
 )
-from pbkd_lightning.data.generation import GenerationConfig, generate
+from pbkd_lightning.data.generation import GenerationConfig
 from pbkd_lightning.data.labelers import label_pair
 from pbkd_lightning.data.records import DataError, read_jsonl, read_prompts, write_jsonl_atomic
 from pbkd_lightning.data.teachers import TaskProgramTeacher, Teacher
@@ -190,13 +190,8 @@ class PreferenceDataModule(LightningDataModule):
         if h.prompts_per_iteration is not None and h.prompts_per_iteration < len(records):
             rng = random.Random(h.seed * 100_003 + iteration)
             records = rng.sample(records, h.prompts_per_iteration)
-        responses, stats = generate(
-            module.student,
-            module.tokenizer,
-            [r["prompt"] for r in records],
-            self.generation,
-            h.samples_per_prompt,
-            h.generation_batch_size,
+        responses, stats = module.objective.sample(
+            module, [r["prompt"] for r in records], h.samples_per_prompt, self.generation, h.generation_batch_size,
             h.max_prompt_tokens,
         )
         self.stats["gen/tokens_per_s"] = stats["tokens"] / max(stats["seconds"], 1e-9)

@@ -13,7 +13,11 @@ class Objective:
     needs_samples: bool = False
     """The student step uses K samples per prompt from the current student (on-policy)."""
     needs_critic: bool = False
-    """There is a reward model with its own optimizer and a critic step."""
+    """There is a critic (reward model, Q-head, reward posterior) with its own optimizer and step."""
+    critic_uses_pairs: bool = True
+    """The critic step trains on the buffer's preference pairs (else on the student's batch)."""
+    critic_ranks_pairs: bool = True
+    """The critic's :meth:`sequence_reward` ranks responses: held-out preference accuracy is measured."""
     critic_warmup_steps: int = 0
     """Training batches with a critic step only, before the first student step."""
     needs_teacher_logits: bool = False
@@ -23,6 +27,13 @@ class Objective:
     def needs_teacher_on_samples(self) -> bool:
         """The teacher must score sequences the teacher-logit cache cannot hold (fresh samples)."""
         return False
+
+    def sample(self, module, prompts: list[str], num_samples: int, config, batch_size: int, max_prompt_tokens: int):
+        """The iteration's K samples per prompt: ``(responses, stats)`` as ``data.generation.generate`` returns
+        them. Default: from the current student."""
+        from pbkd_lightning.data.generation import generate
+
+        return generate(module.student, module.tokenizer, prompts, config, num_samples, batch_size, max_prompt_tokens)
 
     def build_critic(self, module):
         """The critic module, when it is not black-box PbKD's reward model (None: the module builds that)."""

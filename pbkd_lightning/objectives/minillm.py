@@ -1,0 +1,103 @@
+"""MiniLLM: policy gradient on the reverse KL to the teacher (Gu et al., "MiniLLM")."""
+
+import torch
+import torch.nn.functional as F
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, OpenUnitInterval
+
+from pbkd_lightning.config import check
+from pbkd_lightning.data.generation import generate_mixed
+from pbkd_lightning.losses import future_rewards, reverse_kl
+from pbkd_lightning.objectives.base import Objective
+from pbkd_lightning.objectives.pbkd_whitebox import _scatter
+
+
+class MiniLLM(Objective):
+    """Minimise KL(π_θ ‖ p_T) over the student's own sequences.
+
+    Each iteration the data module samples K responses per prompt from the teacher-mixed policy
+    ``p̃ = mix · p_T + (1 − mix) · π_old`` (``teacher_mix``, 0.2 in the paper) and keeps log π_old;
+    the student then takes PPO steps on them. Per sampled token t with reward ``r_t = log p_T(y_t) − log π_θ(y_t)``:
+
+    - long-term term: the clipped surrogate (``clip_eps``) with the length-normalised discounted
+      advantage ``A_t = Σ_{t'>t} γ^(t'−t−1) r_t' / (#tokens after t)``, each token weighted by the
+      importance weight ``w_t = π_old(y_t) / p̃(y_t)`` of mixed sampling (at most 1 / (1 − mix));
+    - single-step term: ``KL(π_θ(·|s_t) ‖ p_T(·|s_t))`` exactly over the vocabulary at every sampled
+      state (the chunked :func:`~pbkd_lightning.losses.reverse_kl`, unweighted: see docs/design.md);
+    - ``lm_coef`` × NLL of the data's teacher responses, standing in for the paper's pre-training
+      corpus loss (the embedded default has no corpus, so it is off by default).
+    """
+
+    needs_samples = True
+    needs_teacher_logits = True
+
+    def __init__(
+        self,
+        teacher_mix: ClosedUnitInterval = 0.2,
+        gamma: ClosedUnitInterval = 1.0,
+        clip_eps: OpenUnitInterval = 0.2,
+        single_step: bool = True,
+        length_normalize: bool = True,
+        lm_coef: NonNegativeFloat = 0.0,
+    ):
+        """
+        Args:
+            teacher_mix: share of the teacher in the sampling distribution (the paper: 0.2).
+            gamma: discount γ of the long-term return.
+            clip_eps: PPO clip ε.
+            single_step: add the exact single-step reverse KL (the paper's variance reduction).
+            length_normalize: divide the long-term return by the number of tokens it sums.
+            lm_coef: weight of the language-modelling loss (here on the data's teacher responses).
+        """
+        for name in ("teacher_mix", "gamma"):
+            check(name, ClosedUnitInterval, locals()[name])
+        check("clip_eps", OpenUnitInterval, clip_eps)
+        check("lm_coef", NonNegativeFloat, lm_coef)
+        self.teacher_mix, self.gamma, self.clip_eps = float(teacher_mix), float(gamma), float(clip_eps)
+        self.single_step, self.length_normalize, self.lm_coef = bool(single_step), bool(length_normalize), float(lm_coef)
+
+    @property
+    def needs_teacher_on_samples(self) -> bool:
+        return True
+
+    def sample(self, module, prompts, num_samples, config, batch_size, max_prompt_tokens):
+        return generate_mixed(module.student, module.teacher, module.tokenizer, prompts, config, num_samples, batch_size,
+                              max_prompt_tokens, self.teacher_mix, module.vocabulary)
+
+    def student_loss(self, module, batch: dict) -> dict:
+        samples = batch["samples"]
+        mask = samples["response_mask"][:, 1:].bool()
+        actions = samples["input_ids"][:, 1:][mask]
+        _, logits = module.scored_rows(samples)
+        teacher_logits = module.teacher_rows(samples)
+        log_pi = F.log_softmax(logits.float(), dim=-1)
+        taken = log_pi.gather(-1, actions[:, None]).squeeze(-1)
+        with torch.no_grad():
+            teacher_taken = F.log_softmax(teacher_logits.float(), dim=-1).gather(-1, actions[:, None]).squeeze(-1)
+            old = samples["old_logprobs"][mask]
+            mixed = torch.logaddexp(teacher_taken + torch.log(torch.tensor(self.teacher_mix).clamp(min=1e-12)),
+                                    old + torch.log1p(torch.tensor(-self.teacher_mix)))
+            weights = (old - mixed).exp()  # π_old / p̃ ≤ 1 / (1 − mix)
+            rewards = _scatter(teacher_taken - taken.detach(), mask)
+            advantages = future_rewards(rewards, mask, self.gamma, self.length_normalize)[mask]
+        ratio = (taken - old).exp()
+        surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - self.clip_eps, 1 + self.clip_eps) * advantages)
+        long_term = -(weights * surrogate).mean() if surrogate.numel() else surrogate.sum()
+        loss = long_term
+        terms = {"long_term": long_term.detach(), "reward_mean": rewards.sum() / mask.sum().clamp(min=1),
+                 "importance_weight": weights.mean() if weights.numel() else weights.sum(),
+                 "clip_frac": ((ratio - 1).abs() > self.clip_eps).float().mean().detach() if ratio.numel() else ratio.sum()}
+        if self.single_step:
+            labels = torch.zeros(1, logits.shape[0], dtype=torch.long, device=logits.device)
+            single = reverse_kl(logits[None], teacher_logits[None], labels)
+            loss = loss + single
+            terms["single_step_rkl"] = single.detach()
+        if self.lm_coef > 0:
+            teacher_seqs = batch["teacher"]
+            _, teacher_seq_logits = module.scored_rows(teacher_seqs)
+            teacher_mask = teacher_seqs["response_mask"][:, 1:].bool()
+            lm = F.cross_entropy(teacher_seq_logits.float(), teacher_seqs["input_ids"][:, 1:][teacher_mask])
+            loss = loss + self.lm_coef * lm
+            terms["lm_loss"] = lm.detach()
+        terms["loss"] = loss
+        return terms
+

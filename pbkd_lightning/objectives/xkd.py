@@ -1,0 +1,112 @@
+"""X-KD: experiential knowledge distillation with an AVRIL-style reward posterior (DESIGN.md §3)."""
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveFloat
+from torch import nn
+
+from pbkd_lightning.config import check
+from pbkd_lightning.losses import avril_terms, next_token_values
+from pbkd_lightning.objectives.base import Objective
+from pbkd_lightning.objectives.divergence import DIVERGENCES, divergence_loss
+from pbkd_lightning.objectives.pbkd_whitebox import _scatter
+
+KD = Literal["nll", "forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "total_variation"]
+
+
+class RewardPosteriorHead(nn.Module):
+    """(μ_t, log σ_t) of the reward at each state: a linear map of the student's last hidden state.
+
+    Zero-initialised: the posterior starts at the prior N(0, 1).
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 2)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(R, H)`` → ``(μ (R,), log σ (R,))`` in float32; log σ is clamped to [-5, 5] for stability."""
+        out = self.linear(hidden.to(self.linear.weight.dtype)).float()
+        return out[:, 0], out[:, 1].clamp(-5.0, 5.0)
+
+
+class XKD(Objective):
+    """Per scored token of the teacher's sequences:
+    ``ℓ_KD + KL(N(μ_t, σ_t²) ‖ N(0, 1)) − λ · log N(Q_t − γ·Q_{t+1}; μ_t, σ_t)``, with
+    ``Q_t = q_scale · log π_θ(a_t | s_t)`` and ``Q_{t+1} = 0`` after the last token (the eos ends the episode).
+
+    ``kd: nll`` is sequence-level X-KD (ℓ_KD = −log π_θ(y_t)); a divergence name is divergence-based
+    X-KD (ℓ_KD = that divergence between the teacher model's and the student's distributions, which
+    needs ``model.teacher``). As in the AVRIL reference code nothing is detached: the reward head's
+    step (its own optimizer) and the student's step minimise the same objective, each moving only
+    its own parameters; the student's gradient flows through Q and through the head's input.
+    """
+
+    needs_critic = True
+    critic_uses_pairs = False
+    critic_ranks_pairs = False  # the posterior explains the student's own Q, it is not a preference model
+
+    def __init__(
+        self,
+        kd: KD = "nll",
+        td_weight: NonNegativeFloat = 1.0,
+        gamma: ClosedUnitInterval = 1.0,
+        q_scale: PositiveFloat = 1.0,
+        beta: ClosedUnitInterval = 0.5,
+        skew: ClosedUnitInterval = 0.1,
+        temperature: PositiveFloat = 1.0,
+    ):
+        """
+        Args:
+            kd: ``nll`` (sequence-level) or one of the divergences (divergence-based; needs a teacher model).
+            td_weight: λ, the weight of the TD log-likelihood.
+            gamma: discount γ in the TD ``Q_t − γ·Q_{t+1}``.
+            q_scale: Q_t = q_scale · log π_θ(a_t | s_t).
+            beta: generalized JSD's β (``kd: generalized_jsd``).
+            skew: skew KL/RKL's α.
+            temperature: the divergence's temperature.
+        """
+        if kd != "nll" and kd not in DIVERGENCES:
+            raise ValueError(f"`kd` must be 'nll' or one of {list(DIVERGENCES)}, got {kd!r}")
+        check("td_weight", NonNegativeFloat, td_weight)
+        for name in ("gamma", "beta", "skew"):
+            check(name, ClosedUnitInterval, locals()[name])
+        check("q_scale", PositiveFloat, q_scale)
+        check("temperature", PositiveFloat, temperature)
+        self.kd, self.td_weight, self.gamma, self.q_scale = kd, float(td_weight), float(gamma), float(q_scale)
+        self.beta, self.skew, self.temperature = float(beta), float(skew), float(temperature)
+
+    @property
+    def needs_teacher_logits(self) -> bool:
+        return self.kd != "nll"
+
+    def build_critic(self, module) -> nn.Module:
+        return RewardPosteriorHead(module.student.config.hidden_size).to(next(module.student.parameters()).device)
+
+    def _avril(self, module, sequences: dict, hidden, logits):
+        mask = sequences["response_mask"][:, 1:].bool()
+        actions = sequences["input_ids"][:, 1:][mask]
+        log_pi = F.log_softmax(logits.float(), dim=-1)
+        q = _scatter(self.q_scale * log_pi.gather(-1, actions[:, None]).squeeze(-1), mask)
+        td = q - self.gamma * next_token_values(q, mask)
+        mu, log_sigma = module.critic(hidden)
+        return avril_terms(_scatter(mu, mask), _scatter(log_sigma, mask), td, mask, self.td_weight), log_pi, actions
+
+    def critic_loss(self, module, batch: dict) -> dict:
+        hidden, logits = module.scored_rows(batch["teacher"])  # the student is frozen by toggle_optimizer here
+        terms, _, _ = self._avril(module, batch["teacher"], hidden, logits)
+        return {"loss": terms["loss"], **{f"xkd/{k}": v.detach() for k, v in terms.items() if k != "loss"}}
+
+    def student_loss(self, module, batch: dict) -> dict:
+        sequences = batch["teacher"]
+        hidden, logits = module.scored_rows(sequences)
+        avril, log_pi, actions = self._avril(module, sequences, hidden, logits)
+        if self.kd == "nll":
+            kd = -log_pi.gather(-1, actions[:, None]).mean() if actions.numel() else log_pi.sum() * 0.0
+        else:
+            kd = divergence_loss(self.kd, logits, module.teacher_rows(sequences), self.beta, self.skew, self.temperature, False)
+        return {"loss": kd + avril["loss"], "kd": kd.detach(), "avril": avril["loss"].detach()}

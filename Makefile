@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch is pinned to the CPU wheel this machine carries; an unpinned torch pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install run test tensorboard clean
+.PHONY: install run test bench bench-quick tensorboard clean
 
 install: $(STAMP)
 
@@ -21,6 +21,12 @@ run: install
 
 test: install
 	$(PY) -m pytest -q
+
+bench: install  # the full benchmark suite: benchmarks/RESULTS.md, results.json, plots/ (under an hour on 2 cores)
+	$(PY) -m benchmarks.run
+
+bench-quick: install  # the same tables at toy size, in minutes
+	$(PY) -m benchmarks.run --quick
 
 tensorboard: install
 	$(VENV)/bin/tensorboard --logdir runs/

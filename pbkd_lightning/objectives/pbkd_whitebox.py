@@ -64,8 +64,8 @@ class WhiteBoxPbKD(Objective):
         gamma: ClosedUnitInterval = 1.0,
         alpha_on: ClosedUnitInterval = 0.5,
         clip_eps: OpenUnitInterval = 0.2,
-        nll_coef: NonNegativeFloat = 0.0,
-        critic_warmup_steps: NonNegativeInt = 0,
+        nll_coef: NonNegativeFloat = 1.0,
+        critic_warmup_steps: NonNegativeInt = 64,
     ):
         """
         Args:
@@ -74,7 +74,8 @@ class WhiteBoxPbKD(Objective):
             gamma: discount γ in the induced reward ``Q(s_t, a_t) − γ·V(s_{t+1})``.
             alpha_on: weight of the student's own states (its K samples) against the teacher's sequences.
             clip_eps: PPO clip ε of the on-policy term.
-            nll_coef: weight α of an NLL anchor on the teacher's responses (0: pure moment matching).
+            nll_coef: weight α of an NLL anchor on the teacher's responses (0: pure moment matching, which
+                drove the default's student from 0.385 to 0.159: Adam follows the small, noisy gap gradient).
             critic_warmup_steps: training batches with a critic step only, before the student moves.
         """
         for name in ("beta", "q_l2", "nll_coef"):

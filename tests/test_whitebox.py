@@ -208,3 +208,17 @@ def test_a_whitebox_objective_without_a_teacher_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="needs `model.teacher`"):
         run_cli("fit", *tiny_args(tmp_path / "run", "--model.teacher=null", config="configs/baselines/fkl.yaml"))
     assert not (tmp_path / "run" / "cache").exists()
+
+
+def test_whitebox_validates_and_resumes_from_its_checkpoint(whitebox_run):
+    root, _ = whitebox_run
+    ckpt = str(root / "checkpoints" / "last.ckpt")
+    args = tiny_args(root, *TINY_TEACHER, f"--model.teacher.cache_dir={root}/cache", "--model.objective.critic_warmup_steps=0",
+                     config="configs/whitebox.yaml")
+    validate = run_cli("validate", *args, f"--ckpt_path={ckpt}")
+    fitted = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert torch.equal(validate.model.critic.linear.weight, fitted["critic.linear.weight"])
+    assert "critic/heldout_pref_acc" in validate.trainer.callback_metrics
+    resumed = run_cli("fit", *[a for a in args if not a.startswith("--trainer.max_epochs")], "--trainer.max_epochs=2",
+                      f"--ckpt_path={ckpt}")
+    assert resumed.trainer.current_epoch == 2 and resumed.trainer.global_step > 0

@@ -1,4 +1,5 @@
-"""``python -m pbkd_lightning fit|validate|test|predict --config ...``: LightningCLI with omegaconf configs."""
+"""``python -m pbkd_lightning fit|validate|test|predict --config ...``: LightningCLI with omegaconf configs;
+``python -m pbkd_lightning export --ckpt_path ... --out ...``: the student as a Hugging Face folder."""
 
 import os
 import sys
@@ -42,6 +43,11 @@ class DistillationCLI(LightningCLI):
 
 
 def main(args=None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["export"]:  # not a Trainer method, so not a LightningCLI subcommand
+        from pbkd_lightning.export import main as export_main
+
+        return export_main(argv[1:])
     try:
         DistillationCLI(
             DistillationModule,

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, run_cli, tiny_args
 
@@ -94,3 +95,36 @@ def test_bad_jsonl_exits_nonzero_naming_file_line_and_field_before_models_load(t
     assert f"{train}:2: field 'prompt' must be str, got int" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "cache").exists()  # the student was never loaded or warmed up
+
+
+def test_export_writes_a_student_that_plain_transformers_loads_and_generates_the_same(tiny_fit, tmp_path):
+    tiny_fit("--model.objective.critic_warmup_steps=0")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "student-hf"
+    result = subprocess.run([sys.executable, "-m", "pbkd_lightning", "export", f"--ckpt_path={ckpt}", f"--out={out}",
+                             "--reward_model"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (out / "model.safetensors").exists() and (out / "reward_model" / "model.safetensors").exists()
+    # a fresh interpreter without this package's imports: plain transformers only
+    code = (
+        "import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}); t = AutoTokenizer.from_pretrained({str(out)!r})\n"
+        "ids = t('Reverse: cat dog\\n', return_tensors='pt', add_special_tokens=False)['input_ids']\n"
+        "print(repr(t.decode(m.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:])))"
+    )
+    exported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    from pbkd_lightning.models import ModelSpec, load_causal_lm
+
+    before, tokenizer = load_causal_lm(ModelSpec(layers=1, hidden=32, heads=2))
+    before.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
+    ids = tokenizer("Reverse: cat dog\n", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    expected = tokenizer.decode(before.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:])
+    assert exported.stdout.strip() == repr(expected)
+
+
+def test_export_names_a_missing_checkpoint(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pbkd_lightning", "export", f"--ckpt_path={tmp_path}/none.ckpt",
+                             f"--out={tmp_path}/out"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "does not exist" in result.stderr

@@ -86,6 +86,7 @@ class DistillationModule(LightningModule):
         num_threads: Optional[PositiveInt] = None,
         samples_to_show: NonNegativeInt = 4,
         save_student: bool = True,
+        optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw",
     ):
         """
         Args:
@@ -101,6 +102,8 @@ class DistillationModule(LightningModule):
             num_threads: torch CPU threads; None keeps torch's choice.
             samples_to_show: prompts with teacher and student responses in the TensorBoard text panel.
             save_student: at the end of fit, ``save_pretrained`` the student to ``<default_root_dir>/student``.
+            optimizer: AdamW for both players: ``adamw`` (torch), or bitsandbytes' ``adamw8bit`` /
+                ``paged_adamw8bit`` (8-bit states for tensors of ≥ 4,096 elements; paging needs a GPU).
         """
         super().__init__()
         if objective.needs_teacher_logits and teacher is None:
@@ -213,7 +216,7 @@ class DistillationModule(LightningModule):
         for model, config in groups:
             params = [p for p in model.parameters() if p.requires_grad]
             # plain floats: jsonargparse's restricted types would be pickled into the optimizer state
-            optimizer = torch.optim.AdamW(params, lr=float(config.lr), weight_decay=float(config.weight_decay))
+            optimizer = _ADAMW[self.hparams.optimizer]()(params, lr=float(config.lr), weight_decay=float(config.weight_decay))
             optimizers.append(optimizer)
             schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total)))
         return optimizers, schedulers
@@ -456,6 +459,15 @@ class DistillationModule(LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("reference.")]:
             del state[key]
+
+
+def _bnb(name: str):
+    import bitsandbytes.optim
+
+    return getattr(bitsandbytes.optim, name)
+
+
+_ADAMW = {"adamw": lambda: torch.optim.AdamW, "adamw8bit": lambda: _bnb("AdamW8bit"), "paged_adamw8bit": lambda: _bnb("PagedAdamW8bit")}
 
 
 def _lr_lambda(config: OptimizerConfig, total_steps: int):

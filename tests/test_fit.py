@@ -279,3 +279,17 @@ def test_critic_and_objective_variants_train(tmp_path, critic, objective_args, d
     logged = scalars(tmp_path / "run", "lightning_logs")
     assert expected_tag in logged and all(torch.isfinite(torch.tensor(v)).all() for v in logged.values())
     assert type(module.critic).__name__ == ("ScalarReward" if critic["kind"] == "scalar" else "ImplicitReward")
+
+
+def test_eight_bit_optimizers_keep_uint8_states_and_resume(tiny_fit, tmp_path):
+    cli = tiny_fit("--model.optimizer=adamw8bit", "--model.objective.critic_warmup_steps=0", "--model.student.hidden=64")
+    import bitsandbytes as bnb
+
+    optimizers = cli.model.optimizers()
+    assert all(isinstance(o.optimizer, bnb.optim.AdamW8bit) for o in optimizers)
+    embedding = cli.model.student.get_input_embeddings().weight  # ≥ 4,096 elements: 8-bit states
+    assert optimizers[-1].optimizer.state[embedding]["state1"].dtype == torch.uint8
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    resumed = run_cli("fit", *tiny_args(tmp_path / "run", "--model.optimizer=adamw8bit", "--model.objective.critic_warmup_steps=0",
+                                        "--model.student.hidden=64", "--trainer.max_epochs=2"), f"--ckpt_path={ckpt}")
+    assert resumed.trainer.current_epoch == 2

@@ -11,6 +11,8 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 # The frozen reference model is in eval mode on purpose; Lightning warns about any such module.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+# Under DDP a rank may hold no held-out sample of a task; its metric is then computed (and synced) empty on purpose.
+warnings.filterwarnings("ignore", message=r".*was called before the ``update`` method.*")
 
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402

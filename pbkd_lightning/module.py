@@ -392,28 +392,32 @@ class DistillationModule(LightningModule):
             rows = torch.tensor([t == task for t in tasks], device=self.device)
             self.task_pref_acc[task].update(agreement[rows], torch.ones_like(target[rows]))
 
+    def _computed(self, metric) -> Optional[torch.Tensor]:
+        """The metric over all ranks, or None when no rank saw any data. Every rank must call this in the
+        same order: under DDP a rank may hold no sample of a task, and the decision has to be collective."""
+        seen = self.trainer.strategy.reduce(torch.tensor(float(metric.update_count), device=self.device), reduce_op="sum")
+        value = metric.compute() if float(seen) > 0 else None
+        metric.reset()
+        return value
+
     def on_validation_epoch_end(self) -> None:
         for task, metric in self.task_scores.items():
-            if metric.update_count:
-                self.log(f"eval/{task}_score", metric.compute())
-            metric.reset()
+            if (value := self._computed(metric)) is not None:
+                self.log(f"eval/{task}_score", value)
         for name, metric in self.diversity.items():
-            if metric.update_count:
-                self.log(f"eval/{name}", metric.compute())
-            metric.reset()
-        if self.critic is not None and self.heldout_pref_acc.update_count:
-            accuracy = self.heldout_pref_acc.compute()
+            if (value := self._computed(metric)) is not None:
+                self.log(f"eval/{name}", value)
+        accuracy = self._computed(self.heldout_pref_acc)
+        per_task = {task: self._computed(metric) for task, metric in self.task_pref_acc.items()}
+        if accuracy is not None:
             self.log("critic/heldout_pref_acc", accuracy)
             history = {"epoch": self.current_epoch, "all": float(accuracy)}
-            for task, metric in self.task_pref_acc.items():
-                if metric.update_count:
-                    history[task] = float(metric.compute())
+            for task, value in per_task.items():
+                if value is not None:
+                    history[task] = float(value)
                     self.log(f"critic/heldout_pref_acc_{task}", history[task])
             if not self.trainer.sanity_checking:
                 self.summary.setdefault("heldout_pref_acc_per_epoch", []).append(history)
-        self.heldout_pref_acc.reset()
-        for metric in self.task_pref_acc.values():
-            metric.reset()
 
     @rank_zero_only
     def _show_samples(self, records, responses) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from conftest import ROOT, run_cli, tiny_args
 
-OVERLAYS = {"online.yaml"}  # partial configs, used on top of a method's config
+OVERLAYS = {"online.yaml", "ddp.yaml"}  # partial configs, used on top of a method's config
 
 
 def config_files():

@@ -190,11 +190,20 @@ class PreferenceDataModule(LightningDataModule):
         if h.prompts_per_iteration is not None and h.prompts_per_iteration < len(records):
             rng = random.Random(h.seed * 100_003 + iteration)
             records = rng.sample(records, h.prompts_per_iteration)
-        responses, stats = module.objective.sample(
-            module, [r["prompt"] for r in records], h.samples_per_prompt, self.generation, h.generation_batch_size,
-            h.max_prompt_tokens,
+        # Each rank samples every world-th prompt; the pieces are gathered so every rank holds the whole
+        # iteration (and rank 0 stores each group once).
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        mine, stats = module.objective.sample(
+            module, [r["prompt"] for r in records[rank::world]], h.samples_per_prompt, self.generation,
+            h.generation_batch_size, h.max_prompt_tokens,
         )
-        self.stats["gen/tokens_per_s"] = stats["tokens"] / max(stats["seconds"], 1e-9)
+        responses, tokens_per_s = mine, stats["tokens"] / max(stats["seconds"], 1e-9)
+        if world > 1:
+            pieces = [None] * world
+            torch.distributed.all_gather_object(pieces, (mine, tokens_per_s))
+            responses = [pieces[i % world][0][i // world] for i in range(len(records))]
+            tokens_per_s = sum(rate for _, rate in pieces)  # the ranks sample at the same time
+        self.stats["gen/tokens_per_s"] = tokens_per_s
         groups = []
         for record, samples in zip(records, responses):
             preferences = [label_pair(h.labeler, record, record["teacher"], s) for s in samples]

@@ -78,8 +78,6 @@ def _has_teacher_model(config: str) -> bool:
 
 def fit(config: str, extra: list[str], root: str, seed: int, size: dict, epochs: int) -> dict:
     """One fit through the CLI, in this process; returns its summary and per-epoch scores."""
-    from pbkd_lightning.cli import DistillationCLI, DistillationModule, PreferenceDataModule
-
     args = ["fit", "--config", config]  # relative to the repository root, where the run starts
     for i in range(0, len(extra), 2):  # overlays first, then the overrides win
         if extra[i] == "--config":
@@ -92,13 +90,25 @@ def fit(config: str, extra: list[str], root: str, seed: int, size: dict, epochs:
     if _has_teacher_model(config):
         args.append(f"--model.teacher.cache_dir={os.path.join(OUT, '.cache')}")
     start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        DistillationCLI(DistillationModule, PreferenceDataModule, parser_kwargs={"parser_mode": "omegaconf"},
-                        save_config_kwargs={"overwrite": True}, args=args)
+    _quiet_cli(args)
     seconds = time.perf_counter() - start
     with open(os.path.join(root, "summary.json")) as handle:
         summary = json.load(handle)
     return {"summary": summary, "curve": _curve(root, summary), "seconds": seconds, "args": args[1:]}
+
+
+def _quiet_cli(args: list[str], run: bool = True):
+    """The CLI with its output captured; a failed run raises with what it printed (a parse error would
+    otherwise end the whole benchmark through a silent ``SystemExit``)."""
+    from pbkd_lightning.cli import DistillationCLI, DistillationModule, PreferenceDataModule
+
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            return DistillationCLI(DistillationModule, PreferenceDataModule, parser_kwargs={"parser_mode": "omegaconf"},
+                                   save_config_kwargs={"overwrite": True}, args=args, run=run)
+    except SystemExit as error:
+        raise RuntimeError(f"the run {' '.join(args)} exited ({error.code}):\n{err.getvalue()[-3000:]}") from None
 
 
 def _curve(root: str, summary: dict) -> list[float]:
@@ -193,8 +203,6 @@ def step_speed(size: dict, runs_dir: str, progress) -> dict:
     """Training steps per second through Lightning against a hand-written loop over the same batches."""
     from lightning.pytorch import Callback
 
-    from pbkd_lightning.cli import DistillationCLI, DistillationModule, PreferenceDataModule
-
     class StepClock(Callback):
         def __init__(self):
             self.starts = []
@@ -219,11 +227,10 @@ def step_speed(size: dict, runs_dir: str, progress) -> dict:
             args.append("--model.objective.critic_warmup_steps=0")  # time student steps too, from the first batch
         if _applies("--model.teacher.cache_dir", config, extra):
             args.append(f"--model.teacher.cache_dir={os.path.join(OUT, '.cache')}")
+        cli = _quiet_cli(args, run=False)
+        clock = StepClock()
+        cli.trainer.callbacks.append(clock)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            cli = DistillationCLI(DistillationModule, PreferenceDataModule, parser_kwargs={"parser_mode": "omegaconf"},
-                                  save_config_kwargs={"overwrite": True}, args=args, run=False)
-            clock = StepClock()
-            cli.trainer.callbacks.append(clock)
             cli.trainer.fit(cli.model, cli.datamodule)
         library = steps / (clock.starts[-1] - clock.starts[warm])
         manual = _hand_loop(cli.model, cli.datamodule, warm, steps)

@@ -65,7 +65,7 @@ class DivergenceKD(Objective):
             scale_by_temperature: multiply the loss by T².
             on_policy_fraction: GKD's λ in [0, 1]: the share of batches sampled from the current student.
             seq_kd: off-policy batches are sampled from the teacher model instead of the data's teacher responses.
-            chunk_size: scored tokens per chunk of the loss; None: about 4M logits a chunk.
+            chunk_size: scored tokens per chunk of the loss; None: about 1M logits (at least 32 tokens) a chunk.
             seed: seed of the on-policy draws.
         """
         if divergence not in DIVERGENCES:

@@ -162,6 +162,8 @@ class DistillationModule(LightningModule):
                 self.student = warm_start(student, encoder, datamodule.train_records, self.warmup_config, self.student_spec.init_seed, key)
             self.summary["student_start"] = self.evaluate(datamodule.val_records)
         self.student.train()
+        if self.student_spec.gradient_checkpointing and not self.student.is_gradient_checkpointing:
+            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # a cached warm-up reloads without it
         if self.objective.uses_reference(self):
             self.reference = copy.deepcopy(self.student).eval().requires_grad_(False)
         if self.objective.needs_critic:

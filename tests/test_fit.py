@@ -293,3 +293,19 @@ def test_eight_bit_optimizers_keep_uint8_states_and_resume(tiny_fit, tmp_path):
     resumed = run_cli("fit", *tiny_args(tmp_path / "run", "--model.optimizer=adamw8bit", "--model.objective.critic_warmup_steps=0",
                                         "--model.student.hidden=64", "--trainer.max_epochs=2"), f"--ckpt_path={ckpt}")
     assert resumed.trainer.current_epoch == 2
+
+
+def test_gradient_checkpointing_is_a_switch_for_student_and_critic(tiny_fit):
+    cli = tiny_fit("--model.student.gradient_checkpointing=true", "--model.objective.critic_warmup_steps=0")
+    assert cli.model.student.is_gradient_checkpointing and cli.model.critic.lm.is_gradient_checkpointing
+    assert cli.model.summary["student_final"]["mean"] >= 0.0
+
+
+@pytest.mark.parametrize("config", ["configs/blackbox.yaml", "configs/baselines/fkl.yaml"])
+def test_bf16_mixed_precision_trains(tmp_path, config):
+    extra = ["--model.teacher.layers=1", "--model.teacher.hidden=64", "--model.teacher.heads=2",
+             "--model.teacher.train_steps=5", f"--model.teacher.cache_dir={tmp_path}/cache"] if "fkl" in config else []
+    cli = run_cli("fit", *tiny_args(tmp_path / "run", "--trainer.precision=bf16-mixed", *extra, config=config))
+    assert cli.trainer.precision == "bf16-mixed"
+    assert all(v == v for v in cli.model.summary["student_final"].values())  # finite, no NaN
+    assert cli.model.nonfinite_skips == {"student": 0, "critic": 0}

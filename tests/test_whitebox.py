@@ -222,3 +222,13 @@ def test_whitebox_validates_and_resumes_from_its_checkpoint(whitebox_run):
     resumed = run_cli("fit", *[a for a in args if not a.startswith("--trainer.max_epochs")], "--trainer.max_epochs=2",
                       f"--ckpt_path={ckpt}")
     assert resumed.trainer.current_epoch == 2 and resumed.trainer.global_step > 0
+
+
+def test_whitebox_online_iterations_resample_and_grow_the_buffer(tmp_path):
+    root = tmp_path / "run"
+    run_cli("fit", *tiny_args(root, *TINY_TEACHER, f"--model.teacher.cache_dir={root}/cache", "--model.objective.critic_warmup_steps=0",
+                              config="configs/whitebox.yaml"), "--config", "configs/online.yaml", f"--trainer.default_root_dir={root}",
+            "--trainer.max_epochs=2")
+    assert (root / "buffer" / "iter_0001.jsonl").exists()
+    pairs = scalars(root)["data/buffer_pairs"]
+    assert len(pairs) == 2 and pairs[1] > pairs[0]

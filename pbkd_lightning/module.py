@@ -24,7 +24,7 @@ from pbkd_lightning.eval import mean_scores, score_responses
 from pbkd_lightning.eval.diversity import diversity
 from pbkd_lightning.models.critic import ImplicitReward, ScalarReward, response_token_logprobs
 from pbkd_lightning.data.teacher_cache import TeacherCache, cache_fingerprint, cache_is_complete, write_teacher_cache
-from pbkd_lightning.models.loading import ModelSpec, load_causal_lm, shared_vocabulary_size
+from pbkd_lightning.models.loading import ModelSpec, load_causal_lm, save_student, shared_vocabulary_size
 from pbkd_lightning.models.teacher import TeacherModel, load_teacher
 from pbkd_lightning.objectives.base import Objective
 from pbkd_lightning.warmup import WarmupConfig, warm_start
@@ -204,7 +204,9 @@ class DistillationModule(LightningModule):
             lm = copy.deepcopy(self.student)
         else:  # the student's architecture with fresh weights (seeded by the global seed)
             lm = AutoModelForCausalLM.from_config(self.student.config).to(next(self.student.parameters()).dtype)
-        lm.train().requires_grad_(True)
+        lm.train()
+        if not hasattr(lm, "peft_config"):  # a LoRA student's copy trains its adapter only, like the student
+            lm.requires_grad_(True)
         if config.kind == "implicit":
             return ImplicitReward(lm, scale=config.scale)
         return ScalarReward(lm.get_decoder(), lm.config.hidden_size, pooling=config.pooling)
@@ -457,8 +459,7 @@ class DistillationModule(LightningModule):
         with open(os.path.join(root, "summary.json"), "w") as handle:
             json.dump(self.summary, handle, indent=2)
         if self.hparams.save_student:
-            self.student.save_pretrained(os.path.join(root, "student"))
-            self.tokenizer.save_pretrained(os.path.join(root, "student"))
+            save_student(self.student, self.tokenizer, os.path.join(root, "student"))
         rank_zero_info(format_summary(self.summary) + f"\nsummary written to {os.path.join(root, 'summary.json')}")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -55,12 +55,19 @@ def warm_start(
     the embedded teacher's training).
     """
     folder = sft_folder(config, seed, key_parts, role)
+    if os.path.isfile(os.path.join(folder, "adapter_config.json")):  # a LoRA student: its adapter was trained
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        rank_zero_info(f"warm-up: reusing the cached {role} adapter in {folder}")
+        set_peft_model_state_dict(student, load_file(os.path.join(folder, "adapter_model.safetensors")))
+        return student
     if os.path.isfile(os.path.join(folder, "config.json")):
         rank_zero_info(f"warm-up: reusing the cached {role} in {folder}")
         return AutoModelForCausalLM.from_pretrained(folder, dtype=next(student.parameters()).dtype)
     device = next(student.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(1, config.steps))
     student.train()
     interactive = sys.stderr.isatty()  # in a log file, one line every 10 s rather than every step

@@ -309,3 +309,38 @@ def test_bf16_mixed_precision_trains(tmp_path, config):
     assert cli.trainer.precision == "bf16-mixed"
     assert all(v == v for v in cli.model.summary["student_final"].values())  # finite, no NaN
     assert cli.model.nonfinite_skips == {"student": 0, "critic": 0}
+
+
+def test_lora_student_trains_its_adapter_and_saves_adapter_and_merged_weights(tiny_fit, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cli = tiny_fit("--model.student.lora.r=4", "--model.objective.critic_warmup_steps=0")
+    student = cli.model.student
+    trainable = [n for n, p in student.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all("lora_" in n for n, p in cli.model.critic.named_parameters() if p.requires_grad)
+    folder = tmp_path / "run" / "student"
+    assert (folder / "adapter" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(folder)  # plain transformers, no PEFT needed
+    ids = cli.model.tokenizer("Reverse: cat dog\n", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, student.eval()(input_ids=ids).logits, atol=1e-4)
+    from pbkd_lightning.export import export
+
+    export(str(tmp_path / "run" / "checkpoints" / "last.ckpt"), str(tmp_path / "exported"))
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    with torch.no_grad():
+        assert torch.allclose(exported(ids).logits, merged(ids).logits, atol=1e-5)
+    again = tiny_fit("--model.student.lora.r=4", "--model.objective.critic_warmup_steps=0",
+                     f"--model.warmup.cache_dir={tmp_path / 'run' / 'cache'}", root=tmp_path / "again")
+    assert again.model.summary["student_start"] == cli.model.summary["student_start"]  # the cached adapter warm-up
+
+
+def test_lora_without_peft_names_the_extra(monkeypatch):
+    import sys
+
+    from pbkd_lightning.models.loading import LoraSpec, ModelSpec, load_causal_lm
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if the extra were not installed
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[lora\]'"):
+        load_causal_lm(ModelSpec(layers=1, hidden=32, heads=2, lora=LoraSpec(r=4)))

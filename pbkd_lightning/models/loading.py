@@ -3,7 +3,7 @@
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import torch
@@ -16,6 +16,23 @@ from pbkd_lightning.models.tokenizer import build_char_tokenizer
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraSpec:
+    """A LoRA adapter on the student (PEFT): only the adapter's weights train."""
+
+    r: PositiveInt = 8
+    """Rank of the update."""
+    alpha: PositiveInt = 16
+    """Scale numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Linear layers that get an adapter."""
+
+    def __post_init__(self):
+        validate_fields(self)
 
 
 @dataclass
@@ -41,11 +58,15 @@ class ModelSpec:
     """Weights' dtype: float32, bfloat16 or float16."""
     init_seed: int = 0
     """Tiny model only: seed of the random initialisation."""
+    lora: Optional[LoraSpec] = None
+    """Train a LoRA adapter instead of all weights (needs the ``lora`` extra: ``pip install -e '.[lora]'``)."""
     gradient_checkpointing: bool = False
     """Recompute each block's activations in backward instead of keeping them (less memory, more compute);
     off by default, and copies made from this model (critic, reference) inherit it."""
 
     def __post_init__(self):
+        if isinstance(self.lora, dict):  # read back from a checkpoint's hyperparameters
+            self.lora = LoraSpec(**self.lora)
         validate_fields(self)
         if self.path is None and self.hidden % self.heads:
             raise ValueError(f"`hidden` ({self.hidden}) must be divisible by `heads` ({self.heads})")
@@ -67,6 +88,29 @@ def _require_folder(path: str) -> str:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"model directory {path!r} does not exist (models are never downloaded)")
     return folder
+
+
+def add_lora(model, lora: LoraSpec):
+    """Wrap ``model`` in a PEFT LoRA adapter; the base weights are frozen."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("a LoRA student (`model.student.lora`) needs PEFT: pip install -e '.[lora]'") from None
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def save_student(model, tokenizer, folder: str) -> None:
+    """``save_pretrained`` a student: a LoRA student as its adapter (``folder/adapter``) and its merged weights (``folder``)."""
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(os.path.join(folder, "adapter"))
+        tokenizer.save_pretrained(os.path.join(folder, "adapter"))
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def _forget_gguf(model) -> None:
@@ -100,6 +144,8 @@ def load_tokenizer(spec: ModelSpec):
 def load_causal_lm(spec: ModelSpec, tokenizer=None):
     """Returns ``(model, tokenizer)``; the tiny model is built from its seed, a directory is loaded offline."""
     model, tokenizer = _load_causal_lm(spec, tokenizer)
+    if spec.lora is not None:
+        model = add_lora(model, spec.lora)
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer

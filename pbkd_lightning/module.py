@@ -4,7 +4,7 @@ import copy
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
@@ -24,7 +24,7 @@ from pbkd_lightning.eval import mean_scores, score_responses
 from pbkd_lightning.eval.diversity import diversity
 from pbkd_lightning.models.critic import ImplicitReward, ScalarReward, response_token_logprobs
 from pbkd_lightning.data.teacher_cache import TeacherCache, cache_fingerprint, cache_is_complete, write_teacher_cache
-from pbkd_lightning.models.loading import ModelSpec, load_causal_lm, save_student, shared_vocabulary_size
+from pbkd_lightning.models.loading import ModelSpec, load_causal_lm, save_student, shared_vocabulary_size, weights_key
 from pbkd_lightning.models.teacher import TeacherModel, load_teacher
 from pbkd_lightning.objectives.base import Objective
 from pbkd_lightning.warmup import WarmupConfig, warm_start
@@ -157,7 +157,7 @@ class DistillationModule(LightningModule):
                 )
             if self.warmup_config.steps > 0:
                 self.summary["student_before_warmup"] = self.evaluate(datamodule.val_records)
-                key = [asdict(self.student_spec), [r["teacher"] for r in datamodule.train_records]]
+                key = [weights_key(self.student_spec), [r["teacher"] for r in datamodule.train_records]]
                 encoder = datamodule.encoder(self.tokenizer)
                 self.student = warm_start(student, encoder, datamodule.train_records, self.warmup_config, self.student_spec.init_seed, key)
             self.summary["student_start"] = self.evaluate(datamodule.val_records)

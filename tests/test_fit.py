@@ -344,3 +344,11 @@ def test_lora_without_peft_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # as if the extra were not installed
     with pytest.raises(ImportError, match=r"pip install -e '\.\[lora\]'"):
         load_causal_lm(ModelSpec(layers=1, hidden=32, heads=2, lora=LoraSpec(r=4)))
+
+
+def test_gradient_checkpointing_reuses_the_cached_warm_up(tiny_fit, tmp_path):
+    first = tiny_fit("--model.objective.critic_warmup_steps=0")
+    second = tiny_fit("--model.objective.critic_warmup_steps=0", "--model.student.gradient_checkpointing=true",
+                      f"--model.warmup.cache_dir={tmp_path / 'run' / 'cache'}", root=tmp_path / "again")
+    assert len(list((tmp_path / "run" / "cache").glob("student-sft-*"))) == 1  # one warm-up for both
+    assert second.model.summary["student_start"] == first.model.summary["student_start"]

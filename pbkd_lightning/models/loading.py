@@ -3,7 +3,7 @@
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional
 
 import torch
@@ -70,6 +70,12 @@ class ModelSpec:
         validate_fields(self)
         if self.path is None and self.hidden % self.heads:
             raise ValueError(f"`hidden` ({self.hidden}) must be divisible by `heads` ({self.heads})")
+
+
+def weights_key(spec: ModelSpec) -> dict:
+    """What decides a model's initial weights, for cache keys: switches that change no weight
+    (gradient checkpointing, dtype is kept) are left out, so flipping them reuses a cached warm-up."""
+    return {k: v for k, v in asdict(spec).items() if k != "gradient_checkpointing"}
 
 
 def resolve_path(path: str) -> str:

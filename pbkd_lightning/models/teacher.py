@@ -8,7 +8,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from pbkd_lightning.config import validate_fields
 from pbkd_lightning.data.collate import Encoder
-from pbkd_lightning.models.loading import ModelSpec, load_causal_lm, load_frozen_model, load_tokenizer
+from pbkd_lightning.models.loading import ModelSpec, load_causal_lm, load_frozen_model, load_tokenizer, weights_key
 from pbkd_lightning.warmup import WarmupConfig, sft_folder, warm_start
 
 
@@ -63,7 +63,7 @@ def load_teacher(config: TeacherModel, records: list[dict], max_prompt_tokens: i
     spec = ModelSpec(layers=config.layers, hidden=config.hidden, heads=config.heads, init_seed=config.init_seed)
     model, tokenizer = load_causal_lm(spec)
     training = WarmupConfig(steps=config.train_steps, lr=config.train_lr, batch_size=32, cache_dir=config.cache_dir)
-    key = [repr(spec), [(r["prompt"], r["teacher"]) for r in records]]
+    key = [weights_key(spec), [(r["prompt"], r["teacher"]) for r in records]]
     folder = sft_folder(training, config.init_seed, key, role="teacher")
     encoder = Encoder(tokenizer, max_prompt_tokens, max_response_tokens)
     warm_start(model, encoder, records, training, config.init_seed, key, role="teacher")

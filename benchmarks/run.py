@@ -76,9 +76,10 @@ def _has_teacher_model(config: str) -> bool:
     return re.search(r"^  teacher:\s", model_section, re.MULTILINE) is not None
 
 
-def fit(config: str, extra: list[str], root: str, seed: int, size: dict, epochs: int) -> dict:
-    """One fit through the CLI, in this process; returns its summary and per-epoch scores."""
-    args = ["fit", "--config", config]  # relative to the repository root, where the run starts
+def _run_args(config: str, extra: list[str], size: dict, root: str, seed: int, epochs: int) -> list[str]:
+    """CLI arguments of one benchmark run: the method's config and overlays, its overrides, the size's, and
+    the run's folder, seed and shared caches."""
+    args = ["--config", config]  # relative to the repository root, where the run starts
     for i in range(0, len(extra), 2):  # overlays first, then the overrides win
         if extra[i] == "--config":
             args += ["--config", extra[i + 1]]
@@ -89,6 +90,12 @@ def fit(config: str, extra: list[str], root: str, seed: int, size: dict, epochs:
              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--model.num_threads=2"]
     if _has_teacher_model(config):
         args.append(f"--model.teacher.cache_dir={os.path.join(OUT, '.cache')}")
+    return args
+
+
+def fit(config: str, extra: list[str], root: str, seed: int, size: dict, epochs: int) -> dict:
+    """One fit through the CLI, in this process; returns its summary and per-epoch scores."""
+    args = ["fit", *_run_args(config, extra, size, root, seed, epochs)]
     start = time.perf_counter()
     _quiet_cli(args)
     seconds = time.perf_counter() - start
@@ -218,15 +225,10 @@ def step_speed(size: dict, runs_dir: str, progress) -> dict:
     for name, config, extra in SPEED_METHODS:
         progress.set_postfix_str(f"speed: {name}")
         root = os.path.join(runs_dir, "speed", _slug(name))
-        args = ["--config", config, *[o for o in size["overrides"] if _applies(o, config, extra)],
-                *extra, f"--trainer.default_root_dir={root}", "--trainer.max_epochs=1",
-                f"--trainer.limit_train_batches={warm + steps}", "--trainer.limit_val_batches=0",
-                "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--seed_everything=0",
-                f"--model.warmup.cache_dir={os.path.join(OUT, '.cache')}", "--model.num_threads=2"]
+        args = [*_run_args(config, extra, size, root, seed=0, epochs=1),
+                f"--trainer.limit_train_batches={warm + steps}", "--trainer.limit_val_batches=0"]
         if _applies("--model.objective.critic_warmup_steps", config, extra):
             args.append("--model.objective.critic_warmup_steps=0")  # time student steps too, from the first batch
-        if _applies("--model.teacher.cache_dir", config, extra):
-            args.append(f"--model.teacher.cache_dir={os.path.join(OUT, '.cache')}")
         cli = _quiet_cli(args, run=False)
         clock = StepClock()
         cli.trainer.callbacks.append(clock)

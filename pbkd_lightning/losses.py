@@ -174,6 +174,16 @@ def kl_to_reference(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Ten
 # ``R × V`` tensors exist once each and the prompt and padding positions never reach the vocabulary.
 
 
+def rows_to_positions(values: Tensor, mask: Tensor) -> Tensor:
+    """Place R row values at the set positions of an ``(N, T)`` bool mask (row-major), zeros elsewhere.
+
+    >>> rows_to_positions(torch.tensor([1.0, 2.0]), torch.tensor([[False, True], [True, False]]))
+    tensor([[0., 1.],
+            [2., 0.]])
+    """
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+
+
 def dense_teacher_probs(teacher, vocabulary: int) -> Tensor:
     """p_T over the vocabulary from dense logits ``(R, V)`` or a :class:`SparseTeacher` with ``(R, k)`` fields.
 

@@ -18,6 +18,7 @@ from torchmetrics.classification import BinaryAccuracy
 from transformers import AutoModelForCausalLM
 
 from pbkd_lightning.config import plain, validate_fields
+from pbkd_lightning.data.collate import scored_positions
 from pbkd_lightning.data.generation import GenerationConfig, generate
 from pbkd_lightning.data.labelers import label_pair
 from pbkd_lightning.eval import mean_scores, score_responses
@@ -25,7 +26,7 @@ from pbkd_lightning.eval.diversity import diversity
 from pbkd_lightning.models.critic import ImplicitReward, ScalarReward, response_token_logprobs
 from pbkd_lightning.data.teacher_cache import TeacherCache, cache_fingerprint, cache_is_complete, write_teacher_cache
 from pbkd_lightning.models.loading import ModelSpec, load_causal_lm, save_student, shared_vocabulary_size, weights_key
-from pbkd_lightning.models.teacher import TeacherModel, load_teacher
+from pbkd_lightning.models.teacher import TeacherModel, load_teacher, teacher_vocabulary
 from pbkd_lightning.objectives.base import Objective
 from pbkd_lightning.warmup import WarmupConfig, warm_start
 
@@ -179,23 +180,30 @@ class DistillationModule(LightningModule):
         return self._frozen.get("teacher")
 
     def _setup_teacher(self, datamodule, stage: str) -> None:
-        """Load the teacher (or only its cache), and check that it shares the student's tokenizer."""
+        """Load the teacher, unless a finished cache serves every batch, and check that it shares the student's tokenizer."""
         config, h = self.teacher_config, datamodule.hparams
-        teacher, teacher_tokenizer = load_teacher(config, datamodule.train_records, h.max_prompt_tokens, datamodule.generation.max_new_tokens)
-        self.vocabulary = shared_vocabulary_size(teacher_tokenizer, self.tokenizer, teacher.config.vocab_size, self.student.config.vocab_size)
-        self._frozen["teacher"] = teacher
-        folder = h.get("teacher_cache")
-        if stage != "fit" or not folder:
+        folder = h.get("teacher_cache") if stage == "fit" else None
+        if folder:
+            sequences = [(r["prompt"], r["teacher"]) for r in datamodule.train_records]
+            fingerprint = cache_fingerprint(sequences, h.teacher_cache_k, config.describe())
+            written = cache_is_complete(folder, fingerprint)
+        if folder and written and not self.objective.needs_teacher_on_samples:
+            teacher_tokenizer, rows = teacher_vocabulary(config)  # the weights are never read
+        else:
+            teacher, teacher_tokenizer = load_teacher(config, datamodule.train_records, h.max_prompt_tokens,
+                                                      datamodule.generation.max_new_tokens)
+            rows = teacher.config.vocab_size
+            self._frozen["teacher"] = teacher
+        self.vocabulary = shared_vocabulary_size(teacher_tokenizer, self.tokenizer, rows, self.student.config.vocab_size)
+        if not folder:
             return
-        sequences = [(r["prompt"], r["teacher"]) for r in datamodule.train_records]
-        fingerprint = cache_fingerprint(sequences, h.teacher_cache_k, config.describe())
-        if not cache_is_complete(folder, fingerprint):
+        if not written:
             rank_zero_info(f"teacher cache: writing the teacher's top-{h.teacher_cache_k} log-probabilities to {folder}")
-            write_teacher_cache(teacher, datamodule.encoder(self.tokenizer), sequences, folder, h.teacher_cache_k,
+            write_teacher_cache(self.teacher, datamodule.encoder(self.tokenizer), sequences, folder, h.teacher_cache_k,
                                 vocabulary=self.vocabulary, tag=config.describe())
         datamodule.teacher_cache = TeacherCache(folder, fingerprint)
         if not self.objective.needs_teacher_on_samples:
-            del self._frozen["teacher"]  # every teacher distribution now comes from the cache
+            self._frozen.pop("teacher", None)  # every teacher distribution now comes from the cache
             rank_zero_info(f"teacher cache: training from {folder}, no teacher in memory")
 
     def _build_reward_model(self) -> nn.Module:
@@ -220,7 +228,7 @@ class DistillationModule(LightningModule):
         for model, config in groups:
             params = [p for p in model.parameters() if p.requires_grad]
             # plain floats: jsonargparse's restricted types would be pickled into the optimizer state
-            optimizer = _ADAMW[self.hparams.optimizer]()(params, lr=float(config.lr), weight_decay=float(config.weight_decay))
+            optimizer = _adamw(self.hparams.optimizer)(params, lr=float(config.lr), weight_decay=float(config.weight_decay))
             optimizers.append(optimizer)
             schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total)))
         return optimizers, schedulers
@@ -245,7 +253,7 @@ class DistillationModule(LightningModule):
         """
         lm = lm if lm is not None else self.student
         hidden = lm.get_decoder()(input_ids=sequences["input_ids"], attention_mask=sequences["attention_mask"]).last_hidden_state
-        hidden = hidden[:, :-1][sequences["response_mask"][:, 1:].bool()]
+        hidden = hidden[:, :-1][scored_positions(sequences)]
         logits = lm.get_output_embeddings()(hidden)
         return hidden, logits[:, : self.vocabulary] if self.vocabulary else logits
 
@@ -260,7 +268,7 @@ class DistillationModule(LightningModule):
             raise RuntimeError("the teacher is not in memory (training from its cache) but a batch needs it")
         device = next(teacher.parameters()).device
         logits = teacher(input_ids=sequences["input_ids"].to(device), attention_mask=sequences["attention_mask"].to(device)).logits
-        rows = logits[:, :-1][sequences["response_mask"][:, 1:].bool().to(device)]
+        rows = logits[:, :-1][scored_positions(sequences).to(device)]
         return rows[:, : self.vocabulary].float().to(self.device)
 
     def sample_sequences(self, prompts: list[str], model: Optional[nn.Module] = None) -> dict:
@@ -468,13 +476,13 @@ class DistillationModule(LightningModule):
             del state[key]
 
 
-def _bnb(name: str):
+def _adamw(name: str):
+    """The AdamW class named by ``model.optimizer``; bitsandbytes is imported only when asked for."""
+    if name == "adamw":
+        return torch.optim.AdamW
     import bitsandbytes.optim
 
-    return getattr(bitsandbytes.optim, name)
-
-
-_ADAMW = {"adamw": lambda: torch.optim.AdamW, "adamw8bit": lambda: _bnb("AdamW8bit"), "paged_adamw8bit": lambda: _bnb("PagedAdamW8bit")}
+    return {"adamw8bit": bitsandbytes.optim.AdamW8bit, "paged_adamw8bit": bitsandbytes.optim.PagedAdamW8bit}[name]
 
 
 def _lr_lambda(config: OptimizerConfig, total_steps: int):

@@ -154,6 +154,7 @@ def test_teacher_logit_cache_is_written_once_then_trained_from_without_a_teacher
                            config="configs/baselines/fkl.yaml")
     assert os.path.getmtime(cache / "index.json") == written  # read, not rewritten
     assert cli.model.teacher is None
+    assert not list((tmp_path / "second" / "cache").glob("teacher-sft-*"))  # the embedded teacher was never even built
     assert "student/divergence" in scalars(tmp_path / "second")
     # another k is another cache: the folder refuses it rather than serving the wrong one
     with pytest.raises(ValueError, match="other sequences"):

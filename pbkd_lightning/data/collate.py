@@ -50,6 +50,16 @@ class Encoder:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
 
+def scored_positions(sequences: dict) -> torch.Tensor:
+    """``(N, T-1)`` bool: positions 1..T-1 that hold a response token (what a model is scored on)."""
+    return sequences["response_mask"][:, 1:].bool()
+
+
+def scored_actions(sequences: dict) -> torch.Tensor:
+    """``(R,)`` the response tokens, row-major: the action taken at each scored state."""
+    return sequences["input_ids"][:, 1:][scored_positions(sequences)]
+
+
 def scatter_old_logprobs(per_sample: list[list[float]], response_mask: torch.Tensor) -> torch.Tensor:
     """Place each sample's response-token log-probabilities at their positions: ``(N, T-1)``."""
     target = response_mask[:, 1:].bool()

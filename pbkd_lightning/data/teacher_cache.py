@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from pbkd_lightning.data.collate import Encoder
+from pbkd_lightning.data.collate import Encoder, scored_positions
 from pbkd_lightning.data.records import atomic_output
 from pbkd_lightning.losses import SparseTeacher
 
@@ -90,7 +90,7 @@ def write_teacher_cache(
                 logits = teacher(
                     input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
                 ).logits[:, :-1, :vocabulary]
-                scored = batch["response_mask"][:, 1:].bool().to(device)
+                scored = scored_positions(batch).to(device)
                 for row_logits, row_mask in zip(logits, scored):
                     logprobs = torch.log_softmax(row_logits[row_mask].float(), dim=-1)
                     top, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
@@ -142,18 +142,16 @@ class TeacherCache:
         return data["logprobs"][begin:end].float(), data["indices"][begin:end].long(), data["leftover"][begin:end]
 
     def batch(self, sequences: list[int], response_mask: torch.Tensor) -> SparseTeacher:
-        """A :class:`SparseTeacher` aligned with a collated batch's positions 1..T-1 (``(B, T-1, k)``)."""
+        """A :class:`SparseTeacher` aligned with a collated batch's positions 1..T-1 (``(B, T-1, k)``): the rows of
+        :meth:`flat` placed at their positions, zeros elsewhere (for losses that take labels with -100)."""
         target = response_mask[:, 1:].bool()
-        B, T = target.shape  # sequences, positions
-        logprobs = torch.zeros(B, T, self.k)
-        indices = torch.zeros(B, T, self.k, dtype=torch.long)
-        leftover = torch.zeros(B, T)
-        for row, sequence in enumerate(sequences):
-            values, ids, rest = self.rows(sequence)
-            if values.shape[0] != int(target[row].sum()):
-                raise ValueError(f"sequence {sequence}: the cache has {values.shape[0]} tokens, the batch {int(target[row].sum())}")
-            logprobs[row, target[row]], indices[row, target[row]], leftover[row, target[row]] = values, ids, rest
-        return SparseTeacher(logprobs, indices, leftover)
+        rows = self.flat(sequences, response_mask)
+        placed = []
+        for field in rows:
+            out = torch.zeros(*target.shape, *field.shape[1:], dtype=field.dtype)
+            out[target] = field
+            placed.append(out)
+        return SparseTeacher(*placed)
 
     def flat(self, sequences: list[int], response_mask: torch.Tensor) -> SparseTeacher:
         """The scored rows of a collated batch, row-major: a :class:`SparseTeacher` with ``(R, k)`` fields,

@@ -5,10 +5,19 @@ from typing import Literal, Optional
 
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from lightning.pytorch.utilities import rank_zero_info
+from transformers import AutoConfig
 
 from pbkd_lightning.config import validate_fields
 from pbkd_lightning.data.collate import Encoder
-from pbkd_lightning.models.loading import ModelSpec, load_causal_lm, load_frozen_model, load_tokenizer, weights_key
+from pbkd_lightning.models.loading import (
+    ModelSpec,
+    load_causal_lm,
+    load_frozen_model,
+    load_tokenizer,
+    resolve_path,
+    weights_key,
+)
+from pbkd_lightning.models.tokenizer import build_char_tokenizer
 from pbkd_lightning.warmup import WarmupConfig, sft_folder, warm_start
 
 
@@ -50,6 +59,16 @@ class TeacherModel:
         if self.path is not None:
             return f"{self.path}{'/' + self.gguf_file if self.gguf_file else ''} ({self.quantization or self.dtype})"
         return f"embedded {self.layers}x{self.hidden} Llama, {self.train_steps} SFT steps ({self.quantization or self.dtype})"
+
+
+def teacher_vocabulary(config: TeacherModel):
+    """The teacher's tokenizer and number of logit rows, without loading its weights: ``(tokenizer, rows)``."""
+    if config.path is None:
+        tokenizer = build_char_tokenizer()
+        return tokenizer, len(tokenizer)  # the embedded teacher's vocabulary is its tokenizer's
+    folder = resolve_path(config.path)
+    return load_tokenizer(ModelSpec(path=config.path, gguf_file=config.gguf_file)), \
+        AutoConfig.from_pretrained(folder, gguf_file=config.gguf_file).vocab_size
 
 
 def load_teacher(config: TeacherModel, records: list[dict], max_prompt_tokens: int, max_response_tokens: int):

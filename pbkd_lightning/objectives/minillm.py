@@ -6,9 +6,9 @@ from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, OpenUnitIn
 
 from pbkd_lightning.config import check
 from pbkd_lightning.data.generation import generate_mixed
-from pbkd_lightning.losses import future_rewards, reverse_kl
+from pbkd_lightning.data.collate import scored_actions, scored_positions
+from pbkd_lightning.losses import future_rewards, reverse_kl, rows_to_positions
 from pbkd_lightning.objectives.base import Objective
-from pbkd_lightning.objectives.pbkd_whitebox import _scatter
 
 
 class MiniLLM(Objective):
@@ -65,8 +65,7 @@ class MiniLLM(Objective):
 
     def student_loss(self, module, batch: dict) -> dict:
         samples = batch["samples"]
-        mask = samples["response_mask"][:, 1:].bool()
-        actions = samples["input_ids"][:, 1:][mask]
+        mask, actions = scored_positions(samples), scored_actions(samples)
         _, logits = module.scored_rows(samples)
         teacher_logits = module.teacher_rows(samples)
         log_pi = F.log_softmax(logits.float(), dim=-1)
@@ -77,7 +76,7 @@ class MiniLLM(Objective):
             mixed = torch.logaddexp(teacher_taken + torch.log(torch.tensor(self.teacher_mix).clamp(min=1e-12)),
                                     old + torch.log1p(torch.tensor(-self.teacher_mix)))
             weights = (old - mixed).exp()  # π_old / p̃ ≤ 1 / (1 − mix)
-            rewards = _scatter(teacher_taken - taken.detach(), mask)
+            rewards = rows_to_positions(teacher_taken - taken.detach(), mask)
             advantages = future_rewards(rewards, mask, self.gamma, self.length_normalize)[mask]
         ratio = (taken - old).exp()
         surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - self.clip_eps, 1 + self.clip_eps) * advantages)
@@ -94,8 +93,7 @@ class MiniLLM(Objective):
         if self.lm_coef > 0:
             teacher_seqs = batch["teacher"]
             _, teacher_seq_logits = module.scored_rows(teacher_seqs)
-            teacher_mask = teacher_seqs["response_mask"][:, 1:].bool()
-            lm = F.cross_entropy(teacher_seq_logits.float(), teacher_seqs["input_ids"][:, 1:][teacher_mask])
+            lm = F.cross_entropy(teacher_seq_logits.float(), scored_actions(teacher_seqs))
             loss = loss + self.lm_coef * lm
             terms["lm_loss"] = lm.detach()
         terms["loss"] = loss

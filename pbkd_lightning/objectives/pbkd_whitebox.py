@@ -7,12 +7,14 @@ from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativ
 from torch import nn
 
 from pbkd_lightning.config import check
+from pbkd_lightning.data.collate import scored_actions, scored_positions
 from pbkd_lightning.losses import (
     bradley_terry,
     clipped_surrogate,
     dense_teacher_probs,
     moment_matching_gap,
     q_induced_returns,
+    rows_to_positions,
 )
 from pbkd_lightning.objectives.base import Objective
 
@@ -32,12 +34,6 @@ class QHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(R, H)`` hidden states (detached from the student) → ``(R, V)`` float32 Q-values."""
         return self.linear(hidden.to(self.linear.weight.dtype)).float()
-
-
-def _scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Place R row values at the set positions of an ``(N, T)`` mask (row-major), zeros elsewhere."""
-    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
-    return out.masked_scatter(mask, values)
 
 
 class WhiteBoxPbKD(Objective):
@@ -104,11 +100,10 @@ class WhiteBoxPbKD(Objective):
         return module.critic(hidden), student_probs, teacher_probs
 
     def _returns(self, q: torch.Tensor, student_probs: torch.Tensor, sequences: dict) -> torch.Tensor:
-        mask = sequences["response_mask"][:, 1:].bool()
-        actions = sequences["input_ids"][:, 1:][mask]
+        mask, actions = scored_positions(sequences), scored_actions(sequences)
         q_taken = q.gather(-1, actions[:, None]).squeeze(-1)
         values = (student_probs * q).sum(-1)
-        return q_induced_returns(_scatter(q_taken, mask), _scatter(values, mask), mask, self.gamma)
+        return q_induced_returns(rows_to_positions(q_taken, mask), rows_to_positions(values, mask), mask, self.gamma)
 
     def sequence_reward(self, module, sequences: dict) -> torch.Tensor:
         q, student_probs, _ = self._critic_view(module, sequences, with_teacher=False)
@@ -141,19 +136,17 @@ class WhiteBoxPbKD(Objective):
         log_pi = F.log_softmax(logits.float(), dim=-1)
         policy_value = (log_pi.exp() * q).sum(-1).mean()  # G(teacher states) = const − this
         loss = -(1.0 - self.alpha_on) * policy_value
-        mask = teacher_seqs["response_mask"][:, 1:].bool()
-        nll = -log_pi.gather(-1, teacher_seqs["input_ids"][:, 1:][mask][:, None]).mean()
+        nll = -log_pi.gather(-1, scored_actions(teacher_seqs)[:, None]).mean()
         terms = {"policy_value_off": policy_value.detach(), "nll_teacher": nll.detach()}
         if self.alpha_on > 0:
             hidden_s, logits_s = module.scored_rows(samples)
-            sample_mask = samples["response_mask"][:, 1:].bool()
-            actions = samples["input_ids"][:, 1:][sample_mask]
+            sample_mask, actions = scored_positions(samples), scored_actions(samples)
             log_pi_s = F.log_softmax(logits_s.float(), dim=-1)
             with torch.no_grad():
                 q_s = module.critic(hidden_s.detach())
                 advantages = q_s.gather(-1, actions[:, None]).squeeze(-1) - (log_pi_s.exp() * q_s).sum(-1)
-            logprobs = _scatter(log_pi_s.gather(-1, actions[:, None]).squeeze(-1), sample_mask)
-            pg, clip_frac = clipped_surrogate(logprobs, samples["old_logprobs"], _scatter(advantages, sample_mask),
+            logprobs = rows_to_positions(log_pi_s.gather(-1, actions[:, None]).squeeze(-1), sample_mask)
+            pg, clip_frac = clipped_surrogate(logprobs, samples["old_logprobs"], rows_to_positions(advantages, sample_mask),
                                               sample_mask, self.clip_eps)
             loss = loss + self.alpha_on * pg
             terms.update(pg_loss=pg.detach(), clip_frac=clip_frac, advantage_abs=advantages.abs().mean())

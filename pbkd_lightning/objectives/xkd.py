@@ -8,10 +8,10 @@ from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveFl
 from torch import nn
 
 from pbkd_lightning.config import check
-from pbkd_lightning.losses import avril_terms, next_token_values
+from pbkd_lightning.data.collate import scored_actions, scored_positions
+from pbkd_lightning.losses import avril_terms, next_token_values, rows_to_positions
 from pbkd_lightning.objectives.base import Objective
 from pbkd_lightning.objectives.divergence import DIVERGENCES, divergence_loss
-from pbkd_lightning.objectives.pbkd_whitebox import _scatter
 
 KD = Literal["nll", "forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "total_variation"]
 
@@ -88,13 +88,12 @@ class XKD(Objective):
         return RewardPosteriorHead(module.student.config.hidden_size).to(next(module.student.parameters()).device)
 
     def _avril(self, module, sequences: dict, hidden, logits):
-        mask = sequences["response_mask"][:, 1:].bool()
-        actions = sequences["input_ids"][:, 1:][mask]
+        mask, actions = scored_positions(sequences), scored_actions(sequences)
         log_pi = F.log_softmax(logits.float(), dim=-1)
-        q = _scatter(self.q_scale * log_pi.gather(-1, actions[:, None]).squeeze(-1), mask)
+        q = rows_to_positions(self.q_scale * log_pi.gather(-1, actions[:, None]).squeeze(-1), mask)
         td = q - self.gamma * next_token_values(q, mask)
         mu, log_sigma = module.critic(hidden)
-        return avril_terms(_scatter(mu, mask), _scatter(log_sigma, mask), td, mask, self.td_weight), log_pi, actions
+        return avril_terms(rows_to_positions(mu, mask), rows_to_positions(log_sigma, mask), td, mask, self.td_weight), log_pi, actions
 
     def critic_loss(self, module, batch: dict) -> dict:
         hidden, logits = module.scored_rows(batch["teacher"])  # the student is frozen by toggle_optimizer here

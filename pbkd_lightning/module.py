@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from pbkd_lightning.config import plain, validate_fields
 from pbkd_lightning.data.collate import scored_positions
 from pbkd_lightning.data.generation import GenerationConfig, generate
-from pbkd_lightning.data.labelers import label_pair
+from pbkd_lightning.data.labelers import label_pair, sample_pairs
 from pbkd_lightning.eval import mean_scores, score_responses
 from pbkd_lightning.eval.diversity import diversity
 from pbkd_lightning.models.critic import ImplicitReward, ScalarReward, response_token_logprobs
@@ -38,8 +38,10 @@ class CriticConfig:
     kind: Literal["scalar", "implicit"] = "implicit"
     """``scalar``: a linear head on a backbone's last hidden state (the paper's). ``implicit``: a trainable
     LM copy scored by ``scale · mean log(π_φ/π_ref)`` over the response (learned far faster in the prototype)."""
-    init: Literal["student", "scratch"] = "student"
-    """Start from the (warmed-up) student's weights, or from a fresh model of the student's architecture."""
+    init: Literal["student", "teacher", "scratch"] = "student"
+    """Start from the (warmed-up) student's weights, from the teacher model's (``model.teacher``, not quantized;
+    the reward model then reads the teacher's tokenizer, and an implicit reward's reference is the frozen teacher),
+    or from a fresh model of the student's architecture."""
     pooling: Literal["last", "mean"] = "last"
     """Scalar head only: the last non-pad token's hidden state, or the mean over response tokens."""
     scale: PositiveFloat = 10.0
@@ -109,13 +111,17 @@ class DistillationModule(LightningModule):
         super().__init__()
         if objective.needs_teacher_logits and teacher is None:
             raise ValueError(f"{type(objective).__name__} is white-box: it needs `model.teacher` (a teacher model)")
+        self.critic_from_teacher = objective.needs_critic and critic.init == "teacher"
+        if self.critic_from_teacher and (teacher is None or teacher.quantization is not None):
+            raise ValueError("`model.critic.init: teacher` needs `model.teacher`, not quantized: the reward model "
+                             "trains a copy of its weights")
         self.automatic_optimization = False
         self.strict_loading = False  # the frozen reference is rebuilt in setup, not stored in checkpoints
         self.save_hyperparameters(plain({k: v for k, v in locals().items() if k not in ("self", "__class__")}))
         # hparams hold the config as plain data (LightningCLI stores its own copy there); use the objects.
         self.objective = objective
         self.student_spec, self.critic_config, self.warmup_config = student, critic, warmup
-        self.teacher_config = teacher if objective.needs_teacher_logits else None
+        self.teacher_config = teacher if objective.needs_teacher_logits or self.critic_from_teacher else None
         self.vocabulary: Optional[int] = None  # logit columns compared with the teacher's (white-box)
         self._frozen: dict[str, nn.Module] = {}  # the teacher: kept out of the module tree, so out of
         # checkpoints, optimizers and device moves (a quantized model cannot be moved)
@@ -124,9 +130,10 @@ class DistillationModule(LightningModule):
         self.student: Optional[nn.Module] = None
         self.critic: Optional[nn.Module] = None
         self.reference: Optional[nn.Module] = None
-        self.tokenizer = self.critic_tokenizer = None
+        self.tokenizer = self.critic_tokenizer = self.teacher_tokenizer = None
         self.summary: dict = {}
         self.nonfinite_skips = {"student": 0, "critic": 0}
+        self.critic_heldout_acc: Optional[float] = None  # the latest held-out preference accuracy (critic trust)
 
     @property
     def needs_samples(self) -> bool:
@@ -154,7 +161,7 @@ class DistillationModule(LightningModule):
             )
             if self.teacher is not None:
                 self.summary["teacher_model"] = mean_scores(
-                    score_responses(datamodule.val_records, self.greedy_responses(datamodule.val_records, self.teacher))
+                    score_responses(datamodule.val_records, self.greedy_responses(datamodule.val_records, self.teacher, self.teacher_tokenizer))
                 )
             if self.warmup_config.steps > 0:
                 self.summary["student_before_warmup"] = self.evaluate(datamodule.val_records)
@@ -173,6 +180,7 @@ class DistillationModule(LightningModule):
         self.task_scores = nn.ModuleDict({t: MeanMetric() for t in tasks})
         self.diversity = nn.ModuleDict({name: MeanMetric() for name in ("distinct_1", "distinct_2", "self_bleu")})
         self.heldout_pref_acc = BinaryAccuracy()
+        self.heldout_rank_acc = BinaryAccuracy()
         self.task_pref_acc = nn.ModuleDict({t: BinaryAccuracy() for t in tasks})
 
     @property
@@ -194,6 +202,9 @@ class DistillationModule(LightningModule):
                                                       datamodule.generation.max_new_tokens)
             rows = teacher.config.vocab_size
             self._frozen["teacher"] = teacher
+        self.teacher_tokenizer = teacher_tokenizer
+        if not self.objective.needs_teacher_logits:
+            return  # the teacher only initialises the reward model, which reads the teacher's own tokenizer
         self.vocabulary = shared_vocabulary_size(teacher_tokenizer, self.tokenizer, rows, self.student.config.vocab_size)
         if not folder:
             return
@@ -210,6 +221,9 @@ class DistillationModule(LightningModule):
         config = self.critic_config
         if config.init == "student":
             lm = copy.deepcopy(self.student)
+        elif config.init == "teacher":
+            lm = copy.deepcopy(self.teacher)
+            self.critic_tokenizer = self.teacher_tokenizer
         else:  # the student's architecture with fresh weights (seeded by the global seed)
             lm = AutoModelForCausalLM.from_config(self.student.config).to(next(self.student.parameters()).dtype)
         lm.train()
@@ -226,11 +240,12 @@ class DistillationModule(LightningModule):
             groups.insert(0, (self.critic, self.critic_optimizer_config))
         total = max(1, int(self.trainer.estimated_stepping_batches))  # one step per optimizer per batch
         for model, config in groups:
+            steps = total * (self.objective.critic_steps if model is self.critic else 1)
             params = [p for p in model.parameters() if p.requires_grad]
             # plain floats: jsonargparse's restricted types would be pickled into the optimizer state
             optimizer = _adamw(self.hparams.optimizer)(params, lr=float(config.lr), weight_decay=float(config.weight_decay))
             optimizers.append(optimizer)
-            schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total)))
+            schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, steps)))
         return optimizers, schedulers
 
     # ------------------------------------------------------------------ scoring helpers used by objectives
@@ -239,8 +254,12 @@ class DistillationModule(LightningModule):
         return response_token_logprobs(self.student, sequences["input_ids"], sequences["attention_mask"])
 
     @torch.no_grad()
-    def reference_logprobs(self, sequences: dict) -> torch.Tensor:
-        return response_token_logprobs(self.reference, sequences["input_ids"], sequences["attention_mask"])
+    def reference_logprobs(self, sequences: dict, model: Optional[nn.Module] = None) -> torch.Tensor:
+        """log π_ref of tokens 1..T-1 under the frozen initial student (or ``model``): ``(N, T-1)``."""
+        model = model if model is not None else self.reference
+        device = next(model.parameters()).device  # a frozen teacher is placed by its loader, not by Lightning
+        logprobs = response_token_logprobs(model, sequences["input_ids"].to(device), sequences["attention_mask"].to(device))
+        return logprobs.to(self.device)
 
     def scored_rows(self, sequences: dict, lm: Optional[nn.Module] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The student's (or ``lm``'s) last hidden states and logits at the scored positions only.
@@ -287,7 +306,9 @@ class DistillationModule(LightningModule):
 
     def reward_model_score(self, sequences: dict) -> torch.Tensor:
         """r_φ(x, y) of black-box PbKD's reward model for each sequence: ``(N,)``."""
-        ref = self.reference_logprobs(sequences) if isinstance(self.critic, ImplicitReward) else None
+        ref = None
+        if isinstance(self.critic, ImplicitReward):  # log π_ref from the model the reward model started as
+            ref = self.reference_logprobs(sequences, self.teacher if self.critic_from_teacher else None)
         return self.critic(
             sequences["input_ids"], sequences["attention_mask"], sequences["response_mask"], ref_logprobs=ref
         )
@@ -300,10 +321,11 @@ class DistillationModule(LightningModule):
         paired = self.needs_pairs  # {"student": ..., "critic": ...} batches; else one batch for both steps
         student_batch = batch["student"] if paired else batch
         if self.critic is not None:
-            critic_batch = batch["critic"] if paired else batch
-            self._optimizer_step(
-                "critic", optimizers[0], schedulers[0], self.critic, lambda: self.objective.critic_loss(self, critic_batch)
-            )
+            critic_batches = batch["critic"] if paired else batch
+            for critic_batch in critic_batches if isinstance(critic_batches, list) else [critic_batches]:
+                self._optimizer_step(
+                    "critic", optimizers[0], schedulers[0], self.critic, lambda: self.objective.critic_loss(self, critic_batch)
+                )
         if self.trainer.fit_loop.epoch_loop.total_batch_idx >= self.objective.critic_warmup_steps:
             self._optimizer_step(
                 "student", optimizers[-1], schedulers[-1], self.student, lambda: self.objective.student_loss(self, student_batch)
@@ -340,18 +362,20 @@ class DistillationModule(LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     def generate_responses(
-        self, records: list[dict], config: Optional[GenerationConfig] = None, num_samples: int = 1, model=None
+        self, records: list[dict], config: Optional[GenerationConfig] = None, num_samples: int = 1, model=None, tokenizer=None
     ) -> list[list[str]]:
-        """``num_samples`` responses per record from the current student or ``model`` (``val_generation`` unless told otherwise)."""
+        """``num_samples`` responses per record from the current student or ``model`` (``val_generation`` unless told
+        otherwise); ``tokenizer``: ``model``'s, when it is not the student's."""
         data = self.trainer.datamodule.hparams
         prompts = [r["prompt"] for r in records]
         config = config or self.val_generation
         model = model if model is not None else self.student
-        responses, _ = generate(model, self.tokenizer, prompts, config, num_samples, data.val_batch_size, data.max_prompt_tokens)
+        responses, _ = generate(model, tokenizer or self.tokenizer, prompts, config, num_samples, data.val_batch_size,
+                                data.max_prompt_tokens)
         return responses
 
-    def greedy_responses(self, records: list[dict], model=None) -> list[str]:
-        return [group[0] for group in self.generate_responses(records, model=model)]
+    def greedy_responses(self, records: list[dict], model=None, tokenizer=None) -> list[str]:
+        return [group[0] for group in self.generate_responses(records, model=model, tokenizer=tokenizer)]
 
     def evaluate(self, records: list[dict]) -> dict[str, float]:
         """Mean held-out score per task of the current student (greedy by default)."""
@@ -381,28 +405,43 @@ class DistillationModule(LightningModule):
     @torch.no_grad()
     def _update_heldout_preferences(self, records: list[dict], samples: list[list[str]]) -> None:
         """Does the reward model rank held-out (teacher, current student) pairs as the labeler does? Ties don't count.
+        And, where prompts have references, does it order a prompt's samples as the task's score does (what the
+        student's group advantages rely on)?
 
-        ``samples[i]`` are the K student samples for ``records[i]``; each teacher response is scored once.
+        ``samples[i]`` are the K student samples for ``records[i]``; each distinct text is scored once.
         """
         labeler = self.trainer.datamodule.hparams.labeler
         pairs = [(i, s, label_pair(labeler, r, r["teacher"], s)) for i, (r, group) in enumerate(zip(records, samples)) for s in group]
         pairs = [pair for pair in pairs if pair[2] != 0]
-        if not pairs:
+        rankings = [(i, better, worse) for i, (r, group) in enumerate(zip(records, samples)) if r.get("reference") is not None
+                    for better, worse in sample_pairs(r, group)]
+        if not pairs and not rankings:
             return
+        texts = sorted({(i, records[i]["teacher"]) for i, _, _ in pairs} | {(i, s.strip()) for i, s, _ in pairs}
+                       | {(i, s) for i, b, w in rankings for s in (b, w)})
         encoder = self.trainer.datamodule.encoder(self.critic_tokenizer)
-        scored = sorted({i for i, _, _ in pairs})
-        teacher = encoder.batch([records[i]["prompt"] for i in scored], [records[i]["teacher"] for i in scored])
-        teacher_reward = dict(zip(scored, self.reward({k: v.to(self.device) for k, v in teacher.items()})))
-        student = encoder.batch([records[i]["prompt"] for i, _, _ in pairs], [s for _, s, _ in pairs])
-        student_reward = self.reward({k: v.to(self.device) for k, v in student.items()})
-        margin = torch.stack([teacher_reward[i] for i, _, _ in pairs]) - student_reward
-        target = torch.tensor([label for _, _, label in pairs], device=self.device)
-        agreement = torch.sigmoid(margin * target)  # > 0.5 when the reward model ranks the pair as the labeler did
-        self.heldout_pref_acc.update(agreement, torch.ones_like(target))
-        tasks = [records[i].get("task", "text") for i, _, _ in pairs]
-        for task in set(tasks):
-            rows = torch.tensor([t == task for t in tasks], device=self.device)
-            self.task_pref_acc[task].update(agreement[rows], torch.ones_like(target[rows]))
+        scored = []
+        for begin in range(0, len(texts), self.trainer.datamodule.hparams.val_batch_size):
+            chunk = texts[begin : begin + self.trainer.datamodule.hparams.val_batch_size]
+            encoded = encoder.batch([records[i]["prompt"] for i, _ in chunk], [text for _, text in chunk])
+            scored.append(self.reward({k: v.to(self.device) for k, v in encoded.items()}))
+        reward = dict(zip(texts, torch.cat(scored)))
+        for metric, per_task, items in ((self.heldout_pref_acc, self.task_pref_acc, pairs), (self.heldout_rank_acc, None, rankings)):
+            if not items:
+                continue
+            if metric is self.heldout_pref_acc:
+                margin = torch.stack([reward[(i, records[i]["teacher"])] - reward[(i, s.strip())] for i, s, _ in items])
+                target = torch.tensor([label for _, _, label in items], device=self.device, dtype=margin.dtype)
+            else:
+                margin = torch.stack([reward[(i, b)] - reward[(i, w)] for i, b, w in items])
+                target = torch.ones_like(margin)
+            agreement = torch.sigmoid(margin * target)  # > 0.5 when the reward model ranks the pair as the labels do
+            metric.update(agreement, torch.ones_like(target))
+            if per_task is not None:
+                tasks = [records[i].get("task", "text") for i, _, _ in items]
+                for task in set(tasks):
+                    rows = torch.tensor([t == task for t in tasks], device=self.device)
+                    per_task[task].update(agreement[rows], torch.ones_like(target[rows]))
 
     def _computed(self, metric) -> Optional[torch.Tensor]:
         """The metric over all ranks, or None when no rank saw any data. Every rank must call this in the
@@ -421,9 +460,15 @@ class DistillationModule(LightningModule):
                 self.log(f"eval/{name}", value)
         accuracy = self._computed(self.heldout_pref_acc)
         per_task = {task: self._computed(metric) for task, metric in self.task_pref_acc.items()}
+        ranking = self._computed(self.heldout_rank_acc)
+        if ranking is not None:
+            self.log("critic/heldout_rank_acc", ranking)
         if accuracy is not None:
             self.log("critic/heldout_pref_acc", accuracy)
+            self.critic_heldout_acc = float(accuracy)
             history = {"epoch": self.current_epoch, "all": float(accuracy)}
+            if ranking is not None:
+                history["sample_ranking"] = float(ranking)
             for task, value in per_task.items():
                 if value is not None:
                     history[task] = float(value)
@@ -474,6 +519,10 @@ class DistillationModule(LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("reference.")]:
             del state[key]
+        checkpoint["critic_heldout_acc"] = self.critic_heldout_acc  # a resumed run trusts its critic as before
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.critic_heldout_acc = checkpoint.get("critic_heldout_acc")
 
 
 def _adamw(name: str):
@@ -511,4 +560,7 @@ def format_summary(summary: dict) -> str:
     history = summary.get("heldout_pref_acc_per_epoch", [])
     if history:
         lines.append("  per epoch: " + ", ".join(f"{h['all']:.3f}" for h in history))
+    ranking = [h["sample_ranking"] for h in history if "sample_ranking" in h]
+    if ranking:
+        lines.append(f"{'reward model orders held-out samples as the verifier':<42} " + ", ".join(f"{x:.3f}" for x in ranking))
     return "\n".join(lines)

@@ -12,9 +12,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import ROOT, run_cli, tiny_args, tiny_modules, tiny_trainer
 
 
-def scalars(root, folder="tensorboard"):
-    """Logged scalars of the run in ``root`` (``folder``: the CLI's ``tensorboard`` or Lightning's default)."""
-    [events] = glob.glob(os.path.join(root, folder, "version_*"))
+def scalars(root, folder="tensorboard", version=None):
+    """Logged scalars of the run in ``root`` (``folder``: the CLI's ``tensorboard`` or Lightning's default; ``version``:
+    which of several, e.g. a resumed run's)."""
+    [events] = glob.glob(os.path.join(root, folder, "version_*" if version is None else f"version_{version}"))
     accumulator = EventAccumulator(events)
     accumulator.Reload()
     return {tag: [e.value for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}

@@ -112,8 +112,16 @@ class CriticCollate:
     critic: Encoder
     teacher_cache: object | None = None
     """As in :class:`StudentCollate`."""
+    steps: int = 1
+    """Critic steps per student step: more than one gives a list of that many batches, each padded on its own."""
 
-    def __call__(self, items: list[dict]) -> dict:
+    def __call__(self, items: list[dict]) -> dict | list[dict]:
+        if self.steps > 1:
+            size = -(-len(items) // self.steps)
+            return [self.batch(items[begin : begin + size]) for begin in range(0, len(items), size)]
+        return self.batch(items)
+
+    def batch(self, items: list[dict]) -> dict:
         prompts = [i["prompt"] for i in items]
         batch = {
             "teacher": self.critic.batch(prompts, [i["teacher"] for i in items]),

@@ -8,10 +8,10 @@ import random
 from typing import Literal, Optional
 
 import torch
-from jsonargparse.typing import NonNegativeInt, PositiveInt
+from jsonargparse.typing import NonNegativeInt, OpenUnitInterval, PositiveInt
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
 from pbkd_lightning.config import plain
 from pbkd_lightning.data.collate import (
@@ -22,7 +22,7 @@ from pbkd_lightning.data.collate import (
     gather_response_logprobs,
 )
 from pbkd_lightning.data.generation import GenerationConfig
-from pbkd_lightning.data.labelers import label_pair
+from pbkd_lightning.data.labelers import label_pair, sample_pairs
 from pbkd_lightning.data.records import DataError, read_jsonl, read_prompts, write_jsonl_atomic
 from pbkd_lightning.data.teachers import TaskProgramTeacher, Teacher
 from pbkd_lightning.models.critic import response_token_logprobs
@@ -49,7 +49,8 @@ class PreferenceDataModule(LightningDataModule):
         train_file: Optional[str] = None,
         val_file: Optional[str] = None,
         teacher: Optional[Teacher] = None,
-        labeler: Literal["teacher", "verifier"] = "teacher",
+        labeler: Literal["teacher", "verifier", "both"] = "teacher",
+        sample_pairs: bool = False,
         samples_per_prompt: PositiveInt = 4,
         prompts_per_iteration: Optional[PositiveInt] = None,
         online: bool = False,
@@ -61,6 +62,7 @@ class PreferenceDataModule(LightningDataModule):
         max_prompt_tokens: PositiveInt = 96,
         truncation: Literal["truncate", "error"] = "truncate",
         buffer_iterations: Optional[PositiveInt] = None,
+        buffer_decay: float = 1.0,
         num_workers: NonNegativeInt = 0,
         teacher_cache: Optional[str] = None,
         teacher_cache_k: PositiveInt = 64,
@@ -74,7 +76,10 @@ class PreferenceDataModule(LightningDataModule):
             train_file: JSONL of ``{"prompt", "reference"?, "task"?}`` (or GSM8K's ``{"question", "answer"}``).
             val_file: held-out prompts in the same format; required with ``train_file``.
             teacher: who answers the prompts; default: the task program (``TaskProgramTeacher``).
-            labeler: ``teacher`` (teacher always preferred, as in the paper) or ``verifier`` (higher task score preferred).
+            labeler: ``teacher`` (teacher always preferred, as in the paper), ``verifier`` (higher task score
+                preferred, ties dropped) or ``both`` (the verifier, with its ties going to the teacher).
+            sample_pairs: black-box PbKD: also pair each prompt's samples with each other, the one the task
+                scores higher preferred (needs references): the rankings the student's advantages use.
             samples_per_prompt: K student samples per prompt.
             prompts_per_iteration: training prompts sampled per iteration (a new draw each online
                 iteration); None: all. The warm-up and SeqKD use every training prompt.
@@ -87,6 +92,7 @@ class PreferenceDataModule(LightningDataModule):
             max_prompt_tokens: longer prompts keep their last tokens (``truncate``) or stop the run (``error``).
             truncation: what to do with a prompt longer than ``max_prompt_tokens``.
             buffer_iterations: the critic trains on the pairs of the last this-many iterations; None: all.
+            buffer_decay: a pair made n iterations ago is drawn with weight ``buffer_decay ** n``, in (0, 1].
             num_workers: DataLoader workers.
             teacher_cache: white-box methods only: a folder for the teacher model's top-k log-probabilities on
                 the training teacher sequences. Written by the first fit that names it (resumable), then read
@@ -100,6 +106,8 @@ class PreferenceDataModule(LightningDataModule):
         # module's ``teacher`` is the white-box teacher model, a different thing.
         settings["response_teacher"] = settings.pop("teacher")
         self.save_hyperparameters(plain(settings))
+        if not 0 < buffer_decay <= 1:
+            raise ValueError(f"`data.buffer_decay` must be in (0, 1], got {buffer_decay}")
         if train_file is not None and val_file is None:
             raise ValueError("`data.val_file` is required with `data.train_file`: held-out prompts are never trained on")
         for task in tasks:
@@ -250,7 +258,9 @@ class PreferenceDataModule(LightningDataModule):
             module.student.train(was_training)
 
     def critic_pairs(self, upto_iteration: int) -> list[dict]:
-        """Teacher-vs-student pairs of the buffered iterations (identical texts carry no information and are left out)."""
+        """Teacher-vs-student pairs of the buffered iterations (identical texts carry no information and are left
+        out), and with ``sample_pairs`` the verifier's better-vs-worse pairs among each prompt's samples (the
+        better one in the ``teacher`` slot, ``row`` None). Each pair keeps the ``iteration`` that made it."""
         first = 0
         if self.hparams.buffer_iterations is not None:
             first = max(0, upto_iteration - self.hparams.buffer_iterations + 1)
@@ -261,7 +271,10 @@ class PreferenceDataModule(LightningDataModule):
                 for sample, preference in zip(group["samples"], group["preferences"]):
                     if sample.strip() != group["teacher"].strip():
                         pairs.append({"prompt": group["prompt"], "teacher": group["teacher"], "student": sample,
-                                      "preference": preference, "row": group.get("row")})
+                                      "preference": preference, "row": group.get("row"), "iteration": iteration})
+                if self.hparams.sample_pairs:
+                    pairs += [{"prompt": group["prompt"], "teacher": better, "student": worse, "preference": 1,
+                               "row": None, "iteration": iteration} for better, worse in sample_pairs(group, group["samples"])]
         return pairs
 
     # ------------------------------------------------------------------ loaders
@@ -295,18 +308,28 @@ class PreferenceDataModule(LightningDataModule):
         student_loader = self._loader(groups, self.hparams.batch_size, collate, True)
         if not module.needs_pairs:
             return student_loader
+        if self.hparams.sample_pairs and not module.objective.critic_takes_sample_pairs:
+            raise ValueError(f"`data.sample_pairs` is for black-box PbKD's reward model; {type(module.objective).__name__}'s "
+                             "critic reads the teacher's side of every pair as a teacher sequence")
         pairs = self.critic_pairs(iteration)
         self.stats["data/buffer_pairs"] = float(len(pairs))
-        self.stats["data/pairs_teacher_preferred"] = float(sum(p["preference"] > 0 for p in pairs))
+        self.stats["data/pairs_teacher_preferred"] = float(sum(p["preference"] > 0 and p["row"] is not None for p in pairs))
         if not pairs:
             raise DataError("no preference pair differs from its teacher response: nothing for the critic to learn")
-        # One critic batch per student batch, drawn from the whole buffer, so a step costs the same in every iteration.
-        sampler = RandomSampler(pairs, num_samples=len(student_loader) * self.hparams.critic_batch_size)
+        # `critic_steps` critic batches per student batch, drawn from the whole buffer, so a step costs the same in
+        # every iteration; older pairs drawn less often when `buffer_decay` < 1.
+        steps = module.objective.critic_steps
+        count = len(student_loader) * self.hparams.critic_batch_size * steps
+        if self.hparams.buffer_decay < 1:
+            weights = [self.hparams.buffer_decay ** (iteration - p["iteration"]) for p in pairs]
+            sampler = WeightedRandomSampler(weights, num_samples=count)
+        else:
+            sampler = RandomSampler(pairs, num_samples=count)
         critic_loader = DataLoader(
             pairs,
-            batch_size=self.hparams.critic_batch_size,
+            batch_size=self.hparams.critic_batch_size * steps,
             sampler=sampler,
-            collate_fn=CriticCollate(self.encoder(module.critic_tokenizer), self.teacher_cache),
+            collate_fn=CriticCollate(self.encoder(module.critic_tokenizer), self.teacher_cache, steps),
             num_workers=self.hparams.num_workers,
         )
         return {"student": student_loader, "critic": critic_loader}

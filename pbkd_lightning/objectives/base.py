@@ -20,6 +20,10 @@ class Objective:
     """The critic's :meth:`sequence_reward` ranks responses: held-out preference accuracy is measured."""
     critic_warmup_steps: int = 0
     """Training batches with a critic step only, before the first student step."""
+    critic_steps: int = 1
+    """Critic optimizer steps per training batch (each on its own batch of pairs)."""
+    critic_takes_sample_pairs: bool = False
+    """The critic can train on sample-vs-sample pairs (``data.sample_pairs``): it reads both sides as responses."""
     needs_teacher_logits: bool = False
     """White-box: the loss needs the teacher's token distributions (``model.teacher``)."""
 

@@ -1,7 +1,9 @@
 """Black-box PbKD: a reward model trained by ascent on the min-max Lagrangian, a student by clipped descent."""
 
+from typing import Literal
+
 import torch
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, OpenUnitInterval
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, OpenUnitInterval, PositiveInt
 
 from pbkd_lightning.config import check
 from pbkd_lightning.losses import (
@@ -20,11 +22,13 @@ class BlackBoxPbKD(Objective):
     Critic: minimise ``−(mean r(y_T) − mean r(y_S)) + β·BT + λ_r·mean(r²)``.
     Student: PPO-style clipped surrogate on K samples per prompt with the advantage
     ``r − mean of the prompt's K rewards`` (optionally divided by their std), plus
-    ``kl_coef · KL(π_θ ‖ π_ref)`` and ``nll_coef · NLL(y_T)``.
+    ``kl_coef · KL(π_θ ‖ π_ref)`` and ``nll_coef · NLL(y_T)``. The surrogate's weight is the critic's trust
+    (``critic_trust``), decided from its latest held-out preference accuracy.
     """
 
     needs_samples = True
     needs_critic = True
+    critic_takes_sample_pairs = True
 
     def __init__(
         self,
@@ -35,6 +39,9 @@ class BlackBoxPbKD(Objective):
         nll_coef: NonNegativeFloat = 1.0,
         normalize_advantages: bool = False,
         critic_warmup_steps: NonNegativeInt = 64,
+        critic_steps: PositiveInt = 1,
+        critic_trust: Literal["always", "gate", "scale"] = "always",
+        trust_threshold: OpenUnitInterval = 0.9,
     ):
         """
         Args:
@@ -45,17 +52,29 @@ class BlackBoxPbKD(Objective):
             nll_coef: weight α of the NLL anchor on the teacher's responses.
             normalize_advantages: divide advantages by the group's std (amplifies a noisy critic).
             critic_warmup_steps: training batches with a critic step only, before the student moves.
+            critic_steps: critic optimizer steps per training batch, each on its own batch of pairs.
+            critic_trust: how the surrogate is weighted by the reward model's latest held-out preference
+                accuracy ``a`` (measured at each validation; none yet counts as chance): ``always`` 1;
+                ``gate`` 1 when ``a ≥ trust_threshold``, else 0 (the step is then the NLL anchor alone);
+                ``scale`` ``clamp((a − 0.5) / (trust_threshold − 0.5), 0, 1)``.
+            trust_threshold: the accuracy at which the critic is fully trusted, in (0.5, 1).
         """
         for name in ("beta", "reward_l2", "kl_coef", "nll_coef"):
             check(name, NonNegativeFloat, locals()[name])
         check("clip_eps", OpenUnitInterval, clip_eps)
         check("critic_warmup_steps", NonNegativeInt, critic_warmup_steps)
+        check("critic_steps", PositiveInt, critic_steps)
+        if critic_trust not in ("always", "gate", "scale"):
+            raise ValueError(f"`critic_trust` must be 'always', 'gate' or 'scale', got {critic_trust!r}")
+        if not 0.5 < trust_threshold < 1:
+            raise ValueError(f"`trust_threshold` must be in (0.5, 1), got {trust_threshold}")
+        self.critic_steps, self.critic_trust, self.trust_threshold = int(critic_steps), critic_trust, float(trust_threshold)
         self.beta, self.reward_l2, self.clip_eps = float(beta), float(reward_l2), float(clip_eps)
         self.kl_coef, self.nll_coef = float(kl_coef), float(nll_coef)
         self.normalize_advantages, self.critic_warmup_steps = normalize_advantages, int(critic_warmup_steps)
 
     def uses_reference(self, module) -> bool:
-        return self.kl_coef > 0 or module.critic_config.kind == "implicit"
+        return self.kl_coef > 0 or (module.critic_config.kind == "implicit" and not module.critic_from_teacher)
 
     def critic_loss(self, module, batch: dict) -> dict:
         reward_teacher, reward_student = module.reward(batch["teacher"]), module.reward(batch["student"])
@@ -68,16 +87,30 @@ class BlackBoxPbKD(Objective):
         terms["pref_acc"] = agree.sum() / decided.sum().clamp(min=1)
         return terms
 
+    def trust(self, heldout_acc) -> float:
+        """The surrogate's weight given the critic's latest held-out preference accuracy (None: not measured yet)."""
+        if self.critic_trust == "always":
+            return 1.0
+        accuracy = 0.5 if heldout_acc is None else heldout_acc
+        if self.critic_trust == "gate":
+            return float(accuracy >= self.trust_threshold)
+        return min(1.0, max(0.0, (accuracy - 0.5) / (self.trust_threshold - 0.5)))
+
     def student_loss(self, module, batch: dict) -> dict:
         samples = batch["samples"]
         mask = samples["response_mask"][:, 1:]
-        with torch.no_grad():
-            rewards = module.reward(batch.get("critic_samples", samples))
-            advantages = group_advantages(rewards, batch["group_size"], self.normalize_advantages)
-        logprobs = module.student_logprobs(samples)
-        pg_loss, clip_frac = clipped_surrogate(logprobs, samples["old_logprobs"], advantages, mask, self.clip_eps)
-        loss = pg_loss
-        terms = {"pg_loss": pg_loss.detach(), "clip_frac": clip_frac, "reward_mean": rewards.mean()}
+        trust = self.trust(module.critic_heldout_acc)
+        terms = {"critic_trust": torch.tensor(trust)}
+        # An untrusted critic costs no reward or policy forward pass, unless the KL term (or nothing else) needs it.
+        logprobs = module.student_logprobs(samples) if trust > 0 or self.kl_coef > 0 or self.nll_coef == 0 else None
+        loss = logprobs.sum() * 0.0 if logprobs is not None else 0.0
+        if trust > 0:
+            with torch.no_grad():
+                rewards = module.reward(batch.get("critic_samples", samples))
+                advantages = group_advantages(rewards, batch["group_size"], self.normalize_advantages)
+            pg_loss, clip_frac = clipped_surrogate(logprobs, samples["old_logprobs"], advantages, mask, self.clip_eps)
+            loss = loss + trust * pg_loss
+            terms.update(pg_loss=pg_loss.detach(), clip_frac=clip_frac, reward_mean=rewards.mean())
         if self.kl_coef > 0:
             kl = kl_to_reference(logprobs, module.reference_logprobs(samples), mask)
             loss = loss + self.kl_coef * kl

@@ -44,6 +44,17 @@ METHODS = [  # (name, config, extra arguments)
     ("X-KD, divergence-based", "configs/xkd.yaml", ["--model.objective.kd=generalized_jsd"]),
 ]
 
+# Black-box PbKD variants against SeqKD from the same warmed-up student (issue 8; docs/pbkd-quality.md).
+# Each runs configs/blackbox.yaml (the recommended defaults) with these overrides, over the size's seeds.
+PBKD_VARIANTS = [
+    ("paper: scalar head (last token), teacher labels, 1 critic step", ["--model.critic.kind=scalar", "--model.objective.critic_steps=1",
+                                                                         "--data.sample_pairs=false", "--model.objective.critic_trust=always"]),
+    ("implicit reward, 1 critic step", ["--model.objective.critic_steps=1", "--data.sample_pairs=false", "--model.objective.critic_trust=always"]),
+    ("implicit, 4 critic steps, sample pairs, no gate", ["--model.objective.critic_steps=4", "--data.sample_pairs=true", "--model.objective.critic_trust=always"]),
+    ("recommended (configs/blackbox.yaml)", []),
+    ("recommended, online (one iteration per epoch)", ["--config", "configs/online.yaml"]),
+]
+
 SIZES = {
     # Toy size: every table and plot, in minutes.
     "quick": dict(seeds=[0, 1], epochs=1, online=[1, 2], betas=[0.1, 10.0], steps=4, overrides=[
@@ -53,12 +64,15 @@ SIZES = {
         "--data.batch_size=4", "--data.critic_batch_size=8", "--data.generation.max_new_tokens=12",
         "--model.val_generation.max_new_tokens=12", "--model.objective.critic_warmup_steps=0",
     ], divergence=dict(batch=2, tokens=64, vocabs=[4096, 16384]),
-        scaling=dict(batch=2, tokens=[32, 64, 128], vocab=4096, vocabs=[1024, 4096, 16384], at_tokens=64)),
+        scaling=dict(batch=2, tokens=[32, 64, 128], vocab=4096, vocabs=[1024, 4096, 16384], at_tokens=64),
+        pbkd=dict(epochs=1, variants=[0, 3], overrides=[])),
     # The default models (2x128 student, 4x192 teacher) on half the default's prompts, 2 epochs a run.
     "full": dict(seeds=[0, 1, 2], epochs=2, online=[1, 3, 5], betas=[0.1, 10.0], steps=20, overrides=[
         "--data.train_size=128", "--data.val_size=32", "--model.objective.critic_warmup_steps=16",
     ], divergence=dict(batch=4, tokens=512, vocabs=[32000, 151936]),
-        scaling=dict(batch=4, tokens=[128, 256, 512, 1024], vocab=32000, vocabs=[8192, 32000, 65536, 151936], at_tokens=512)),
+        scaling=dict(batch=4, tokens=[128, 256, 512, 1024], vocab=32000, vocabs=[8192, 32000, 65536, 151936], at_tokens=512),
+        # 4 epochs (online: 3 iterations) and 128 held-out prompts per task: a 3-point gap is ~8 prompts, not 2
+        pbkd=dict(epochs=4, variants=list(range(len(PBKD_VARIANTS))), overrides=["--data.val_size=128"])),
 }
 def _applies(override: str, config: str, extra: list[str]) -> bool:
     """Not every config has every key: an override the method's config lacks is dropped for it."""
@@ -199,6 +213,46 @@ def _ablation_row(run: dict) -> dict:
     summary = run["summary"]
     return {"mean": summary["student_final"]["mean"], "reward_acc": [h["all"] for h in summary.get("heldout_pref_acc_per_epoch", [])],
             "curve": run["curve"], "seconds": run["seconds"]}
+
+
+# ------------------------------------------------------------------------------------------ PbKD vs SeqKD
+def pbkd_quality(size: dict, runs_dir: str, progress) -> dict:
+    """Issue 8's table: black-box PbKD variants and SeqKD from the same warmed-up student, over the size's seeds;
+    SeqKD twice: for the same epochs, and for the same wall-clock time as the best PbKD row (``trainer.max_time``)."""
+    p = size["pbkd"]
+    sized = dict(size, overrides=size["overrides"] + p["overrides"])
+
+    def runs(label: str, config: str, extra: list[str], epochs: int = p["epochs"]) -> dict:
+        results = []
+        for seed in size["seeds"]:
+            progress.set_postfix_str(f"PbKD table: {label}, seed {seed}")
+            variant = dict(sized, overrides=sized["overrides"] + [e for e in extra if e.startswith("--model.") or e.startswith("--trainer.")
+                                                                  or e.startswith("--data.")])
+            results.append(fit(config, extra, os.path.join(runs_dir, "pbkd", _slug(label), f"seed{seed}"), seed, variant, epochs))
+            progress.update(1)
+        row = _aggregate(results)
+        history = [r["summary"].get("heldout_pref_acc_per_epoch", []) for r in results]
+        epochs = min(map(len, history))
+        for key, name in (("all", "reward_acc_per_epoch"), ("sample_ranking", "ranking_acc_per_epoch")):
+            if epochs and all(key in h[i] for h in history for i in range(epochs)):
+                row[name] = [_mean_std([h[i][key] for h in history]) for i in range(epochs)]
+        return row
+
+    rows = {"SeqKD, same epochs": runs("SeqKD, same epochs", "configs/baselines/seqkd.yaml", [])}
+    for index in p["variants"]:
+        label, extra = PBKD_VARIANTS[index]
+        rows[label] = runs(label, "configs/blackbox.yaml", extra)
+    best = max((label for label in rows if label != "SeqKD, same epochs"), key=lambda label: rows[label]["tasks"]["mean"][0])
+    budget = int(rows[best]["seconds"][0])
+    label = f"SeqKD, same wall-clock as the best PbKD row ({budget} s)"
+    rows[label] = runs(label, "configs/baselines/seqkd.yaml",
+                       [f"--trainer.max_time=00:00:{budget // 60:02d}:{budget % 60:02d}"], epochs=10 * p["epochs"])
+    return {"rows": rows, "best": best, "epochs": p["epochs"], "overrides": p["overrides"],
+            "variants": [PBKD_VARIANTS[i][0] for i in p["variants"]]}
+
+
+def _per_epoch(pairs) -> str:
+    return ", ".join(f"{m:.2f}" for m, _ in pairs) if pairs else "–"
 
 
 # ------------------------------------------------------------------------------------------ speed
@@ -369,11 +423,18 @@ def report(results: dict, mode: str) -> str:
     q, m = results["quality"], results["machine"]
     tasks = [t for t in next(iter(q.values()))["tasks"]]
     lines = [f"# Benchmark results ({mode})", "",
-             f"Written by `{results['command']}`, started {m['date']}; every figure below comes from that run "
-             "(also in `results.json` next to this file).", "",
+             f"Written by `{results['command']}`, started {m['date']}; every figure below comes from "
+             + ("that run" if "--sections" not in results["command"] else "the run its section names below")
+             + " (also in `results.json` next to this file).", "",
              f"Machine: {m['platform']}, {m['processor']}, {m['cpus']} CPUs, {m['memory_gib']} GiB. "
              f"Python {m['python']}, torch {m['torch']}, lightning {m['lightning']}, transformers {m['transformers']}. "
-             f"Commit {m['commit']}. Total wall time {results['seconds'] / 60:.1f} min.", "",
+             f"Commit {m['commit']}. Total wall time {results['seconds'] / 60:.1f} min.", ""]
+    runs = results.get("sections", {})
+    if len({(v["date"], v["commit"]) for v in runs.values()}) > 1:  # `--sections` re-ran part of the suite
+        lines += ["Not every section comes from the same run; each from (same machine and command):", ""]
+        lines += [f"- {name}: started {v['date']}, commit {v['commit']}" for name, v in runs.items()]
+        lines += [""]
+    lines += [
              "## Quality", "",
              f"Held-out scores after {results['size']['epochs']} epoch(s) from the same warmed-up student, mean ± std over "
              f"seeds {results['size']['seeds']} (seed of the run and of the student's initialisation; same data and teacher). "
@@ -406,6 +467,7 @@ def report(results: dict, mode: str) -> str:
     accs = [x for row in a["online"].values() for x in row["reward_acc"]]
     if accs:
         lines.append(f"\nReward model at or above 90% in {sum(x >= 0.9 for x in accs)} of {len(accs)} epochs/iterations above (the goal is all).")
+    lines += _pbkd_report(results)
     lines += ["", "Diversity against score (quality table, same runs):", "", "| method | held-out mean | distinct-2 | self-BLEU |", "|---|---|---|---|"]
     for name in ("X-KD, sequence-level", "X-KD, divergence-based", "GKD", "SeqKD"):
         row = q[name]
@@ -438,10 +500,41 @@ def report(results: dict, mode: str) -> str:
                          f"{row['naive']['peak_extra_mb']:.0f} | {row['chunked']['peak_extra_mb']:.0f} |")
     lines += ["", "## GPU", "", results["gpu"]["note"] + ".", "", "## Exact commands", "",
               f"`{results['command']}`; each fit is `python -m pbkd_lightning fit` with the method's config and:", ""]
-    for name, row in q.items():
+    for name, row in list(q.items()) + [(f"PbKD table: {label}", row) for label, row in results["pbkd"]["rows"].items()]:
         lines.append(f"- {name}: `{' '.join(a for a in row['args'] if 'cache_dir' not in a and 'default_root_dir' not in a)}`")
-    lines += ["", "Plots: `plots/learning_curves.png`, `plots/quality.png`, `plots/ablations.png`, `plots/scaling.png`.", ""]
+    lines += ["", "Plots: `plots/learning_curves.png`, `plots/quality.png`, `plots/ablations.png`, `plots/pbkd.png`, `plots/scaling.png`.", ""]
     return "\n".join(lines)
+
+
+def _pbkd_report(results: dict) -> list[str]:
+    """Issue 8's table: every black-box PbKD variant against SeqKD from the same checkpoint (docs/pbkd-quality.md)."""
+    t = results["pbkd"]
+    rows, seqkd = t["rows"], t["rows"]["SeqKD, same epochs"]
+    tasks = [k for k in seqkd["tasks"] if k != "mean"]
+    overrides = " ".join(t["overrides"])
+    lines = ["", "## Black-box PbKD against SeqKD (issue 8)", "",
+             f"From the same warmed-up student as every method, {t['epochs']} epoch(s) (online: one iteration per epoch), "
+             f"overrides `{overrides}` on top of the quality section's; mean ± std over seeds {results['size']['seeds']}. "
+             "Reward model: held-out preference accuracy (teacher vs the current student's samples, as the labeler decides) "
+             "and ranking accuracy (does it order a held-out prompt's samples as the task's verifier does: what the "
+             "student's group advantages rely on), each the mean over seeds at each epoch's end. Variants: "
+             "`configs/blackbox.yaml` plus the overrides listed under Exact commands.", "",
+             "| variant | " + " | ".join(tasks) + " | mean | Δ vs SeqKD | reward model pref. acc per epoch | ranking acc per epoch | wall s |",
+             "|---" * (len(tasks) + 6) + "|"]
+    for label, row in rows.items():
+        delta = row["tasks"]["mean"][0] - seqkd["tasks"]["mean"][0]
+        lines.append(f"| {label} | " + " | ".join(_pm(row["tasks"][k]) for k in tasks) + f" | {_pm(row['tasks']['mean'])} | "
+                     f"{delta:+.3f} | {_per_epoch(row.get('reward_acc_per_epoch'))} | {_per_epoch(row.get('ranking_acc_per_epoch'))} | "
+                     f"{row['seconds'][0]:.0f} |")
+    best = rows[t["best"]]
+    budget = next(label for label in rows if label.startswith("SeqKD, same wall-clock"))
+    accs = [m for m, _ in best.get("reward_acc_per_epoch", [])]
+    gap = best["tasks"]["mean"][0] - max(seqkd["tasks"]["mean"][0], rows[budget]["tasks"]["mean"][0])
+    met = gap >= 0.03 and accs and min(accs) >= 0.9
+    lines += ["", f"Best PbKD row: **{t['best']}**, {gap * 100:+.1f} points over the better SeqKD row; its reward model's "
+              f"held-out accuracy {', '.join(f'{a:.2f}' for a in accs) or '–'} per epoch. Goal (≥ SeqKD + 3 points with the "
+              f"reward model ≥ 0.90 at every epoch): **{'met' if met else 'not met'}** — see docs/pbkd-quality.md."]
+    return lines
 
 
 def plots(results: dict, folder: str) -> None:
@@ -484,6 +577,23 @@ def plots(results: dict, folder: str) -> None:
     fig.savefig(os.path.join(folder, "ablations.png"), dpi=100)
     plt.close(fig)
 
+    rows = results["pbkd"]["rows"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels = list(rows)
+    left.barh(range(len(labels)), [rows[n]["tasks"]["mean"][0] for n in labels], xerr=[rows[n]["tasks"]["mean"][1] for n in labels], capsize=3)
+    left.set_yticks(range(len(labels)), labels, fontsize=6)
+    left.axvline(rows["SeqKD, same epochs"]["tasks"]["mean"][0], ls="--", c="grey")
+    left.set(xlabel="held-out mean score", title="PbKD variants vs SeqKD")
+    for label, row in rows.items():
+        if row.get("reward_acc_per_epoch"):
+            right.plot(range(len(row["reward_acc_per_epoch"])), [m for m, _ in row["reward_acc_per_epoch"]], marker="o", label=label)
+    right.axhline(0.9, ls="--", c="grey")
+    right.set(xlabel="epoch / iteration", ylabel="reward model held-out pref. accuracy", title="Reward model quality")
+    right.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "pbkd.png"), dpi=100)
+    plt.close(fig)
+
     sc = results["scaling"]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for column, axis in enumerate(("tokens", "vocab")):
@@ -500,30 +610,58 @@ def plots(results: dict, folder: str) -> None:
     plt.close(fig)
 
 
+SECTIONS = ("quality", "ablations", "pbkd", "speed", "scaling")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="toy sizes: the same tables in minutes")
     parser.add_argument("--out", default=OUT, help="folder for RESULTS.md, the JSON and plots/")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)} to re-run; the others are kept from the "
+                             "results.json already in --out, and RESULTS.md says which run each section comes from")
     args = parser.parse_args(argv)
     os.chdir(ROOT)  # configs are named relative to the repository root
     mode = "quick" if args.quick else "full"
     size = SIZES[mode]
+    sections = [name for name in args.sections.split(",") if name]
+    if unknown := set(sections) - set(SECTIONS):
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
+    previous = _previous_results(args.out, mode) if set(sections) != set(SECTIONS) else None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric", "pbkd_lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)  # the runs' own logs would bury the progress bar
     torch.set_num_threads(2)
     runs_dir = os.path.join(ROOT, "runs", f"bench-{mode}")
-    total = len(METHODS) * len(size["seeds"]) + 1 + len(size["online"]) + len(size["betas"]) + len(SPEED_METHODS) \
-        + len(size["scaling"]["tokens"]) + len(size["scaling"]["vocabs"])
+    counts = {"quality": len(METHODS) * len(size["seeds"]), "ablations": 1 + len(size["online"]) + len(size["betas"]),
+              "pbkd": (len(size["pbkd"]["variants"]) + 2) * len(size["seeds"]), "speed": len(SPEED_METHODS),
+              "scaling": len(size["scaling"]["tokens"]) + len(size["scaling"]["vocabs"])}
     start = time.perf_counter()
-    results = {"mode": mode, "size": {k: v for k, v in size.items() if k != "overrides"}, "overrides": size["overrides"],
+    results = {"mode": mode, "size": {k: v for k, v in size.items() if k not in ("overrides", "pbkd")}, "overrides": size["overrides"],
                "command": "make bench-quick" if args.quick else "make bench", "machine": machine()}  # commit as it starts
-    with tqdm(total=total, desc=f"bench ({mode})", unit="run", dynamic_ncols=True) as progress:
-        results["quality"] = quality(size, runs_dir, progress)
-        results["ablations"] = ablations(size, runs_dir, progress)
-        results["speed"] = {"steps": step_speed(size, runs_dir, progress), "sampling": sampling_speed(size),
-                            "divergence": divergence_speed(size)}
-        results["scaling"] = scaling(size, progress)
+    if previous:
+        results["command"] = f"python -m benchmarks.run{' --quick' if args.quick else ''} --sections {','.join(sections)}"
+    provenance = dict(previous["sections"]) if previous else {}
+    with tqdm(total=sum(counts[name] for name in sections), desc=f"bench ({mode})", unit="run", dynamic_ncols=True) as progress:
+        for name in SECTIONS:
+            if name not in sections:
+                results[name] = previous[name]
+                continue
+            began = time.perf_counter()
+            if name == "quality":
+                results[name] = quality(size, runs_dir, progress)
+            elif name == "ablations":
+                results[name] = ablations(size, runs_dir, progress)
+            elif name == "pbkd":
+                results[name] = pbkd_quality(size, runs_dir, progress)
+            elif name == "speed":
+                results[name] = {"steps": step_speed(size, runs_dir, progress), "sampling": sampling_speed(size),
+                                 "divergence": divergence_speed(size)}
+            else:
+                results[name] = scaling(size, progress)
+            provenance[name] = {"date": results["machine"]["date"], "commit": results["machine"]["commit"],
+                                "minutes": (time.perf_counter() - began) / 60}
+    results["sections"] = provenance
     results["gpu"] = gpu_section()
     results["seconds"] = time.perf_counter() - start
     os.makedirs(args.out, exist_ok=True)
@@ -534,6 +672,22 @@ def main(argv=None) -> None:
     with open(os.path.join(args.out, "RESULTS.md"), "w") as handle:
         handle.write(text)
     print(text)
+
+
+def _previous_results(folder: str, mode: str) -> dict:
+    """The results.json that sections not re-run are kept from (each section with the run it came from)."""
+    path = os.path.join(folder, "results.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"--sections re-runs part of the suite, but there is no {path} to keep the rest from")
+    with open(path) as handle:
+        previous = json.load(handle)
+    if previous.get("mode") != mode:
+        raise SystemExit(f"{path} is from a {previous.get('mode')} run, not {mode}: re-run every section")
+    if "sections" not in previous:  # written before sections were recorded: one run made all of them
+        machine = previous["machine"]
+        previous["sections"] = {name: {"date": machine["date"], "commit": machine["commit"], "minutes": None}
+                                for name in SECTIONS if name in previous}
+    return previous
 
 
 if __name__ == "__main__":

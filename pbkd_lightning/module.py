@@ -11,6 +11,7 @@ import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 from torchmetrics import MeanMetric
@@ -28,6 +29,7 @@ from pbkd_lightning.data.teacher_cache import TeacherCache, cache_fingerprint, c
 from pbkd_lightning.models.loading import ModelSpec, load_causal_lm, save_student, shared_vocabulary_size, weights_key
 from pbkd_lightning.models.teacher import TeacherModel, load_teacher, teacher_vocabulary
 from pbkd_lightning.objectives.base import Objective
+from pbkd_lightning.parallel import full_state_dict, is_sharded, same_count_on_every_rank, shard
 from pbkd_lightning.warmup import WarmupConfig, warm_start
 
 
@@ -183,6 +185,22 @@ class DistillationModule(LightningModule):
         self.heldout_rank_acc = BinaryAccuracy()
         self.task_pref_acc = nn.ModuleDict({t: BinaryAccuracy() for t in tasks})
 
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (FSDP2, ``configs/strategy/fsdp.yaml``): shard student, critic and
+        reference per transformer block over the data-parallel mesh. Other strategies: nothing to do."""
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy) or self.student is None:
+            return
+        if not self.objective.supports_sharding:
+            raise ValueError(f"{type(self.objective).__name__} does not run under FSDP (ModelParallelStrategy) yet; "
+                             "use configs/strategy/ddp.yaml")
+        if hasattr(self.student, "peft_config"):
+            raise ValueError("a LoRA student under FSDP (ModelParallelStrategy) is not supported yet; use DDP, "
+                             "which LoRA's small trainable state suits anyway")
+        mesh = self.device_mesh["data_parallel"]
+        for model in (self.student, self.critic, self.reference):
+            if model is not None:
+                shard(model, mesh)
+
     @property
     def teacher(self) -> Optional[nn.Module]:
         return self._frozen.get("teacher")
@@ -238,7 +256,7 @@ class DistillationModule(LightningModule):
         groups = [(self.student, self.student_optimizer_config)]
         if self.critic is not None:
             groups.insert(0, (self.critic, self.critic_optimizer_config))
-        total = max(1, int(self.trainer.estimated_stepping_batches))  # one step per optimizer per batch
+        total = self._training_batches()  # one step per optimizer per batch
         for model, config in groups:
             steps = total * (self.objective.critic_steps if model is self.critic else 1)
             params = [p for p in model.parameters() if p.requires_grad]
@@ -247,6 +265,20 @@ class DistillationModule(LightningModule):
             optimizers.append(optimizer)
             schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, steps)))
         return optimizers, schedulers
+
+    def _training_batches(self) -> int:
+        """Training batches in the whole fit, counted without building the training data: under FSDP the
+        optimizers are set up before a checkpoint is restored, and the data module must not sample (or clear its
+        buffer) before it knows whether the run resumes."""
+        trainer, data = self.trainer, self.trainer.datamodule
+        if not hasattr(data, "batches_per_epoch"):
+            return max(1, int(trainer.estimated_stepping_batches))
+        per_epoch = data.batches_per_epoch(self.needs_samples, trainer.world_size)
+        limit = trainer.limit_train_batches
+        per_epoch = min(per_epoch, limit) if isinstance(limit, int) else int(per_epoch * limit)
+        epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else 1000
+        total = per_epoch * epochs
+        return max(1, min(total, trainer.max_steps) if trainer.max_steps != -1 else total)
 
     # ------------------------------------------------------------------ scoring helpers used by objectives
     def student_logprobs(self, sequences: dict) -> torch.Tensor:
@@ -271,10 +303,20 @@ class DistillationModule(LightningModule):
             ``(hidden (R, H), logits (R, V))``, logits cropped to the vocabulary shared with the teacher.
         """
         lm = lm if lm is not None else self.student
-        hidden = lm.get_decoder()(input_ids=sequences["input_ids"], attention_mask=sequences["attention_mask"]).last_hidden_state
-        hidden = hidden[:, :-1][scored_positions(sequences)]
-        logits = lm.get_output_embeddings()(hidden)
-        return hidden, logits[:, : self.vocabulary] if self.vocabulary else logits
+        positions, kept = scored_positions(sequences), {}
+
+        def project_scored_rows_only(head, args):
+            kept["hidden"] = args[0][:, :-1][positions]
+            return (kept["hidden"],)
+
+        # The model's own forward with its head fed the scored rows alone: under FSDP2 the root's hooks gather the
+        # (tied) embedding for the head, which calling decoder and head separately would bypass.
+        hook = lm.get_output_embeddings().register_forward_pre_hook(project_scored_rows_only)
+        try:
+            logits = lm(input_ids=sequences["input_ids"], attention_mask=sequences["attention_mask"], use_cache=False).logits
+        finally:
+            hook.remove()
+        return kept["hidden"], logits[:, : self.vocabulary] if self.vocabulary else logits
 
     @torch.no_grad()
     def teacher_rows(self, sequences: dict):
@@ -415,16 +457,25 @@ class DistillationModule(LightningModule):
         pairs = [pair for pair in pairs if pair[2] != 0]
         rankings = [(i, better, worse) for i, (r, group) in enumerate(zip(records, samples)) if r.get("reference") is not None
                     for better, worse in sample_pairs(r, group)]
-        if not pairs and not rankings:
+        sharded = is_sharded(self.critic)
+        if not pairs and not rankings and not sharded:
             return
         texts = sorted({(i, records[i]["teacher"]) for i, _, _ in pairs} | {(i, s.strip()) for i, s, _ in pairs}
                        | {(i, s) for i, b, w in rankings for s in (b, w)})
         encoder = self.trainer.datamodule.encoder(self.critic_tokenizer)
+        size = self.trainer.datamodule.hparams.val_batch_size
+        chunks = -(-len(texts) // size)
+        # A sharded critic gathers its parameters in each forward: every rank scores as many chunks.
+        total = same_count_on_every_rank(chunks, self.device) if sharded else chunks
         scored = []
-        for begin in range(0, len(texts), self.trainer.datamodule.hparams.val_batch_size):
-            chunk = texts[begin : begin + self.trainer.datamodule.hparams.val_batch_size]
+        for index in range(total):
+            chunk = texts[index * size : (index + 1) * size] if index < chunks else [(0, records[0]["teacher"])]
             encoded = encoder.batch([records[i]["prompt"] for i, _ in chunk], [text for _, text in chunk])
-            scored.append(self.reward({k: v.to(self.device) for k, v in encoded.items()}))
+            rewards = self.reward({k: v.to(self.device) for k, v in encoded.items()})
+            if index < chunks:
+                scored.append(rewards)
+        if not texts:
+            return
         reward = dict(zip(texts, torch.cat(scored)))
         for metric, per_task, items in ((self.heldout_pref_acc, self.task_pref_acc, pairs), (self.heldout_rank_acc, None, rankings)):
             if not items:
@@ -503,22 +554,31 @@ class DistillationModule(LightningModule):
             self.summary["reward_model_heldout_pref_acc"] = float(metrics["critic/heldout_pref_acc"])
         self.summary["objective"] = repr(self.objective)
         self.summary["nonfinite_skips"] = dict(self.nonfinite_skips)
-        self._write_summary()
+        # A sharded student is gathered whole (every rank takes part) before rank 0 writes it.
+        state = full_state_dict(self.student) if self.hparams.save_student and is_sharded(self.student) else None
+        self._write_summary(state)
 
     @rank_zero_only
-    def _write_summary(self) -> None:
+    def _write_summary(self, student_state: Optional[dict] = None) -> None:
         root = self.trainer.default_root_dir
         os.makedirs(root, exist_ok=True)
         with open(os.path.join(root, "summary.json"), "w") as handle:
             json.dump(self.summary, handle, indent=2)
         if self.hparams.save_student:
-            save_student(self.student, self.tokenizer, os.path.join(root, "student"))
+            student = self.student
+            if student_state is not None:  # an unsharded copy of the student's class, for a plain Hugging Face folder
+                student = AutoModelForCausalLM.from_config(self.student.config)
+                student.load_state_dict(student_state)
+            save_student(student, self.tokenizer, os.path.join(root, "student"))
         rank_zero_info(format_summary(self.summary) + f"\nsummary written to {os.path.join(root, 'summary.json')}")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("reference.")]:
-            del state[key]
+        # The frozen reference is rebuilt from the student in setup. A sharded checkpoint keeps it: its loader
+        # reads every key the module has.
+        if not is_sharded(self.student):
+            for key in [k for k in state if k.startswith("reference.")]:
+                del state[key]
         checkpoint["critic_heldout_acc"] = self.critic_heldout_acc  # a resumed run trusts its critic as before
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -55,6 +55,33 @@ def warm_start(
     the embedded teacher's training).
     """
     folder = sft_folder(config, seed, key_parts, role)
+    cached = _load_cached(student, folder, role)
+    if cached is not None:
+        return cached
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_rank() != 0:
+        # Rank 0 trains and writes the one copy (transformers saves on the main process only); the others load it.
+        torch.distributed.barrier()
+        cached = _load_cached(student, folder, role)
+        if cached is None:
+            raise RuntimeError(f"rank 0 did not leave a trained {role} in {folder}")
+        return cached
+    _train(student, encoder, records, config, seed, role)
+    os.makedirs(config.cache_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=config.cache_dir, prefix=".tmp-")
+    student.save_pretrained(staging)
+    if any(os.path.isfile(os.path.join(folder, name)) for name in ("config.json", "adapter_config.json")):
+        shutil.rmtree(staging)  # another process finished first; keep theirs
+    else:
+        shutil.rmtree(folder, ignore_errors=True)  # an unfinished folder (a crashed run) is not a cache
+        os.replace(staging, folder)
+    if distributed:
+        torch.distributed.barrier()
+    return student
+
+
+def _load_cached(student, folder: str, role: str):
+    """The cached model (a LoRA student: its adapter loaded into ``student``), or None."""
     if os.path.isfile(os.path.join(folder, "adapter_config.json")):  # a LoRA student: its adapter was trained
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -65,6 +92,10 @@ def warm_start(
     if os.path.isfile(os.path.join(folder, "config.json")):
         rank_zero_info(f"warm-up: reusing the cached {role} in {folder}")
         return AutoModelForCausalLM.from_pretrained(folder, dtype=next(student.parameters()).dtype)
+    return None
+
+
+def _train(student, encoder: Encoder, records: list[dict], config: WarmupConfig, seed: int, role: str) -> None:
     device = next(student.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr, weight_decay=0.0)
@@ -87,11 +118,3 @@ def warm_start(
         optimizer.step()
         schedule.step()
         progress.set_postfix(nll=f"{loss.item():.3f}", refresh=False)
-    os.makedirs(config.cache_dir, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=config.cache_dir, prefix=".tmp-")
-    student.save_pretrained(staging)
-    if os.path.isdir(folder):  # another process finished first; keep theirs
-        shutil.rmtree(staging)
-    else:
-        os.replace(staging, folder)
-    return student

@@ -22,7 +22,7 @@ def check_bench_output(folder):
     """RESULTS.md, results.json and the plots exist, and every table figure is the JSON's."""
     text = (folder / "RESULTS.md").read_text()
     figures = json.loads((folder / "results.json").read_text())
-    for plot in ("learning_curves", "quality", "ablations", "scaling"):
+    for plot in ("learning_curves", "quality", "ablations", "pbkd", "scaling"):
         assert (folder / "plots" / f"{plot}.png").stat().st_size > 1000
     lines = [line for line in text.splitlines() if line.startswith("| ")]
 
@@ -34,6 +34,13 @@ def check_bench_output(folder):
         mean, std = row["tasks"]["mean"]
         assert f"{mean:.3f} ± {std:.3f}" in row_of(name, lambda line: "±" in line and line.count("|") > 6)
         assert len(row["curve"]) == figures["size"]["epochs"] + 1
+    pbkd = figures["pbkd"]
+    seqkd = pbkd["rows"]["SeqKD, same epochs"]["tasks"]["mean"][0]
+    assert list(pbkd["rows"])[1:-1] == pbkd["variants"] and len(pbkd["rows"]) == len(pbkd["variants"]) + 2
+    for label, row in pbkd["rows"].items():  # issue 8's table: each row's mean, its difference to SeqKD, its wall time
+        mean, std = row["tasks"]["mean"]
+        assert f"| {label} | " in text and f"| {mean:.3f} ± {std:.3f} | {mean - seqkd:+.3f} |" in row_of(label, lambda line: True)
+    assert f"Best PbKD row: **{pbkd['best']}**" in text
     for name, row in figures["speed"]["steps"].items():  # library, baseline and their ratio from one run
         assert row["ratio"] == row["library_steps_per_s"] / row["manual_steps_per_s"]
         expected = f"| {name} | {row['library_steps_per_s']:.2f} | {row['manual_steps_per_s']:.2f} | {row['ratio']:.2f} |"

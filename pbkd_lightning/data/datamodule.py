@@ -8,7 +8,7 @@ import random
 from typing import Literal, Optional
 
 import torch
-from jsonargparse.typing import NonNegativeInt, OpenUnitInterval, PositiveInt
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
@@ -201,10 +201,12 @@ class PreferenceDataModule(LightningDataModule):
         # Each rank samples every world-th prompt; the pieces are gathered so every rank holds the whole
         # iteration (and rank 0 stores each group once).
         world, rank = self.trainer.world_size, self.trainer.global_rank
-        mine, stats = module.objective.sample(
-            module, [r["prompt"] for r in records[rank::world]], h.samples_per_prompt, self.generation,
-            h.generation_batch_size, h.max_prompt_tokens,
-        )
+        prompts = [r["prompt"] for r in records[rank::world]]
+        share = -(-len(records) // world)  # every rank samples as many prompts (a sharded student decodes in step)
+        padded = prompts + [records[0]["prompt"]] * (share - len(prompts))
+        mine, stats = module.objective.sample(module, padded, h.samples_per_prompt, self.generation, h.generation_batch_size,
+                                              h.max_prompt_tokens)
+        mine = mine[: len(prompts)]
         responses, tokens_per_s = mine, stats["tokens"] / max(stats["seconds"], 1e-9)
         if world > 1:
             pieces = [None] * world
@@ -225,6 +227,7 @@ class PreferenceDataModule(LightningDataModule):
             # Decided here, not in setup: Lightning sets ckpt_path only once it restores the checkpoint.
             if self.trainer.ckpt_path is None:
                 self._clear_buffer()  # a fresh run never reuses pairs made by another run's student
+            self.trainer.strategy.barrier("buffer")  # every rank then sees the same buffer files
             self._buffer_checked = True
         if self._groups_iteration != iteration:
             path = self._iteration_path(iteration)
@@ -333,6 +336,13 @@ class PreferenceDataModule(LightningDataModule):
             num_workers=self.hparams.num_workers,
         )
         return {"student": student_loader, "critic": critic_loader}
+
+    def batches_per_epoch(self, samples: bool, world_size: int = 1) -> int:
+        """Student batches per epoch on each rank (what :meth:`train_dataloader` will give), without sampling."""
+        items = len(self.train_records)
+        if samples and self.hparams.prompts_per_iteration is not None:
+            items = min(items, self.hparams.prompts_per_iteration)
+        return -(-(-(-items // world_size)) // self.hparams.batch_size)
 
     def val_dataloader(self):
         return self._loader(self.val_records, self.hparams.val_batch_size, collate_records, shuffle=False)

@@ -9,6 +9,7 @@ from jsonargparse.typing import NonNegativeFloat, PositiveInt
 
 from pbkd_lightning.config import TopP, validate_fields
 from pbkd_lightning.data.collate import render_prompt
+from pbkd_lightning.parallel import is_sharded
 
 
 @dataclass
@@ -66,6 +67,8 @@ def generate(
     """
     device = next(model.parameters()).device
     greedy = config.temperature == 0
+    # A sharded model gathers its parameters in every forward: ranks must decode the same number of steps.
+    synced = is_sharded(model) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     responses, new_tokens, start = [], 0, time.perf_counter()
     with _decoding(tokenizer, model):
         for begin in range(0, len(prompts), batch_size):
@@ -81,6 +84,7 @@ def generate(
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 use_cache=True,
+                synced_gpus=synced,
             )
             generated = output[:, encoded["input_ids"].shape[1] :]
             new_tokens += int((generated != tokenizer.pad_token_id).sum())

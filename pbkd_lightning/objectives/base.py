@@ -24,6 +24,8 @@ class Objective:
     """Critic optimizer steps per training batch (each on its own batch of pairs)."""
     critic_takes_sample_pairs: bool = False
     """The critic can train on sample-vs-sample pairs (``data.sample_pairs``): it reads both sides as responses."""
+    supports_sharding: bool = True
+    """Runs under FSDP2 (``ModelParallelStrategy``): every rank makes the same number of forward passes."""
     needs_teacher_logits: bool = False
     """White-box: the loss needs the teacher's token distributions (``model.teacher``)."""
 

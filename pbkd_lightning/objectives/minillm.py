@@ -27,6 +27,8 @@ class MiniLLM(Objective):
       corpus loss (the embedded default has no corpus, so it is off by default).
     """
 
+    supports_sharding = False  # teacher-mixed sampling stops when this rank's samples end, not every rank's
+
     needs_samples = True
     needs_teacher_logits = True
 

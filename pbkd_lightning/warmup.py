@@ -55,22 +55,27 @@ def warm_start(
     the embedded teacher's training).
     """
     folder = sft_folder(config, seed, key_parts, role)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed:
+        # Rank 0 decides for everyone (a rank arriving late must not find rank 0's fresh copy and skip the barrier
+        # rank 0 waits in), trains and writes the one copy (transformers saves on the main process only).
+        decision = [_is_cached(folder)]
+        torch.distributed.broadcast_object_list(decision, src=0)
+        if not decision[0] and torch.distributed.get_rank() != 0:
+            torch.distributed.barrier()  # until rank 0 has written it
+        if decision[0] or torch.distributed.get_rank() != 0:
+            cached = _load_cached(student, folder, role)
+            if cached is None:
+                raise RuntimeError(f"rank 0 did not leave a trained {role} in {folder}")
+            return cached
     cached = _load_cached(student, folder, role)
     if cached is not None:
-        return cached
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed and torch.distributed.get_rank() != 0:
-        # Rank 0 trains and writes the one copy (transformers saves on the main process only); the others load it.
-        torch.distributed.barrier()
-        cached = _load_cached(student, folder, role)
-        if cached is None:
-            raise RuntimeError(f"rank 0 did not leave a trained {role} in {folder}")
         return cached
     _train(student, encoder, records, config, seed, role)
     os.makedirs(config.cache_dir, exist_ok=True)
     staging = tempfile.mkdtemp(dir=config.cache_dir, prefix=".tmp-")
     student.save_pretrained(staging)
-    if any(os.path.isfile(os.path.join(folder, name)) for name in ("config.json", "adapter_config.json")):
+    if _is_cached(folder):
         shutil.rmtree(staging)  # another process finished first; keep theirs
     else:
         shutil.rmtree(folder, ignore_errors=True)  # an unfinished folder (a crashed run) is not a cache
@@ -78,6 +83,10 @@ def warm_start(
     if distributed:
         torch.distributed.barrier()
     return student
+
+
+def _is_cached(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, name)) for name in ("config.json", "adapter_config.json"))
 
 
 def _load_cached(student, folder: str, role: str):

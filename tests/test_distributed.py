@@ -1,18 +1,26 @@
-"""Two processes on CPU (gloo): DDP through configs/strategy/ddp.yaml."""
+"""Two processes on CPU (gloo): DDP through configs/strategy/ddp.yaml, FSDP2 through configs/strategy/fsdp.yaml."""
 
 import json
+import os
 import subprocess
 import sys
 
-from conftest import ROOT, tiny_args
+import pytest
+import torch
+
+from conftest import ROOT, run_cli, tiny_args
+
+TINY_TEACHER = ["--model.teacher.layers=1", "--model.teacher.hidden=64", "--model.teacher.heads=2", "--model.teacher.train_steps=20"]
 
 
-def _fit(root, *extra):
-    args = tiny_args(root, "--config", f"{ROOT}/configs/strategy/ddp.yaml", "--trainer.devices=2", "--model.num_threads=1",
-                     "--model.objective.critic_warmup_steps=0", *extra)
+def _fit(root, *extra, strategy="ddp", config="configs/blackbox.yaml"):
+    critic = [] if "seqkd" in config else ["--model.objective.critic_warmup_steps=0"]
+    args = tiny_args(root, "--config", f"{ROOT}/configs/strategy/{strategy}.yaml", "--trainer.devices=2", "--model.num_threads=1",
+                     *critic, *extra, config=config)
     # Lightning relaunches the command line for rank 1, so this runs as its own program, not in pytest's process
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "tests")}
     return subprocess.run([sys.executable, "-m", "pbkd_lightning", "fit", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env=env)
 
 
 def test_ddp_two_processes_train_store_each_pair_once_and_resume(tmp_path):
@@ -30,3 +38,57 @@ def test_ddp_two_processes_train_store_each_pair_once_and_resume(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert len([json.loads(line) for line in (root / "buffer" / "iter_0000.jsonl").read_text().splitlines()]) == 16
     assert "Restoring states from the checkpoint" in resumed.stderr + resumed.stdout
+
+
+def test_fsdp2_two_processes_shard_train_save_a_sharded_checkpoint_and_resume(tmp_path):
+    root = tmp_path / "run"
+    online = ["--config", f"{ROOT}/configs/online.yaml", f"--trainer.default_root_dir={root}"]  # the overlay names its own folder
+    first = _fit(root, *online, "--trainer.max_epochs=1", strategy="fsdp")
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = root / "checkpoints" / "last.ckpt"
+    assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2  # one shard per rank
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(root / "student")  # gathered whole, a plain Hugging Face folder
+    assert type(student).__name__ == "LlamaForCausalLM" and sum(p.numel() for p in student.parameters()) > 10_000
+    resumed = _fit(root, *online, "--trainer.max_epochs=2", f"--ckpt_path={ckpt}", strategy="fsdp")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restoring states from the checkpoint" in resumed.stderr + resumed.stdout
+    assert sorted(p.name for p in (root / "buffer").iterdir()) == ["iter_0000.jsonl", "iter_0001.jsonl"]  # the first kept
+    assert json.loads((root / "summary.json").read_text())["heldout_pref_acc_per_epoch"][-1]["epoch"] == 1
+
+
+def test_fsdp2_two_processes_train_white_box_pbkd(tmp_path):
+    root = tmp_path / "run"
+    run = _fit(root, *TINY_TEACHER, f"--model.teacher.cache_dir={root}/cache", strategy="fsdp", config="configs/whitebox.yaml")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (root / "student" / "model.safetensors").exists() and len(list((root / "cache").glob("teacher-sft-*"))) == 1
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_give_the_one_process_loss_on_the_same_global_batch(tmp_path, strategy):
+    """SeqKD's first step: each rank's loss is the loss one process computes on that rank's half of the batch, and
+    their mean is the one-process loss on the whole global batch (equal up to how tokens split between halves)."""
+    root = tmp_path / "run"
+    run = _fit(root, "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.callbacks+=distributed_helpers.FirstBatchRecorder",
+               f"--trainer.callbacks.path={tmp_path}/first", strategy=strategy, config="configs/baselines/seqkd.yaml")
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"first.rank{r}.json").read_text()) for r in (0, 1)]
+    # one process, the same warmed-up student (from the run's cache), no training
+    cli = run_cli("fit", *tiny_args(tmp_path / "single", f"--model.warmup.cache_dir={root}/cache", "--trainer.max_steps=0",
+                                    config="configs/baselines/seqkd.yaml"))
+    module, data = cli.model, cli.datamodule
+    from pbkd_lightning.data.collate import StudentCollate
+
+    teacher = {r["prompt"]: r["teacher"] for r in data.train_records}
+    collate = StudentCollate(data.encoder(module.tokenizer))
+
+    def loss(prompts):
+        with torch.no_grad():
+            return float(module.objective.student_loss(module, collate([{"prompt": p, "teacher": teacher[p]} for p in prompts]))["loss"])
+
+    assert len(ranks[0]["prompts"]) == len(ranks[1]["prompts"]) == 4 and not set(ranks[0]["prompts"]) & set(ranks[1]["prompts"])
+    for rank in ranks:
+        assert rank["loss"] == pytest.approx(loss(rank["prompts"]), rel=1e-4)
+    whole = loss(ranks[0]["prompts"] + ranks[1]["prompts"])
+    assert sum(rank["loss"] for rank in ranks) / 2 == pytest.approx(whole, rel=0.05)

@@ -11,7 +11,7 @@ import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 from torchmetrics import MeanMetric
@@ -149,6 +149,10 @@ class DistillationModule(LightningModule):
     def setup(self, stage: str) -> None:
         if self.student is not None:
             return
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError("FSDPStrategy (FSDP1) wraps the LightningModule as one root, which the methods bypass when "
+                             "they call student and critic directly (generation, rewards); use FSDP2: --config "
+                             "configs/strategy/fsdp.yaml (ModelParallelStrategy, also on GPUs)")
         if self.hparams.num_threads:
             torch.set_num_threads(self.hparams.num_threads)
         datamodule = self.trainer.datamodule

@@ -92,3 +92,17 @@ def test_two_processes_give_the_one_process_loss_on_the_same_global_batch(tmp_pa
         assert rank["loss"] == pytest.approx(loss(rank["prompts"]), rel=1e-4)
     whole = loss(ranks[0]["prompts"] + ranks[1]["prompts"])
     assert sum(rank["loss"] for rank in ranks) / 2 == pytest.approx(whole, rel=0.05)
+
+
+def test_fsdp1_is_refused_with_a_pointer_to_fsdp2(tmp_path):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from conftest import tiny_modules, tiny_trainer
+
+    module, datamodule = tiny_modules(tmp_path)
+    trainer = tiny_trainer(tmp_path / "run", max_steps=1)
+    trainer.strategy._lightning_module = module
+    module.trainer = trainer
+    trainer.strategy.__class__ = FSDPStrategy  # what `--trainer.strategy=fsdp` gives (which needs CUDA to start)
+    with pytest.raises(ValueError, match="configs/strategy/fsdp.yaml"):
+        module.setup("fit")

@@ -243,10 +243,12 @@ def pbkd_quality(size: dict, runs_dir: str, progress) -> dict:
         label, extra = PBKD_VARIANTS[index]
         rows[label] = runs(label, "configs/blackbox.yaml", extra)
     best = max((label for label in rows if label != "SeqKD, same epochs"), key=lambda label: rows[label]["tasks"]["mean"][0])
-    budget = int(rows[best]["seconds"][0])
+    budget = max(1, round(rows[best]["seconds"][0]))
     label = f"SeqKD, same wall-clock as the best PbKD row ({budget} s)"
+    # min_epochs: a budget shorter than one epoch still ends with a validation (Lightning stops at its end)
     rows[label] = runs(label, "configs/baselines/seqkd.yaml",
-                       [f"--trainer.max_time=00:00:{budget // 60:02d}:{budget % 60:02d}"], epochs=10 * p["epochs"])
+                       [f"--trainer.max_time=00:00:{budget // 60:02d}:{budget % 60:02d}", "--trainer.min_epochs=1"],
+                       epochs=10 * p["epochs"])
     return {"rows": rows, "best": best, "epochs": p["epochs"], "overrides": p["overrides"],
             "variants": [PBKD_VARIANTS[i][0] for i in p["variants"]]}
 
@@ -323,8 +325,9 @@ def _hand_loop(module, datamodule, warm: int, steps: int) -> float:
             start = time.perf_counter()
         if index == warm + steps:
             break
-        if critic is not None:
-            step(critic, student, optimizers["critic"], lambda: objective.critic_loss(module, critic_batch))
+        if critic is not None:  # `critic_steps` > 1: a list of batches, one critic step each, as the module does
+            for batch in critic_batch if isinstance(critic_batch, list) else [critic_batch]:
+                step(critic, student, optimizers["critic"], lambda: objective.critic_loss(module, batch))
         step(student, critic, optimizers["student"], lambda: objective.student_loss(module, student_batch))
     return steps / (time.perf_counter() - start)
 

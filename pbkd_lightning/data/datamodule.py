@@ -3,6 +3,7 @@
 import glob
 import hashlib
 import json
+import math
 import os
 import random
 from typing import Literal, Optional
@@ -342,7 +343,8 @@ class PreferenceDataModule(LightningDataModule):
         items = len(self.train_records)
         if samples and self.hparams.prompts_per_iteration is not None:
             items = min(items, self.hparams.prompts_per_iteration)
-        return -(-(-(-items // world_size)) // self.hparams.batch_size)
+        per_rank = math.ceil(items / world_size)  # a DistributedSampler pads every rank to the same share
+        return math.ceil(per_rank / self.hparams.batch_size)
 
     def val_dataloader(self):
         return self._loader(self.val_records, self.hparams.val_batch_size, collate_records, shuffle=False)

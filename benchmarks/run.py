@@ -25,6 +25,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from pbkd_lightning.objectives.base import Share
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "benchmarks")
 
@@ -299,7 +301,7 @@ def step_speed(size: dict, runs_dir: str, progress) -> dict:
 
 def _hand_loop(module, datamodule, warm: int, steps: int) -> float:
     """The same objective losses, optimizers (AdamW) and clipping in a plain loop: no Lightning, no logging."""
-    objective, student, critic = module.objective, module.student, module.critic
+    objective, student, critic, players = module.objective, module.student, module.critic, module.players
     optimizers = {"student": torch.optim.AdamW([p for p in student.parameters()], lr=1e-4)}
     if critic is not None:
         optimizers["critic"] = torch.optim.AdamW([p for p in critic.parameters()], lr=1e-4)
@@ -327,8 +329,12 @@ def _hand_loop(module, datamodule, warm: int, steps: int) -> float:
             break
         if critic is not None:  # `critic_steps` > 1: a list of batches, one critic step each, as the module does
             for batch in critic_batch if isinstance(critic_batch, list) else [critic_batch]:
-                step(critic, student, optimizers["critic"], lambda: objective.critic_loss(module, batch))
-        step(student, critic, optimizers["student"], lambda: objective.student_loss(module, student_batch))
+                step(critic, student, optimizers["critic"], lambda: objective.critic_loss(players, batch, Share.whole(batch)))
+        if objective.needs_samples:
+            student.eval()  # as the module: on-policy steps score π_θ with dropout off
+        student_batch = objective.prepare_student_batch(players, student_batch)
+        step(student, critic, optimizers["student"],
+             lambda: objective.student_loss(players, student_batch, Share.whole(student_batch), module.critic_heldout_acc))
     return steps / (time.perf_counter() - start)
 
 

@@ -78,33 +78,41 @@ def bradley_terry(reward_chosen: Tensor, reward_rejected: Tensor, weight: Tensor
 
 
 def critic_lagrangian(
-    reward_teacher: Tensor,
-    reward_student: Tensor,
+    reward_chosen: Tensor,
+    reward_rejected: Tensor,
     preference: Tensor,
+    teacher_pair: Tensor,
     beta: float,
     l2: float,
 ) -> dict[str, Tensor]:
     """The black-box PbKD critic loss (minimised, i.e. gradient ascent on the Lagrangian).
 
-    ``loss = -(mean r(y_T) - mean r(y_S)) + β·BT + λ·mean(r²)``, where BT is taken over the
-    pairs the labeler decided: preference +1 means the teacher's response is preferred,
-    -1 the student's, 0 a tie (left out of BT).
+    ``loss = -gap + β·BT + λ·mean(r²)``. The gap ``mean r(y_T) − mean r(y_S)`` estimates
+    J(π_T, r) − J(π_θ, r), so it is taken over teacher pairs only (teacher response vs student sample);
+    BT is taken over every pair the labeler decided (sample-vs-sample pairs included): preference +1
+    means ``chosen`` is preferred, −1 ``rejected``, 0 a tie (left out of BT).
 
     Args:
-        reward_teacher: ``(P,)`` r_φ(x, y_T).
-        reward_student: ``(P,)`` r_φ(x, y_S).
+        reward_chosen: ``(P,)`` r_φ(x, chosen) (the teacher's response in a teacher pair).
+        reward_rejected: ``(P,)`` r_φ(x, rejected) (the student sample in a teacher pair).
         preference: ``(P,)`` in {-1, 0, +1}.
+        teacher_pair: ``(P,)`` bool, the pairs that are (teacher, student sample).
         beta: weight of the Bradley–Terry term (the Lagrange multiplier of the confidence set).
         l2: weight of the L2 term that bounds the otherwise unbounded gap.
 
     Returns:
         ``loss``, ``gap``, ``bt`` and ``l2`` terms (``l2`` unweighted).
+
+    >>> r = critic_lagrangian(torch.tensor([2.0, 5.0]), torch.tensor([0.0, 1.0]), torch.tensor([1, 1]),
+    ...                       torch.tensor([True, False]), beta=0.0, l2=0.0)
+    >>> float(r["gap"])  # the sample pair (5 vs 1) is not part of the teacher-student gap
+    2.0
     """
-    gap = reward_teacher.mean() - reward_student.mean()
-    sign = preference.to(reward_teacher.dtype)
-    chosen_minus_rejected = sign * (reward_teacher - reward_student)
+    gap = masked_mean(reward_chosen - reward_rejected, teacher_pair)
+    sign = preference.to(reward_chosen.dtype)
+    chosen_minus_rejected = sign * (reward_chosen - reward_rejected)
     bt = bradley_terry(chosen_minus_rejected, torch.zeros_like(chosen_minus_rejected), weight=sign.abs())
-    l2_term = 0.5 * (reward_teacher.pow(2).mean() + reward_student.pow(2).mean())
+    l2_term = 0.5 * (reward_chosen.pow(2).mean() + reward_rejected.pow(2).mean())
     return {"loss": -gap + beta * bt + l2 * l2_term, "gap": gap, "bt": bt, "l2": l2_term}
 
 
@@ -156,16 +164,57 @@ def clipped_surrogate(
     return loss, clip_fraction.detach()
 
 
-def kl_to_reference(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
-    """Estimate of KL(π_θ ‖ π_ref) on tokens sampled from π_θ, per scored token.
+def sampling_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """The logits of the distribution a sampler draws from: divided by ``temperature`` (0 means greedy, whose
+    token probabilities are those of temperature 1), then everything outside the ``top_k`` largest and outside
+    the nucleus of mass ``top_p`` set to −inf (the rule of Hugging Face's warpers: sorted ascending, a token is
+    dropped when the mass up to and including it is ≤ 1 − top_p; the most likely token is always kept).
 
-    Uses the non-negative, unbiased estimator ``exp(d) - d - 1`` with ``d = log π_ref - log π_θ``.
+    The sampler and the training loss both call this, so π_old and π_θ describe the same distribution.
 
     Args:
-        logprobs, ref_logprobs, mask: ``(N, T)``.
+        logits: ``(..., V)``.
+
+    >>> sampling_logits(torch.tensor([[0.0, 1.0, 2.0]]), top_k=2).isinf().tolist()
+    [[True, False, False]]
     """
-    delta = ref_logprobs - logprobs
-    return masked_mean(torch.exp(delta) - delta - 1.0, mask)
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=False)
+        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= 1.0 - top_p
+        drop[..., -1] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def policy_logprobs(logits: Tensor, actions: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """log π(action) under the sampling distribution of :func:`sampling_logits`, in float32: ``(R,)``.
+
+    Args:
+        logits: ``(R, V)`` scored rows.
+        actions: ``(R,)`` the tokens taken.
+    """
+    log_pi = F.log_softmax(sampling_logits(logits.float(), temperature, top_k, top_p), dim=-1)
+    return log_pi.gather(-1, actions[:, None]).squeeze(-1)
+
+
+def kl_to_reference(student_rows: Tensor, reference_rows: Tensor, chunk_size: int | None = None) -> Tensor:
+    """KL(π_θ ‖ π_ref) at each scored state, exactly over the vocabulary, averaged over the states.
+
+    (A per-token estimator on sampled tokens such as ``exp(d) − d − 1`` has the expected gradient of
+    KL(π_ref ‖ π_θ), the other direction; the exact sum has the gradient of the divergence its name gives.)
+
+    Args:
+        student_rows: ``(R, V)`` the student's logits at the scored states (with grad).
+        reference_rows: ``(R, V)`` the frozen reference's logits there.
+    """
+    labels = torch.zeros(1, student_rows.shape[0], dtype=torch.long, device=student_rows.device)
+    return reverse_kl(student_rows[None], reference_rows[None], labels, chunk_size=chunk_size)
 
 
 # ---------------------------------------------------------------------------- white-box PbKD (Q-head)

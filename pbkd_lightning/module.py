@@ -19,16 +19,17 @@ from torchmetrics.classification import BinaryAccuracy
 from transformers import AutoModelForCausalLM
 
 from pbkd_lightning.config import plain, validate_fields
-from pbkd_lightning.data.collate import scored_positions
+from pbkd_lightning.data.datamodule import DataConnection
 from pbkd_lightning.data.generation import GenerationConfig, generate
 from pbkd_lightning.data.labelers import label_pair, sample_pairs
 from pbkd_lightning.eval import mean_scores, score_responses
 from pbkd_lightning.eval.diversity import diversity
-from pbkd_lightning.models.critic import ImplicitReward, ScalarReward, response_token_logprobs
+from pbkd_lightning.models.critic import ImplicitReward, ScalarReward
 from pbkd_lightning.data.teacher_cache import TeacherCache, cache_fingerprint, cache_is_complete, write_teacher_cache
 from pbkd_lightning.models.loading import ModelSpec, load_causal_lm, save_student, shared_vocabulary_size, weights_key
 from pbkd_lightning.models.teacher import TeacherModel, load_teacher, teacher_vocabulary
-from pbkd_lightning.objectives.base import Objective
+from pbkd_lightning.objectives.base import Objective, accumulate_gradients
+from pbkd_lightning.players import Players
 from pbkd_lightning.parallel import full_state_dict, is_sharded, same_count_on_every_rank, shard
 from pbkd_lightning.warmup import WarmupConfig, warm_start
 
@@ -92,6 +93,8 @@ class DistillationModule(LightningModule):
         samples_to_show: NonNegativeInt = 4,
         save_student: bool = True,
         optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw",
+        micro_batch_size: Optional[PositiveInt] = None,
+        critic_micro_batch_size: Optional[PositiveInt] = None,
     ):
         """
         Args:
@@ -109,6 +112,11 @@ class DistillationModule(LightningModule):
             save_student: at the end of fit, ``save_pretrained`` the student to ``<default_root_dir>/student``.
             optimizer: AdamW for both players: ``adamw`` (torch), or bitsandbytes' ``adamw8bit`` /
                 ``paged_adamw8bit`` (8-bit states for tensors of ≥ 4,096 elements; paging needs a GPU).
+            micro_batch_size: prompts (each with its K samples) per forward pass of the student step; None: the
+                whole batch. Gradients accumulate, and every mean is over the whole batch's scored tokens (across
+                micro-batches and data-parallel ranks), so the step is the same as one forward of the whole batch.
+            critic_micro_batch_size: pairs (or prompts, for critics of the student's batch) per forward pass of the
+                critic step; None: the whole batch.
         """
         super().__init__()
         if objective.needs_teacher_logits and teacher is None:
@@ -136,6 +144,9 @@ class DistillationModule(LightningModule):
         self.summary: dict = {}
         self.nonfinite_skips = {"student": 0, "critic": 0}
         self.critic_heldout_acc: Optional[float] = None  # the latest held-out preference accuracy (critic trust)
+        self.players: Optional[Players] = None
+        self._teacher_cache: Optional[TeacherCache] = None
+        self.training_batches_seen = 0  # counts the critic-only warm-up; saved in checkpoints
 
     @property
     def needs_samples(self) -> bool:
@@ -178,10 +189,25 @@ class DistillationModule(LightningModule):
         self.student.train()
         if self.student_spec.gradient_checkpointing and not self.student.is_gradient_checkpointing:
             self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # a cached warm-up reloads without it
-        if self.objective.uses_reference(self):
+        if self.objective.uses_reference(self.critic_config.kind, self.critic_from_teacher):
             self.reference = copy.deepcopy(self.student).eval().requires_grad_(False)
+        self.objective.check_sampling(datamodule.generation)
+        self.players = Players(
+            self.student, self.tokenizer, datamodule.generation, datamodule.encoder(self.tokenizer),
+            datamodule.hparams.generation_batch_size, reference=self.reference, teacher=self.teacher,
+            implicit_reference=self.teacher if self.critic_from_teacher else self.reference, vocabulary=self.vocabulary,
+        )
         if self.objective.needs_critic:
-            self.critic = self.objective.build_critic(self) or self._build_reward_model()
+            self.critic = self.objective.build_critic(self.players) or self._build_reward_model()
+        self.players.critic, self.players.critic_tokenizer = self.critic, self.critic_tokenizer
+        h = datamodule.hparams
+        datamodule.connect(DataConnection(
+            tokenizer=self.tokenizer, critic_tokenizer=self.critic_tokenizer,
+            rollout=lambda prompts, k: self.objective.rollout(self.players, prompts, k, datamodule.generation,
+                                                             h.generation_batch_size, h.max_prompt_tokens),
+            needs_samples=self.needs_samples, needs_pairs=self.needs_pairs, critic_steps=self.objective.critic_steps,
+            critic_takes_sample_pairs=self.objective.critic_takes_sample_pairs, teacher_cache=self._teacher_cache,
+        ))
         tasks = sorted({r.get("task", "text") for r in datamodule.val_records})
         self.task_scores = nn.ModuleDict({t: MeanMetric() for t in tasks})
         self.diversity = nn.ModuleDict({name: MeanMetric() for name in ("distinct_1", "distinct_2", "self_bleu")})
@@ -234,7 +260,7 @@ class DistillationModule(LightningModule):
             rank_zero_info(f"teacher cache: writing the teacher's top-{h.teacher_cache_k} log-probabilities to {folder}")
             write_teacher_cache(self.teacher, datamodule.encoder(self.tokenizer), sequences, folder, h.teacher_cache_k,
                                 vocabulary=self.vocabulary, tag=config.describe())
-        datamodule.teacher_cache = TeacherCache(folder, fingerprint)
+        self._teacher_cache = TeacherCache(folder, fingerprint)
         if not self.objective.needs_teacher_on_samples:
             self._frozen.pop("teacher", None)  # every teacher distribution now comes from the cache
             rank_zero_info(f"teacher cache: training from {folder}, no teacher in memory")
@@ -284,112 +310,55 @@ class DistillationModule(LightningModule):
         total = per_epoch * epochs
         return max(1, min(total, trainer.max_steps) if trainer.max_steps != -1 else total)
 
-    # ------------------------------------------------------------------ scoring helpers used by objectives
-    def student_logprobs(self, sequences: dict) -> torch.Tensor:
-        """log π_θ of tokens 1..T-1: ``(N, T-1)``."""
-        return response_token_logprobs(self.student, sequences["input_ids"], sequences["attention_mask"])
-
-    @torch.no_grad()
-    def reference_logprobs(self, sequences: dict, model: Optional[nn.Module] = None) -> torch.Tensor:
-        """log π_ref of tokens 1..T-1 under the frozen initial student (or ``model``): ``(N, T-1)``."""
-        model = model if model is not None else self.reference
-        device = next(model.parameters()).device  # a frozen teacher is placed by its loader, not by Lightning
-        logprobs = response_token_logprobs(model, sequences["input_ids"].to(device), sequences["attention_mask"].to(device))
-        return logprobs.to(self.device)
-
-    def scored_rows(self, sequences: dict, lm: Optional[nn.Module] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The student's (or ``lm``'s) last hidden states and logits at the scored positions only.
-
-        Row r is the state before the r-th response token, in row-major order of
-        ``response_mask[:, 1:]``; the vocabulary projection never sees prompt or padding positions.
-
-        Returns:
-            ``(hidden (R, H), logits (R, V))``, logits cropped to the vocabulary shared with the teacher.
-        """
-        lm = lm if lm is not None else self.student
-        positions, kept = scored_positions(sequences), {}
-
-        def project_scored_rows_only(head, args):
-            kept["hidden"] = args[0][:, :-1][positions]
-            return (kept["hidden"],)
-
-        # The model's own forward with its head fed the scored rows alone: under FSDP2 the root's hooks gather the
-        # (tied) embedding for the head, which calling decoder and head separately would bypass.
-        hook = lm.get_output_embeddings().register_forward_pre_hook(project_scored_rows_only)
-        try:
-            logits = lm(input_ids=sequences["input_ids"], attention_mask=sequences["attention_mask"], use_cache=False).logits
-        finally:
-            hook.remove()
-        return kept["hidden"], logits[:, : self.vocabulary] if self.vocabulary else logits
-
-    @torch.no_grad()
-    def teacher_rows(self, sequences: dict):
-        """The teacher's distribution at the rows of :meth:`scored_rows`: dense logits ``(R, V)``, or the cached
-        top-k (a :class:`~pbkd_lightning.losses.SparseTeacher` with ``(R, k)`` fields) for teacher sequences."""
-        if "teacher_topk" in sequences:
-            return sequences["teacher_topk"]
-        teacher = self.teacher
-        if teacher is None:
-            raise RuntimeError("the teacher is not in memory (training from its cache) but a batch needs it")
-        device = next(teacher.parameters()).device
-        logits = teacher(input_ids=sequences["input_ids"].to(device), attention_mask=sequences["attention_mask"].to(device)).logits
-        rows = logits[:, :-1][scored_positions(sequences).to(device)]
-        return rows[:, : self.vocabulary].float().to(self.device)
-
-    def sample_sequences(self, prompts: list[str], model: Optional[nn.Module] = None) -> dict:
-        """One sample per prompt from the student (or ``model``) at the data's generation settings, encoded
-        like training sequences (on-policy batches of GKD, teacher samples of ``seq_kd``)."""
-        data = self.trainer.datamodule
-        model = model if model is not None else self.student
-        responses, _ = generate(model, self.tokenizer, prompts, data.generation, 1, data.hparams.generation_batch_size,
-                                data.hparams.max_prompt_tokens)
-        batch = data.encoder(self.tokenizer).batch(prompts, [group[0] for group in responses])
-        return {k: v.to(self.device) for k, v in batch.items()}
-
-    def reward(self, sequences: dict) -> torch.Tensor:
+    def reward(self, sequences) -> torch.Tensor:
         """The critic's sequence reward for each sequence: ``(N,)`` (the objective says how it is induced)."""
-        return self.objective.sequence_reward(self, sequences)
-
-    def reward_model_score(self, sequences: dict) -> torch.Tensor:
-        """r_φ(x, y) of black-box PbKD's reward model for each sequence: ``(N,)``."""
-        ref = None
-        if isinstance(self.critic, ImplicitReward):  # log π_ref from the model the reward model started as
-            ref = self.reference_logprobs(sequences, self.teacher if self.critic_from_teacher else None)
-        return self.critic(
-            sequences["input_ids"], sequences["attention_mask"], sequences["response_mask"], ref_logprobs=ref
-        )
+        return self.objective.sequence_reward(self.players, sequences)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx):
-        optimizers, schedulers = self.optimizers(), self.lr_schedulers()
-        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+        optimizers = self.optimizers()
+        opt_critic, opt_student = optimizers if self.critic is not None else (None, optimizers)
+        schedulers = self.lr_schedulers()
+        sched_critic, sched_student = schedulers if self.critic is not None else (None, schedulers)
         paired = self.needs_pairs  # {"student": ..., "critic": ...} batches; else one batch for both steps
-        student_batch = batch["student"] if paired else batch
+        student_batch = (batch["student"] if paired else batch).to(self.device)
+        objective, players = self.objective, self.players
         if self.critic is not None:
             critic_batches = batch["critic"] if paired else batch
             for critic_batch in critic_batches if isinstance(critic_batches, list) else [critic_batches]:
-                self._optimizer_step(
-                    "critic", optimizers[0], schedulers[0], self.critic, lambda: self.objective.critic_loss(self, critic_batch)
-                )
-        if self.trainer.fit_loop.epoch_loop.total_batch_idx >= self.objective.critic_warmup_steps:
-            self._optimizer_step(
-                "student", optimizers[-1], schedulers[-1], self.student, lambda: self.objective.student_loss(self, student_batch)
-            )
+                self._optimizer_step("critic", opt_critic, sched_critic, self.critic, critic_batch.to(self.device),
+                                     lambda piece, share: objective.critic_loss(players, piece, share),
+                                     self.hparams.critic_micro_batch_size)
+        if self.training_batches_seen >= objective.critic_warmup_steps:
+            # On-policy objectives score π_θ with dropout off, as the sampler drew from it (π_old).
+            mode = self.student.training
+            if objective.needs_samples:
+                self.student.eval()
+            try:
+                student_batch = objective.prepare_student_batch(players, student_batch)
+                trust = self.critic_heldout_acc
+                self._optimizer_step("student", opt_student, sched_student, self.student, student_batch,
+                                     lambda piece, share: objective.student_loss(players, piece, share, trust),
+                                     self.hparams.micro_batch_size)
+            finally:
+                self.student.train(mode)
+        self.training_batches_seen += 1
 
-    def _optimizer_step(self, role, optimizer, scheduler, model, compute) -> None:
-        """toggle → zero_grad → backward → clip → step → untoggle; a non-finite loss or gradient skips the step."""
+    def _optimizer_step(self, role, optimizer, scheduler, model, batch, compute, micro_batch_size) -> None:
+        """toggle → zero_grad → (forward → backward) per micro-batch → clip → step → untoggle.
+
+        Every mean in the loss is weighted by the micro-batch's :class:`Share` of the whole step (all micro-batches
+        on all ranks), so the accumulated gradient is the whole batch's. A non-finite loss or gradient skips the step.
+        """
         config = self.critic_optimizer_config if role == "critic" else self.student_optimizer_config
         self.toggle_optimizer(optimizer)
-        terms = compute()
-        loss = terms["loss"]
         optimizer.zero_grad(set_to_none=True)
-        finite = bool(torch.isfinite(loss))  # one host sync per step, cheap next to the forward passes
-        if finite:
-            self.manual_backward(loss)
-            params = [p for p in model.parameters() if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else math.inf)
-            finite = bool(torch.isfinite(norm))
+        world = self.trainer.world_size
+        reduce_sum = lambda tensor: self.trainer.strategy.reduce(tensor, reduce_op="sum")  # noqa: E731
+        loss_sum, logged = accumulate_gradients(compute, batch, micro_batch_size, self.manual_backward, reduce_sum, world)
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else math.inf) if params else loss_sum * 0
+        finite = bool(torch.isfinite(loss_sum) & torch.isfinite(norm))  # one host sync per step, cheap next to the forwards
         if finite:
             optimizer.step()
             scheduler.step()
@@ -397,9 +366,9 @@ class DistillationModule(LightningModule):
             self.nonfinite_skips[role] += 1
         optimizer.zero_grad(set_to_none=True)  # free this player's gradients before the other one runs
         self.untoggle_optimizer(optimizer)
-        self.log(f"{role}/loss", loss.detach(), prog_bar=True)
+        self.log(f"{role}/loss", loss_sum, prog_bar=True)
         self.log(f"{role}/nonfinite_skips", float(self.nonfinite_skips[role]))
-        self.log_dict({(k if "/" in k else f"{role}/{k}"): v for k, v in terms.items() if k != "loss"})
+        self.log_dict({(k if "/" in k else f"{role}/{k}"): v for k, v in logged.items()})
 
     def on_train_epoch_start(self) -> None:
         stats = getattr(self.trainer.datamodule, "stats", {})
@@ -417,7 +386,7 @@ class DistillationModule(LightningModule):
         config = config or self.val_generation
         model = model if model is not None else self.student
         responses, _ = generate(model, tokenizer or self.tokenizer, prompts, config, num_samples, data.val_batch_size,
-                                data.max_prompt_tokens)
+                                data.max_prompt_tokens, self.vocabulary if tokenizer is None else None)
         return responses
 
     def greedy_responses(self, records: list[dict], model=None, tokenizer=None) -> list[str]:
@@ -475,7 +444,7 @@ class DistillationModule(LightningModule):
         for index in range(total):
             chunk = texts[index * size : (index + 1) * size] if index < chunks else [(0, records[0]["teacher"])]
             encoded = encoder.batch([records[i]["prompt"] for i, _ in chunk], [text for _, text in chunk])
-            rewards = self.reward({k: v.to(self.device) for k, v in encoded.items()})
+            rewards = self.reward(encoded.to(self.device))
             if index < chunks:
                 scored.append(rewards)
         if not texts:
@@ -584,9 +553,11 @@ class DistillationModule(LightningModule):
             for key in [k for k in state if k.startswith("reference.")]:
                 del state[key]
         checkpoint["critic_heldout_acc"] = self.critic_heldout_acc  # a resumed run trusts its critic as before
+        checkpoint["training_batches_seen"] = self.training_batches_seen
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.critic_heldout_acc = checkpoint.get("critic_heldout_acc")
+        self.training_batches_seen = checkpoint.get("training_batches_seen", 0)
 
 
 def _adamw(name: str):

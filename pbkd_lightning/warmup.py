@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from pbkd_lightning.config import validate_fields
-from pbkd_lightning.data.collate import Encoder
 from pbkd_lightning.losses import sequence_nll
 from pbkd_lightning.models.critic import response_token_logprobs
+from pbkd_lightning.sequences import Encoder
 
 
 @dataclass
@@ -117,10 +117,8 @@ def _train(student, encoder: Encoder, records: list[dict], config: WarmupConfig,
     for _ in progress:
         rows = torch.randint(len(records), (config.batch_size,), generator=generator).tolist()
         batch = encoder.batch([records[i]["prompt"] for i in rows], [records[i]["teacher"] for i in rows])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss = sequence_nll(
-            response_token_logprobs(student, batch["input_ids"], batch["attention_mask"]), batch["response_mask"][:, 1:]
-        )
+        batch = batch.to(device)
+        loss = sequence_nll(response_token_logprobs(student, batch.input_ids, batch.attention_mask), batch.loss_mask[:, 1:])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)

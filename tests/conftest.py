@@ -1,12 +1,16 @@
+import glob
+import json
 import os
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # two tests' worth of threads on a 2-core CI machine only slows both down
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_TEACHER = ["--model.teacher.layers=1", "--model.teacher.hidden=64", "--model.teacher.heads=2", "--model.teacher.train_steps=20"]
 
 
 def tiny_args(root, *extra, config="configs/blackbox.yaml"):
@@ -83,3 +87,21 @@ def tiny_trainer(root, callbacks=(), online=False, **kwargs):
                     reload_dataloaders_every_n_epochs=1 if online else 0)
     settings.update(kwargs)
     return Trainer(**settings)
+
+
+def scalars(root, folder="tensorboard", version=None):
+    """Logged scalars of the run in ``root`` (``folder``: the CLI's ``tensorboard`` or Lightning's default; ``version``:
+    which of several, e.g. a resumed run's)."""
+    [events] = glob.glob(os.path.join(root, folder, "version_*" if version is None else f"version_{version}"))
+    accumulator = EventAccumulator(events)
+    accumulator.Reload()
+    return {tag: [e.value for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def read_jsonl(path):
+    with open(path) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def checksum(model):
+    return sum(p.detach().double().sum().item() for p in model.parameters())

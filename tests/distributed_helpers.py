@@ -13,6 +13,6 @@ class FirstBatchRecorder(Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if batch_idx == 0:
-            batch = batch["student"] if "student" in batch else batch
+            batch = batch["student"] if isinstance(batch, dict) else batch
             with open(f"{self.path}.rank{trainer.global_rank}.json", "w") as handle:
-                json.dump({"prompts": batch["prompts"], "loss": float(trainer.callback_metrics["student/loss"])}, handle)
+                json.dump({"prompts": batch.prompts, "loss": float(trainer.callback_metrics["student/loss"])}, handle)

@@ -3,7 +3,6 @@ import json
 import pytest
 import torch
 
-from pbkd_lightning.data.collate import Encoder, gather_response_logprobs, scatter_old_logprobs
 from pbkd_lightning.data.labelers import label_pair
 from pbkd_lightning.data.records import DataError, read_prompts, read_responses, write_jsonl_atomic
 from pbkd_lightning.data.teachers import HFModelTeacher, ResponseFileTeacher, TaskProgramTeacher
@@ -116,25 +115,6 @@ def test_char_tokenizer_round_trips_text():
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(ids) == len(text) and tokenizer.decode(ids) == text
     assert tokenizer.pad_token_id == 0 and tokenizer.eos_token_id == 2
-
-
-def test_encoder_layout_and_truncation():
-    tokenizer = build_char_tokenizer()
-    encoder = Encoder(tokenizer, max_prompt_tokens=4, max_response_tokens=3)
-    batch = encoder.batch(["abcdef", "xy"], ["12345", "9"])
-    # prompt keeps its end ("cdef"), response its start ("123"), then eos; right padding
-    assert tokenizer.decode(batch["input_ids"][0]) == "cdef123</s>"
-    assert batch["response_mask"][0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
-    assert batch["attention_mask"][1].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
-    assert batch["response_mask"][1].tolist() == [0, 0, 1, 1, 0, 0, 0, 0]
-
-
-def test_old_logprobs_scatter_and_gather_are_inverse():
-    response_mask = torch.tensor([[0, 1, 1, 0], [0, 0, 1, 1]])
-    values = torch.tensor([[-1.0, -2.0, 9.0], [9.0, -4.0, -3.0]])  # index t scores token t + 1
-    rows = gather_response_logprobs(values, response_mask)
-    assert rows == [[-1.0, -2.0], [-4.0, -3.0]]
-    torch.testing.assert_close(scatter_old_logprobs(rows, response_mask), values * response_mask[:, 1:])
 
 
 def test_hf_model_teacher_generates_from_a_local_folder(tmp_path):

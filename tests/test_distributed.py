@@ -8,9 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, run_cli, tiny_args
-
-TINY_TEACHER = ["--model.teacher.layers=1", "--model.teacher.hidden=64", "--model.teacher.heads=2", "--model.teacher.train_steps=20"]
+from conftest import ROOT, TINY_TEACHER, run_cli, tiny_args
 
 
 def _fit(root, *extra, strategy="ddp", config="configs/blackbox.yaml"):
@@ -67,8 +65,8 @@ def test_fsdp2_two_processes_train_white_box_pbkd(tmp_path):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_give_the_one_process_loss_on_the_same_global_batch(tmp_path, strategy):
-    """SeqKD's first step: each rank's loss is the loss one process computes on that rank's half of the batch, and
-    their mean is the one-process loss on the whole global batch (equal up to how tokens split between halves)."""
+    """SeqKD's first step: each rank's loss is its half's token sum over the global batch's token count (times the
+    world size, as data parallelism averages), so their mean is exactly the one-process loss on the whole batch."""
     root = tmp_path / "run"
     run = _fit(root, "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.callbacks+=distributed_helpers.FirstBatchRecorder",
                f"--trainer.callbacks.path={tmp_path}/first", strategy=strategy, config="configs/baselines/seqkd.yaml")
@@ -79,19 +77,22 @@ def test_two_processes_give_the_one_process_loss_on_the_same_global_batch(tmp_pa
                                     config="configs/baselines/seqkd.yaml"))
     module, data = cli.model, cli.datamodule
     from pbkd_lightning.data.collate import StudentCollate
+    from pbkd_lightning.objectives.base import Share
 
     teacher = {r["prompt"]: r["teacher"] for r in data.train_records}
     collate = StudentCollate(data.encoder(module.tokenizer))
 
     def loss(prompts):
         with torch.no_grad():
-            return float(module.objective.student_loss(module, collate([{"prompt": p, "teacher": teacher[p]} for p in prompts]))["loss"])
+            batch = collate([{"prompt": p, "teacher": teacher[p]} for p in prompts])
+            return float(module.objective.student_loss(module.players, batch, Share.whole(batch))["loss"]), float(batch.teacher.num_scored)
 
     assert len(ranks[0]["prompts"]) == len(ranks[1]["prompts"]) == 4 and not set(ranks[0]["prompts"]) & set(ranks[1]["prompts"])
+    whole, total = loss(ranks[0]["prompts"] + ranks[1]["prompts"])
     for rank in ranks:
-        assert rank["loss"] == pytest.approx(loss(rank["prompts"]), rel=1e-4)
-    whole = loss(ranks[0]["prompts"] + ranks[1]["prompts"])
-    assert sum(rank["loss"] for rank in ranks) / 2 == pytest.approx(whole, rel=0.05)
+        half, tokens = loss(rank["prompts"])
+        assert rank["loss"] == pytest.approx(half * tokens * 2 / total, rel=1e-5)
+    assert sum(rank["loss"] for rank in ranks) / 2 == pytest.approx(whole, rel=1e-5)
 
 
 def test_fsdp1_is_refused_with_a_pointer_to_fsdp2(tmp_path):

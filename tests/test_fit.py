@@ -7,27 +7,8 @@ import os
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, run_cli, tiny_args, tiny_modules, tiny_trainer
-
-
-def scalars(root, folder="tensorboard", version=None):
-    """Logged scalars of the run in ``root`` (``folder``: the CLI's ``tensorboard`` or Lightning's default; ``version``:
-    which of several, e.g. a resumed run's)."""
-    [events] = glob.glob(os.path.join(root, folder, "version_*" if version is None else f"version_{version}"))
-    accumulator = EventAccumulator(events)
-    accumulator.Reload()
-    return {tag: [e.value for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
-
-
-def read_jsonl(path):
-    with open(path) as handle:
-        return [json.loads(line) for line in handle]
-
-
-def checksum(model):
-    return sum(p.detach().double().sum().item() for p in model.parameters())
+from conftest import ROOT, checksum, read_jsonl, run_cli, scalars, tiny_args, tiny_modules, tiny_trainer
 
 
 def test_offline_fit_end_to_end(tiny_fit, tmp_path):
@@ -82,14 +63,14 @@ def test_each_optimizer_step_touches_only_its_own_parameters(tmp_path):
 
 
 def test_online_fit_regenerates_samples_from_the_updated_student(tmp_path, monkeypatch):
-    import pbkd_lightning.data.generation as generation_code  # what Objective.sample calls
+    import pbkd_lightning.objectives.base as objective_code  # what Objective.rollout calls
 
     sampled_from = []
-    real_generate = generation_code.generate
+    real_sample = objective_code.sample_rollouts
 
-    def recording_generate(model, *args, **kwargs):
+    def recording_sample(model, *args, **kwargs):
         sampled_from.append(checksum(model))
-        return real_generate(model, *args, **kwargs)
+        return real_sample(model, *args, **kwargs)
 
     class EpochEnd(Callback):
         def __init__(self):
@@ -98,7 +79,7 @@ def test_online_fit_regenerates_samples_from_the_updated_student(tmp_path, monke
         def on_train_epoch_end(self, trainer, module):
             self.students.append(checksum(module.student))
 
-    monkeypatch.setattr(generation_code, "generate", recording_generate)
+    monkeypatch.setattr(objective_code, "sample_rollouts", recording_sample)
     epoch_end = EpochEnd()
     module, datamodule = tiny_modules(tmp_path, online=True, prompts_per_iteration=12)
     tiny_trainer(tmp_path / "run", [epoch_end], online=True, max_epochs=2).fit(module, datamodule)
@@ -159,8 +140,8 @@ def test_nonfinite_loss_skips_the_step_and_counts_it(tmp_path):
     class NaNOnFirstStudentStep(BlackBoxPbKD):
         calls = 0
 
-        def student_loss(self, module, batch):
-            terms = super().student_loss(module, batch)
+        def student_loss(self, players, batch, share, critic_trust=None):
+            terms = super().student_loss(players, batch, share, critic_trust)
             NaNOnFirstStudentStep.calls += 1
             if NaNOnFirstStudentStep.calls == 1:
                 terms["loss"] = terms["loss"] * float("nan")
@@ -353,3 +334,31 @@ def test_gradient_checkpointing_reuses_the_cached_warm_up(tiny_fit, tmp_path):
                       f"--model.warmup.cache_dir={tmp_path / 'run' / 'cache'}", root=tmp_path / "again")
     assert len(list((tmp_path / "run" / "cache").glob("student-sft-*"))) == 1  # one warm-up for both
     assert second.model.summary["student_start"] == first.model.summary["student_start"]
+
+
+def test_a_resumed_offline_run_keeps_the_old_logprobs_of_the_student_that_sampled(tmp_path):
+    """Defect 6 of the rollouts issue: log π_old lives in the buffer with the samples, so a run resumed from a
+    checkpoint optimises the same surrogate as an uninterrupted one (it used to recompute π_old from the
+    restored, already trained student)."""
+    from pbkd_lightning.sequences import gather_logprobs
+
+    class OldLogprobs(Callback):
+        def __init__(self):
+            self.seen = {}
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            samples = batch["student"].samples
+            for row, values in enumerate(gather_logprobs(batch["student"].old_logprobs, samples)):
+                self.seen[tuple(samples.input_ids[row][samples.attention_mask[row].bool()].tolist())] = values
+
+    root = tmp_path / "run"
+    first = OldLogprobs()
+    module, datamodule = tiny_modules(tmp_path)
+    tiny_trainer(root, [first], max_epochs=1).fit(module, datamodule)
+    [last] = list((root / "lightning_logs" / "version_0" / "checkpoints").iterdir())
+    resumed = OldLogprobs()
+    module, datamodule = tiny_modules(tmp_path)
+    tiny_trainer(root, [resumed], max_epochs=2).fit(module, datamodule, ckpt_path=str(last))
+    assert resumed.seen and set(resumed.seen) == set(first.seen)  # offline: the same samples, read back from the buffer
+    for key, values in resumed.seen.items():
+        assert values == pytest.approx(first.seen[key], abs=1e-6)

@@ -46,24 +46,37 @@ def test_critic_lagrangian_matches_naive_formula():
     torch.manual_seed(1)
     r_t, r_s = torch.randn(5, dtype=torch.double), torch.randn(5, dtype=torch.double)
     pref = torch.tensor([1, 1, -1, 0, 1])
+    teacher_pair = torch.tensor([True, True, True, True, False])  # the last one is a sample-vs-sample pair
     beta, l2 = 0.7, 0.05
     decided = pref != 0
     margin = (pref * (r_t - r_s))[decided]
     bt = -torch.log(torch.sigmoid(margin)).mean()
-    naive = -(r_t.mean() - r_s.mean()) + beta * bt + l2 * 0.5 * ((r_t**2).mean() + (r_s**2).mean())
-    terms = losses.critic_lagrangian(r_t, r_s, pref, beta, l2)
+    gap = r_t[:4].mean() - r_s[:4].mean()
+    naive = -gap + beta * bt + l2 * 0.5 * ((r_t**2).mean() + (r_s**2).mean())
+    terms = losses.critic_lagrangian(r_t, r_s, pref, teacher_pair, beta, l2)
     torch.testing.assert_close(terms["loss"], naive)
     torch.testing.assert_close(terms["bt"], bt)
+    torch.testing.assert_close(terms["gap"], gap)
     assert torch.autograd.gradcheck(
-        lambda a, b: losses.critic_lagrangian(a, b, pref, beta, l2)["loss"],
+        lambda a, b: losses.critic_lagrangian(a, b, pref, teacher_pair, beta, l2)["loss"],
         (r_t.clone().requires_grad_(), r_s.clone().requires_grad_()),
     )
+
+
+def test_sample_pairs_enter_bradley_terry_but_not_the_gap():
+    """Defect 1 of the rollouts issue: a sample pair's reward difference must not count as J(π_T) − J(π_θ)."""
+    teacher_pairs = losses.critic_lagrangian(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([1]),
+                                             torch.tensor([True]), beta=1.0, l2=0.0)
+    with_sample_pair = losses.critic_lagrangian(torch.tensor([1.0, 9.0]), torch.tensor([0.0, -9.0]), torch.tensor([1, 1]),
+                                                torch.tensor([True, False]), beta=1.0, l2=0.0)
+    assert with_sample_pair["gap"].item() == pytest.approx(teacher_pairs["gap"].item()) == pytest.approx(1.0)
+    assert with_sample_pair["bt"].item() < teacher_pairs["bt"].item()  # the confident sample pair lowers the mean BT
 
 
 def test_critic_lagrangian_ascends_the_gap():
     r_t = torch.zeros(4, requires_grad=True)
     r_s = torch.zeros(4, requires_grad=True)
-    losses.critic_lagrangian(r_t, r_s, torch.ones(4), beta=1.0, l2=0.0)["loss"].backward()
+    losses.critic_lagrangian(r_t, r_s, torch.ones(4), torch.ones(4, dtype=torch.bool), beta=1.0, l2=0.0)["loss"].backward()
     assert (r_t.grad < 0).all() and (r_s.grad > 0).all()  # descent on the loss raises r(y_T), lowers r(y_S)
 
 
@@ -111,20 +124,50 @@ def test_clipped_surrogate_has_gradient_inside_the_clip_region():
     assert logp.grad.item() == pytest.approx(-2.0) and clip_frac.item() == 0.0
 
 
-def test_kl_to_reference_is_zero_for_identical_policies_and_positive_otherwise():
-    logp = torch.log(torch.tensor([[0.2, 0.5]]))
-    mask = torch.ones(1, 2)
-    assert losses.kl_to_reference(logp, logp, mask).item() == pytest.approx(0.0)
-    assert losses.kl_to_reference(logp, logp - 0.5, mask).item() > 0
-
-
-def test_kl_estimator_is_unbiased_for_the_true_kl():
+def test_kl_to_reference_is_zero_for_identical_policies_and_exact_otherwise():
     torch.manual_seed(3)
-    p_logits, q_logits = torch.randn(6), torch.randn(6)
-    p, logp, logq = p_logits.softmax(0), p_logits.log_softmax(0), q_logits.log_softmax(0)
-    samples = torch.multinomial(p, 200_000, replacement=True)
-    estimate = losses.kl_to_reference(logp[samples][None], logq[samples][None], torch.ones(1, samples.numel()))
-    assert estimate.item() == pytest.approx((p * (logp - logq)).sum().item(), rel=0.03)
+    student, reference = torch.randn(4, 6, dtype=torch.double), torch.randn(4, 6, dtype=torch.double)
+    assert losses.kl_to_reference(student, student).item() == pytest.approx(0.0, abs=1e-12)
+    p, logp, logq = student.softmax(-1), student.log_softmax(-1), reference.log_softmax(-1)
+    exact = (p * (logp - logq)).sum(-1).mean()
+    assert losses.kl_to_reference(student, reference).item() == pytest.approx(exact.item(), rel=1e-10)
+
+
+def test_kl_to_reference_has_the_gradient_of_kl_student_to_reference():
+    """Defect 5: the old per-token k3 estimator's expected gradient was that of KL(π_ref ‖ π_θ). On an exact
+    5-action distribution the new term's gradient is ∇ KL(π_θ ‖ π_ref), and differs from the other direction's."""
+    torch.manual_seed(4)
+    logits, reference = torch.randn(1, 5, dtype=torch.double, requires_grad=True), torch.randn(1, 5, dtype=torch.double)
+    losses.kl_to_reference(logits, reference).backward()
+    target = logits.detach().clone().requires_grad_()
+    p = target.softmax(-1)
+    (p * (target.log_softmax(-1) - reference.log_softmax(-1))).sum().backward()
+    torch.testing.assert_close(logits.grad, target.grad)
+    other = logits.detach().clone().requires_grad_()
+    (reference.softmax(-1) * (reference.log_softmax(-1) - other.log_softmax(-1))).sum().backward()
+    assert (other.grad - logits.grad).abs().max() > 1e-3
+
+
+def test_sampling_logits_follow_temperature_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
+    torch.testing.assert_close(losses.sampling_logits(logits, temperature=0.5), logits / 0.5)
+    assert losses.sampling_logits(logits, top_k=2).isinf().tolist() == [[True, True, False, False]]
+    # nucleus 0.6: 0.4 + 0.3 ≥ 0.6, so the two least likely tokens go (Hugging Face's TopPLogitsWarper rule)
+    kept = losses.sampling_logits(logits, top_p=0.6).isfinite().tolist()
+    assert kept == [[False, False, True, True]]
+    from transformers import TopPLogitsWarper, TopKLogitsWarper
+
+    torch.manual_seed(5)
+    wide = torch.randn(8, 50)
+    torch.testing.assert_close(losses.sampling_logits(wide, top_p=0.8), TopPLogitsWarper(0.8)(None, wide.clone()))
+    torch.testing.assert_close(losses.sampling_logits(wide, top_k=7), TopKLogitsWarper(7)(None, wide.clone()))
+
+
+def test_policy_logprobs_are_the_log_softmax_of_the_sampling_logits():
+    torch.manual_seed(6)
+    logits, actions = torch.randn(5, 9), torch.randint(9, (5,))
+    expected = (logits / 0.7).log_softmax(-1).gather(-1, actions[:, None]).squeeze(-1)
+    torch.testing.assert_close(losses.policy_logprobs(logits, actions, temperature=0.7), expected)
 
 
 def test_sequence_nll_is_mean_over_scored_tokens():

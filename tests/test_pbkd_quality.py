@@ -5,10 +5,9 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from conftest import run_cli, tiny_args, tiny_modules, tiny_trainer
+from conftest import run_cli, scalars, tiny_args, tiny_modules, tiny_trainer
 from pbkd_lightning.data.labelers import label_pair, sample_pairs
 from pbkd_lightning.objectives import BlackBoxPbKD, WhiteBoxPbKD
-from test_fit import scalars
 
 
 def test_both_labeler_lets_the_verifier_decide_and_the_teacher_break_its_ties():
@@ -48,7 +47,7 @@ def test_several_critic_steps_per_student_step(tmp_path):
     assert (critic_scheduler.last_epoch, student_scheduler.last_epoch) == (6, 2)
     [batches] = [b for _, b in zip(range(1), trainer.train_dataloader["critic"])]
     assert isinstance(batches, list) and len(batches) == 3
-    assert all(b["preference"].shape == (8,) for b in batches)  # each critic step sees critic_batch_size pairs
+    assert all(b.preference.shape == (8,) for b in batches)  # each critic step sees critic_batch_size pairs
 
 
 def test_old_pairs_are_drawn_less_often_with_buffer_decay(tmp_path):
@@ -95,7 +94,7 @@ def test_held_out_ranking_accuracy_orders_a_prompts_samples_as_the_verifier(tmp_
         expected = []
         for record, group in zip(records, samples):
             for better, worse in sample_pairs(record, group):
-                scores = module.reward(encoder.batch([record["prompt"]] * 2, [better, worse]))
+                scores = module.reward(encoder.batch([record["prompt"]] * 2, [better, worse]).to(module.device))
                 expected.append(float(scores[0] > scores[1]))
     assert len(expected) >= 2 * len(records)
     assert float(module.heldout_rank_acc.compute()) == pytest.approx(sum(expected) / len(expected))
@@ -105,11 +104,16 @@ def test_sample_pairs_reach_the_reward_model_and_not_a_q_head(tmp_path):
     module, datamodule = tiny_modules(tmp_path, sample_pairs=True, samples_per_prompt=4)
     trainer = tiny_trainer(tmp_path / "run", max_steps=1, limit_val_batches=0)
     trainer.fit(module, datamodule)
+    from pbkd_lightning.sequences import Rollout
+
+    record = next(r for r in datamodule.train_records if r["task"] == "arithmetic")
+    right, wrong = (Rollout(text, [5, 6], [-1.0, -1.0, -1.0], True) for text in (record["reference"], "#### -1"))
+    datamodule._groups = [{**record, "rollouts": [wrong, right], "preferences": [1, 0], "iteration": 0}]
     pairs = datamodule.critic_pairs(0)
-    among_samples = [p for p in pairs if p["row"] is None]
-    for pair in among_samples:
-        group = next(g for g in datamodule._groups if g["prompt"] == pair["prompt"])
-        assert pair["preference"] == 1 and {pair["teacher"], pair["student"]} <= {s.strip() for s in group["samples"]}
+    among_samples = [p for p in pairs if not p["teacher_pair"]]
+    # the verifier's better sample is chosen, both sides as sampled (their tokens, not re-tokenised text)
+    assert [(p["chosen"], p["rejected"], p["preference"], p["row"]) for p in among_samples] == [(right, wrong, 1, None)]
+    assert [p["rejected"] for p in pairs if p["teacher_pair"]] == [wrong]  # the identical text carries no preference
     from pbkd_lightning.models.teacher import TeacherModel
 
     from pbkd_lightning.models import ModelSpec

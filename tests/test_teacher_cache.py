@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pbkd_lightning.data.teacher_cache as cache_code
-from pbkd_lightning.data.collate import Encoder
+from pbkd_lightning.sequences import Encoder
 from pbkd_lightning.data.teacher_cache import TeacherCache, write_teacher_cache
 from pbkd_lightning.losses import forward_kl
 from pbkd_lightning.models.loading import ModelSpec, load_causal_lm
@@ -21,7 +21,7 @@ def teacher():
 def direct_top_k(model, encoder, k):
     batch = encoder.batch([p for p, _ in SEQUENCES], [r for _, r in SEQUENCES])
     with torch.no_grad():
-        logprobs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].log_softmax(-1)
+        logprobs = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].log_softmax(-1)
     return batch, logprobs, logprobs.topk(k, dim=-1)
 
 
@@ -31,8 +31,8 @@ def test_cache_round_trip_and_size(teacher, tmp_path):
     assert [s["count"] for s in index["shards"]] == [3, 3, 1]
     batch, _, (top, ids) = direct_top_k(model, encoder, 8)
     cache = TeacherCache(str(tmp_path / "c"))
-    sparse = cache.batch(list(range(7)), batch["response_mask"])
-    mask = batch["response_mask"][:, 1:].bool()
+    sparse = cache.batch(list(range(7)), batch.loss_mask)
+    mask = batch.loss_mask[:, 1:].bool()
     torch.testing.assert_close(sparse.logprobs[mask], top[mask].half().float())
     assert torch.equal(sparse.indices[mask], ids[mask])
     torch.testing.assert_close(sparse.leftover[mask], 1 - top[mask].exp().sum(-1), atol=1e-6, rtol=1e-5)
@@ -83,6 +83,6 @@ def test_a_full_vocabulary_cache_gives_the_dense_loss(teacher, tmp_path):
     write_teacher_cache(model, encoder, SEQUENCES, str(tmp_path / "c"), k=vocabulary, shard_size=4)
     batch, logprobs, _ = direct_top_k(model, encoder, 1)
     student = torch.randn(*logprobs.shape)
-    labels = torch.where(batch["response_mask"][:, 1:].bool(), batch["input_ids"][:, 1:], -100)
-    sparse = TeacherCache(str(tmp_path / "c")).batch(list(range(7)), batch["response_mask"])
+    labels = torch.where(batch.loss_mask[:, 1:].bool(), batch.input_ids[:, 1:], -100)
+    sparse = TeacherCache(str(tmp_path / "c")).batch(list(range(7)), batch.loss_mask)
     torch.testing.assert_close(forward_kl(student, sparse, labels), forward_kl(student, logprobs, labels), atol=2e-3, rtol=1e-3)

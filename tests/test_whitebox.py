@@ -1,6 +1,7 @@
 """White-box methods: the Q-head's losses, the two players of MM PbKD, divergence baselines, teachers and the cache."""
 
 import glob
+from dataclasses import replace
 import json
 import os
 
@@ -8,13 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_cli, tiny_args
-from test_fit import scalars
+from conftest import TINY_TEACHER, run_cli, tiny_args
+from conftest import scalars
 
+from pbkd_lightning.objectives.base import Share
 from pbkd_lightning.losses import SparseTeacher, dense_teacher_probs, moment_matching_gap, q_induced_returns
 
-TINY_TEACHER = ["--model.teacher.layers=1", "--model.teacher.hidden=64", "--model.teacher.heads=2",
-                "--model.teacher.train_steps=20"]
 
 
 def whitebox_fit(root, *extra, config="configs/whitebox.yaml"):
@@ -70,7 +70,7 @@ def _fixed_batches(cli):
 
 def _gap(module, objective, critic_batch):
     with torch.no_grad():
-        return objective.critic_loss(module, critic_batch)["gap"].item()
+        return objective.critic_loss(module.players, critic_batch, Share.whole(critic_batch))["gap"].item()
 
 
 def test_whitebox_fit_logs_its_terms_and_heldout_scores(whitebox_run):
@@ -96,7 +96,7 @@ def test_critic_step_raises_the_gap_and_student_step_lowers_it(whitebox_run):
     critic_optimizer = torch.optim.SGD(module.critic.parameters(), lr=0.5)
     for _ in range(3):
         critic_optimizer.zero_grad()
-        objective.critic_loss(module, critic_batch)["loss"].backward()
+        objective.critic_loss(module.players, critic_batch, Share.whole(critic_batch))["loss"].backward()
         critic_optimizer.step()
     critic_optimizer.zero_grad(set_to_none=True)
     after_critic = _gap(module, objective, critic_batch)
@@ -105,7 +105,7 @@ def test_critic_step_raises_the_gap_and_student_step_lowers_it(whitebox_run):
     student_optimizer = torch.optim.SGD(module.student.parameters(), lr=0.5)
     for _ in range(3):
         student_optimizer.zero_grad()
-        objective.student_loss(module, student_batch)["loss"].backward()
+        objective.student_loss(module.players, student_batch, Share.whole(student_batch))["loss"].backward()
         assert all(p.grad is None for p in module.critic.parameters())  # Q is frozen in the student step
         student_optimizer.step()
     assert _gap(module, objective, critic_batch) < after_critic - 1e-5
@@ -125,16 +125,16 @@ def test_each_divergence_baseline_config_trains_two_steps(tmp_path, name):
 
 
 def test_on_policy_batches_are_sampled_from_the_current_student(tmp_path, monkeypatch):
-    from pbkd_lightning.module import DistillationModule
+    from pbkd_lightning.players import Players
 
     calls = []
-    original = DistillationModule.sample_sequences
+    original = Players.sample
 
     def spy(self, prompts, model=None):
         calls.append(model)
         return original(self, prompts, model)
 
-    monkeypatch.setattr(DistillationModule, "sample_sequences", spy)
+    monkeypatch.setattr(Players, "sample", spy)
     whitebox_fit(tmp_path / "run", "--trainer.limit_train_batches=3", "--model.objective.on_policy_fraction=1.0",
                  config="configs/baselines/gkd.yaml")
     assert calls == [None, None, None]  # every batch, from the student (model=None)
@@ -172,11 +172,11 @@ def test_forward_kl_from_the_cache_equals_the_dense_teacher_at_full_k(tmp_path):
     from pbkd_lightning.models.teacher import load_teacher
 
     teacher, _ = load_teacher(module.teacher_config, data.train_records, 96, data.generation.max_new_tokens)
-    module._frozen["teacher"] = teacher
+    module.players.teacher = teacher
     with torch.no_grad():
-        _, logits = module.scored_rows(batch["teacher"])
-        cached = divergence_loss("forward_kl", logits, batch["teacher"]["teacher_topk"], 0.5, 0.1, 1.0, False)
-        dense = divergence_loss("forward_kl", logits, module.teacher_rows({k: v for k, v in batch["teacher"].items() if k != "teacher_topk"}), 0.5, 0.1, 1.0, False)
+        _, logits = module.players.rows(batch.teacher)
+        cached = divergence_loss("forward_kl", logits, batch.teacher.teacher_topk, 0.5, 0.1, 1.0, False)
+        dense = divergence_loss("forward_kl", logits, module.players.teacher_rows(replace(batch.teacher, teacher_topk=None)), 0.5, 0.1, 1.0, False)
     assert cached.item() == pytest.approx(dense.item(), rel=2e-3)  # float16 log-probabilities in the cache
 
 
@@ -242,10 +242,10 @@ def test_scored_rows_are_the_full_forward_at_response_positions(tmp_path):
 
     module, datamodule = tiny_modules(tmp_path)
     tiny_trainer(tmp_path / "run", max_steps=1, limit_val_batches=0).fit(module, datamodule)
-    batch = next(iter(datamodule.train_dataloader()["student"]))["teacher"]
-    hidden, logits = module.scored_rows(batch)
-    full = module.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-    positions = batch["response_mask"][:, 1:].bool()
+    batch = next(iter(datamodule.train_dataloader()["student"])).teacher
+    hidden, logits = module.players.rows(batch)
+    full = module.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+    positions = batch.scored_positions
     assert logits.shape == (int(positions.sum()), module.student.config.vocab_size)
     assert torch.allclose(logits, full.logits[:, :-1][positions], atol=1e-5)
     assert torch.allclose(hidden, full.hidden_states[-1][:, :-1][positions], atol=1e-5)

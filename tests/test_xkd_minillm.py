@@ -6,12 +6,11 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from conftest import run_cli, tiny_args
-from test_fit import scalars
-from test_whitebox import TINY_TEACHER
+from conftest import TINY_TEACHER, run_cli, scalars, tiny_args
 
 from pbkd_lightning.eval.diversity import distinct_n, diversity, self_bleu
 from pbkd_lightning.losses import avril_terms, future_rewards, next_token_values
+from pbkd_lightning.objectives.base import Share
 
 
 # ---------------------------------------------------------------------------- X-KD
@@ -52,12 +51,13 @@ def test_xkd_gradients_reach_the_reward_head_and_the_student(xkd_run):
     _, cli = xkd_run
     module = cli.model
     batch = next(iter(cli.datamodule.train_dataloader()))
+    share = Share.whole(batch)
     module.zero_grad(set_to_none=True)
-    module.objective.student_loss(module, batch)["loss"].backward()
+    module.objective.student_loss(module.players, batch, share)["loss"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.critic.parameters())
     assert module.student.get_input_embeddings().weight.grad.abs().sum() > 0
     module.zero_grad(set_to_none=True)
-    module.objective.critic_loss(module, batch)["loss"].backward()
+    module.objective.critic_loss(module.players, batch, share)["loss"].backward()
     assert all(p.grad.abs().sum() > 0 for p in module.critic.parameters())
 
 
@@ -92,18 +92,25 @@ def test_minillm_advantages_by_hand():
 
 
 def test_teacher_mixed_sampling_at_the_ends_is_each_model_alone():
-    from pbkd_lightning.data.generation import GenerationConfig, generate, generate_mixed
+    from pbkd_lightning.data.generation import GenerationConfig, generate, sample_mixed_rollouts
     from pbkd_lightning.models import ModelSpec, load_causal_lm
 
     student, tokenizer = load_causal_lm(ModelSpec(layers=1, hidden=32, heads=2, init_seed=0))
     teacher, _ = load_causal_lm(ModelSpec(layers=1, hidden=32, heads=2, init_seed=1))
     prompts, greedy = ["ab cd\n", "Reverse: x y z\n", "q"], GenerationConfig(max_new_tokens=8, temperature=0.0)
     for mix, alone in ((0.0, student), (1.0, teacher)):
-        mixed, stats = generate_mixed(student, teacher, tokenizer, prompts, greedy, 1, 2, teacher_mix=mix)
+        mixed, stats = sample_mixed_rollouts(student, teacher, tokenizer, prompts, greedy, 1, 2, teacher_mix=mix)
         reference, _ = generate(alone, tokenizer, prompts, greedy, 1, 2)
-        assert mixed == reference and stats["tokens"] > 0
-    sampled, _ = generate_mixed(student, teacher, tokenizer, prompts, GenerationConfig(max_new_tokens=8), 3, 8)
+        assert [[r.text for r in group] for group in mixed] == reference and stats["tokens"] > 0
+    sampled, _ = sample_mixed_rollouts(student, teacher, tokenizer, prompts, GenerationConfig(max_new_tokens=8), 3, 8)
     assert [len(group) for group in sampled] == [3, 3, 3]
+    # each rollout keeps the student's own log π of the tokens the mixture drew (MiniLLM's π_old)
+    rollout = sampled[0][0]
+    ids = tokenizer(prompts[0], add_special_tokens=False)["input_ids"] + rollout.token_ids
+    with torch.no_grad():
+        logits = student(input_ids=torch.tensor([ids])).logits[0, -len(rollout.token_ids) - 1 : -1]
+    expected = logits.log_softmax(-1).gather(-1, torch.tensor(rollout.token_ids)[:, None]).squeeze(-1)
+    assert rollout.logprobs[: len(rollout.token_ids)] == pytest.approx(expected.tolist(), abs=1e-4)
 
 
 def test_minillm_config_runs_two_on_policy_epochs(tmp_path):

@@ -6,7 +6,8 @@ import json
 import math
 import os
 import random
-from typing import Literal, Optional
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional
 
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
@@ -15,19 +16,36 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
 from pbkd_lightning.config import plain
-from pbkd_lightning.data.collate import (
-    CriticCollate,
-    Encoder,
-    StudentCollate,
-    collate_records,
-    gather_response_logprobs,
-)
+from pbkd_lightning.data.collate import CriticCollate, StudentCollate, collate_records
 from pbkd_lightning.data.generation import GenerationConfig
 from pbkd_lightning.data.labelers import label_pair, sample_pairs
 from pbkd_lightning.data.records import DataError, read_jsonl, read_prompts, write_jsonl_atomic
 from pbkd_lightning.data.teachers import TaskProgramTeacher, Teacher
-from pbkd_lightning.models.critic import response_token_logprobs
+from pbkd_lightning.sequences import Encoder, Rollout
 from pbkd_lightning.tasks import get_task
+
+
+@dataclass
+class DataConnection:
+    """What the data module learns from the module once the models are loaded (:meth:`PreferenceDataModule.connect`).
+
+    The data module never reads the LightningModule: it samples through ``rollout`` and tokenises with these
+    tokenizers, and the module never writes into it.
+    """
+
+    tokenizer: object
+    """The student's tokenizer."""
+    critic_tokenizer: object = None
+    """The critic's, when it has its own (a reward model copied from the teacher); None: the student's."""
+    rollout: Optional[Callable] = None
+    """``rollout(prompts, k) -> (rollouts, stats)``: K :class:`~pbkd_lightning.sequences.Rollout` per prompt from the
+    current policy; needed when ``needs_samples``."""
+    needs_samples: bool = False
+    needs_pairs: bool = False
+    critic_steps: int = 1
+    critic_takes_sample_pairs: bool = False
+    teacher_cache: object = None
+    """A finished :class:`~pbkd_lightning.data.teacher_cache.TeacherCache` of the training teacher sequences, or None."""
 
 
 class PreferenceDataModule(LightningDataModule):
@@ -115,13 +133,19 @@ class PreferenceDataModule(LightningDataModule):
             get_task(task)
         self.teacher = teacher if teacher is not None else TaskProgramTeacher()
         self.generation = generation  # hparams may hold it as a plain dict under LightningCLI
+        # A model teacher answers within the response limit unless told otherwise; a longer answer would be cut.
+        if hasattr(self.teacher, "max_new_tokens") and self.teacher.max_new_tokens is None:
+            self.teacher.set_max_new_tokens(generation.max_new_tokens)
+        elif getattr(self.teacher, "max_new_tokens", 0) > generation.max_new_tokens:
+            rank_zero_warn(f"the teacher answers with up to {self.teacher.max_new_tokens} tokens but responses are cut at "
+                           f"`data.generation.max_new_tokens` ({generation.max_new_tokens}); raise it to keep whole answers")
+        self.connection: Optional[DataConnection] = None
         self.train_records: list[dict] = []
         self.val_records: list[dict] = []
         self.stats: dict[str, float] = {}
         self._groups: list[dict] = []
         self._groups_iteration: Optional[int] = None
         self._buffer_checked = False
-        self.teacher_cache = None  # a TeacherCache, attached by the module once it is written
 
     # ------------------------------------------------------------------ setup (no model needed)
     def setup(self, stage: str) -> None:
@@ -190,11 +214,35 @@ class PreferenceDataModule(LightningDataModule):
 
     def _load_iteration(self, iteration: int) -> list[dict]:
         path = self._iteration_path(iteration)
-        return read_jsonl(path, {"prompt": str, "teacher": str, "samples": list, "preferences": list})
+        fields = {"prompt": str, "teacher": str, "samples": list, "sample_ids": list, "old_logprobs": list, "ended": list,
+                  "preferences": list}
+        return [_restored(g) for g in read_jsonl(path, fields)]
+
+    def connect(self, connection: DataConnection) -> None:
+        """Late settings from the module (tokenizers, the rollout function, what the objective needs), called once
+        the models are loaded and before any training data is built; checks the training teacher texts against the
+        response limit."""
+        self.connection = connection
+        encoder = self.encoder(connection.tokenizer)
+        for record in self.train_records:
+            encoder.response_ids(record["teacher"])
+        self.stats["data/truncated_teacher_responses"] = float(encoder.truncated)
+        self._warn_truncated(encoder.truncated, "teacher responses")
+
+    def _warn_truncated(self, count: int, what: str) -> None:
+        if count:
+            rank_zero_warn(f"{count} {what} are longer than `data.generation.max_new_tokens` "
+                           f"({self.generation.max_new_tokens} tokens): they are cut there and get no eos (the student "
+                           "is not taught to stop mid-answer); raise `data.generation.max_new_tokens` to keep them whole")
+
+    def _connected(self) -> DataConnection:
+        if self.connection is None:
+            raise RuntimeError("the data module is not connected: the module calls `datamodule.connect(...)` in its setup")
+        return self.connection
 
     def _make_iteration(self, iteration: int) -> list[dict]:
-        """Sample K responses per training prompt from the current student and label them."""
-        module, h = self.trainer.lightning_module, self.hparams
+        """Sample K responses per training prompt from the current policy and label them."""
+        connection, h = self._connected(), self.hparams
         records = self.train_records
         if h.prompts_per_iteration is not None and h.prompts_per_iteration < len(records):
             rng = random.Random(h.seed * 100_003 + iteration)
@@ -205,22 +253,26 @@ class PreferenceDataModule(LightningDataModule):
         prompts = [r["prompt"] for r in records[rank::world]]
         share = -(-len(records) // world)  # every rank samples as many prompts (a sharded student decodes in step)
         padded = prompts + [records[0]["prompt"]] * (share - len(prompts))
-        mine, stats = module.objective.sample(module, padded, h.samples_per_prompt, self.generation, h.generation_batch_size,
-                                              h.max_prompt_tokens)
+        mine, stats = connection.rollout(padded, h.samples_per_prompt)
         mine = mine[: len(prompts)]
-        responses, tokens_per_s = mine, stats["tokens"] / max(stats["seconds"], 1e-9)
+        rollouts, tokens_per_s = mine, stats["tokens"] / max(stats["seconds"], 1e-9)
         if world > 1:
             pieces = [None] * world
             torch.distributed.all_gather_object(pieces, (mine, tokens_per_s))
-            responses = [pieces[i % world][0][i // world] for i in range(len(records))]
+            rollouts = [pieces[i % world][0][i // world] for i in range(len(records))]
             tokens_per_s = sum(rate for _, rate in pieces)  # the ranks sample at the same time
         self.stats["gen/tokens_per_s"] = tokens_per_s
+        cut = sum(not r.ended for group in rollouts for r in group)
+        self.stats["data/truncated_samples"] = float(cut)
+        if cut:
+            rank_zero_info(f"data: iteration {iteration}: {cut} samples reached `data.generation.max_new_tokens` "
+                           f"({self.generation.max_new_tokens}) without eos; they are scored without one")
         groups = []
-        for record, samples in zip(records, responses):
-            preferences = [label_pair(h.labeler, record, record["teacher"], s) for s in samples]
-            groups.append({**record, "samples": samples, "preferences": preferences, "iteration": iteration})
+        for record, group in zip(records, rollouts):
+            preferences = [label_pair(h.labeler, record, record["teacher"], r.text) for r in group]
+            groups.append({**record, "rollouts": group, "preferences": preferences, "iteration": iteration})
         if self.trainer.is_global_zero:
-            write_jsonl_atomic(self._iteration_path(iteration), groups)
+            write_jsonl_atomic(self._iteration_path(iteration), (_stored(g) for g in groups))
         return groups
 
     def _groups_for(self, iteration: int) -> list[dict]:
@@ -237,34 +289,13 @@ class PreferenceDataModule(LightningDataModule):
                 self._groups = self._load_iteration(iteration)
             else:
                 self._groups = self._make_iteration(iteration)
-            self._attach_old_logprobs(self._groups)
             self._groups_iteration = iteration
         return self._groups
 
-    @torch.no_grad()
-    def _attach_old_logprobs(self, groups: list[dict]) -> None:
-        """log π_old of every sampled token, from the student as it is now (the policy that sampled them)."""
-        module = self.trainer.lightning_module
-        encoder = self.encoder(module.tokenizer)
-        was_training = module.student.training
-        module.student.eval()
-        try:
-            for begin in range(0, len(groups), self.hparams.generation_batch_size):
-                chunk = groups[begin : begin + self.hparams.generation_batch_size]
-                samples = encoder.batch([g["prompt"] for g in chunk for _ in g["samples"]], [s for g in chunk for s in g["samples"]])
-                samples = {k: v.to(module.device) for k, v in samples.items()}
-                logprobs = response_token_logprobs(module.student, samples["input_ids"], samples["attention_mask"])
-                rows = gather_response_logprobs(logprobs, samples["response_mask"])
-                k = len(chunk[0]["samples"])
-                for index, group in enumerate(chunk):
-                    group["old_logprobs"] = rows[index * k : (index + 1) * k]
-        finally:
-            module.student.train(was_training)
-
     def critic_pairs(self, upto_iteration: int) -> list[dict]:
-        """Teacher-vs-student pairs of the buffered iterations (identical texts carry no information and are left
-        out), and with ``sample_pairs`` the verifier's better-vs-worse pairs among each prompt's samples (the
-        better one in the ``teacher`` slot, ``row`` None). Each pair keeps the ``iteration`` that made it."""
+        """Teacher pairs of the buffered iterations (teacher response vs each sample; identical texts carry no
+        information and are left out), and with ``sample_pairs`` the verifier's better-vs-worse pairs among each
+        prompt's samples (``teacher_pair`` False, ``row`` None). Each pair keeps the ``iteration`` that made it."""
         first = 0
         if self.hparams.buffer_iterations is not None:
             first = max(0, upto_iteration - self.hparams.buffer_iterations + 1)
@@ -272,13 +303,16 @@ class PreferenceDataModule(LightningDataModule):
         for iteration in range(first, upto_iteration + 1):
             groups = self._groups if iteration == self._groups_iteration else self._load_iteration(iteration)
             for group in groups:
-                for sample, preference in zip(group["samples"], group["preferences"]):
-                    if sample.strip() != group["teacher"].strip():
-                        pairs.append({"prompt": group["prompt"], "teacher": group["teacher"], "student": sample,
-                                      "preference": preference, "row": group.get("row"), "iteration": iteration})
+                for rollout, preference in zip(group["rollouts"], group["preferences"]):
+                    if rollout.text.strip() != group["teacher"].strip():
+                        pairs.append({"prompt": group["prompt"], "chosen": group["teacher"], "rejected": rollout,
+                                      "preference": preference, "teacher_pair": True, "row": group.get("row"),
+                                      "iteration": iteration})
                 if self.hparams.sample_pairs:
-                    pairs += [{"prompt": group["prompt"], "teacher": better, "student": worse, "preference": 1,
-                               "row": None, "iteration": iteration} for better, worse in sample_pairs(group, group["samples"])]
+                    by_text = {r.text.strip(): r for r in group["rollouts"]}
+                    pairs += [{"prompt": group["prompt"], "chosen": by_text[better], "rejected": by_text[worse],
+                               "preference": 1, "teacher_pair": False, "row": None, "iteration": iteration}
+                              for better, worse in sample_pairs(group, [r.text for r in group["rollouts"]])]
         return pairs
 
     # ------------------------------------------------------------------ loaders
@@ -297,43 +331,47 @@ class PreferenceDataModule(LightningDataModule):
             rank_zero_warn(f"{len(too_long)} prompts are longer than {encoder.max_prompt_tokens} tokens; keeping their end")
 
     def train_dataloader(self):
-        module = self.trainer.lightning_module
-        student_encoder = self.encoder(module.tokenizer)
+        connection = self._connected()
+        student_encoder = self.encoder(connection.tokenizer)
         if "data/truncated_prompts" not in self.stats:
             self._check_prompt_lengths(student_encoder)
         iteration = self.trainer.current_epoch if self.hparams.online else 0
-        if not module.needs_samples:
+        if not connection.needs_samples:
             items = [{"prompt": r["prompt"], "teacher": r["teacher"], "row": r["row"]} for r in self.train_records]
-            collate = StudentCollate(student_encoder, teacher_cache=self.teacher_cache)
+            collate = StudentCollate(student_encoder, teacher_cache=connection.teacher_cache)
             return self._loader(items, self.hparams.batch_size, collate, shuffle=True)
         groups = self._groups_for(iteration)
-        critic_encoder = self.encoder(module.critic_tokenizer) if module.critic_tokenizer is not module.tokenizer else None
-        collate = StudentCollate(student_encoder, critic_encoder, self.teacher_cache)
+        own_critic_tokenizer = connection.critic_tokenizer is not None and connection.critic_tokenizer is not connection.tokenizer
+        critic_encoder = self.encoder(connection.critic_tokenizer) if own_critic_tokenizer else None
+        collate = StudentCollate(student_encoder, critic_encoder, connection.teacher_cache)
         student_loader = self._loader(groups, self.hparams.batch_size, collate, True)
-        if not module.needs_pairs:
+        if not connection.needs_pairs:
             return student_loader
-        if self.hparams.sample_pairs and not module.objective.critic_takes_sample_pairs:
-            raise ValueError(f"`data.sample_pairs` is for black-box PbKD's reward model; {type(module.objective).__name__}'s "
-                             "critic reads the teacher's side of every pair as a teacher sequence")
+        if self.hparams.sample_pairs and not connection.critic_takes_sample_pairs:
+            raise ValueError("`data.sample_pairs` is for black-box PbKD's reward model; this objective's critic reads "
+                             "the chosen side of every pair as a teacher sequence")
         pairs = self.critic_pairs(iteration)
         self.stats["data/buffer_pairs"] = float(len(pairs))
-        self.stats["data/pairs_teacher_preferred"] = float(sum(p["preference"] > 0 and p["row"] is not None for p in pairs))
+        self.stats["data/teacher_pairs"] = float(sum(p["teacher_pair"] for p in pairs))
+        self.stats["data/pairs_teacher_preferred"] = float(sum(p["preference"] > 0 and p["teacher_pair"] for p in pairs))
         if not pairs:
             raise DataError("no preference pair differs from its teacher response: nothing for the critic to learn")
         # `critic_steps` critic batches per student batch, drawn from the whole buffer, so a step costs the same in
         # every iteration; older pairs drawn less often when `buffer_decay` < 1.
-        steps = module.objective.critic_steps
+        steps = connection.critic_steps
         count = len(student_loader) * self.hparams.critic_batch_size * steps
         if self.hparams.buffer_decay < 1:
             weights = [self.hparams.buffer_decay ** (iteration - p["iteration"]) for p in pairs]
             sampler = WeightedRandomSampler(weights, num_samples=count)
         else:
             sampler = RandomSampler(pairs, num_samples=count)
+        critic_tokenizer = connection.critic_tokenizer or connection.tokenizer
         critic_loader = DataLoader(
             pairs,
             batch_size=self.hparams.critic_batch_size * steps,
             sampler=sampler,
-            collate_fn=CriticCollate(self.encoder(module.critic_tokenizer), self.teacher_cache, steps),
+            collate_fn=CriticCollate(self.encoder(critic_tokenizer), connection.teacher_cache, steps,
+                                     sampled_tokens=not own_critic_tokenizer),
             num_workers=self.hparams.num_workers,
         )
         return {"student": student_loader, "critic": critic_loader}
@@ -359,3 +397,18 @@ class PreferenceDataModule(LightningDataModule):
         return DataLoader(
             items, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, num_workers=self.hparams.num_workers
         )
+
+
+def _stored(group: dict) -> dict:
+    """A buffer group as JSON: each sample's text, its tokens as sampled, log π_old and whether it ended."""
+    stored = {k: v for k, v in group.items() if k != "rollouts"}
+    rollouts = group["rollouts"]
+    stored.update(samples=[r.text for r in rollouts], sample_ids=[r.token_ids for r in rollouts],
+                  old_logprobs=[r.logprobs for r in rollouts], ended=[r.ended for r in rollouts])
+    return stored
+
+
+def _restored(stored: dict) -> dict:
+    group = {k: v for k, v in stored.items() if k not in ("samples", "sample_ids", "old_logprobs", "ended")}
+    group["rollouts"] = [Rollout(*fields) for fields in zip(stored["samples"], stored["sample_ids"], stored["old_logprobs"], stored["ended"])]
+    return group

@@ -1,47 +1,80 @@
-"""Batched sampling from a causal LM with the KV cache."""
+"""Batched sampling from a causal LM with the KV cache: rollouts that keep what was sampled and its log π_old."""
 
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from jsonargparse.typing import NonNegativeFloat, PositiveInt
+import transformers
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
 
 from pbkd_lightning.config import TopP, validate_fields
-from pbkd_lightning.data.collate import render_prompt
+from pbkd_lightning.losses import sampling_logits
 from pbkd_lightning.parallel import is_sharded
+from pbkd_lightning.sequences import Rollout, render_prompt
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class GenerationConfig:
-    """How responses are sampled."""
+    """How responses are sampled. The same settings define π_old and π_θ in the policy losses."""
 
     max_new_tokens: PositiveInt = 40
-    """Longest response, in tokens."""
+    """Longest response, in tokens; a response cut here has no eos (it is not trained to stop)."""
     temperature: NonNegativeFloat = 1.0
     """Sampling temperature; 0 means greedy."""
     top_p: TopP = 1.0
     """Nucleus sampling mass, in (0, 1]."""
+    top_k: NonNegativeInt = 0
+    """Sample among the k most likely tokens only; 0 turns it off."""
 
     def __post_init__(self):
         validate_fields(self)
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+# Settings of a model's own generation_config that would change the sampled distribution behind our back.
+_OWN_PROCESSORS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "top_k": 50, "top_p": 1.0, "typical_p": 1.0,
+                   "min_p": None, "temperature": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_length": 0,
+                   "min_new_tokens": None, "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+                   "forced_bos_token_id": None, "forced_eos_token_id": None, "encoder_repetition_penalty": 1.0,
+                   "sequence_bias": None, "exponential_decay_length_penalty": None, "do_sample": False}
+_warned_models: set[int] = set()
+
 
 @contextmanager
 def _decoding(tokenizer, *models):
-    """Models in eval mode and the tokenizer padding and truncating on the left (generation continues
-    from the right edge); both restored afterwards."""
+    """Models in eval mode (dropout off, as in the policy losses), the tokenizer padding and truncating on the left
+    (generation continues from the right edge), and each model's own ``generation_config`` set aside: the sampled
+    distribution is the one our config names, nothing else. All restored afterwards."""
     modes = [m.training for m in models]
+    own = [getattr(m, "generation_config", None) for m in models]
     sides = tokenizer.padding_side, tokenizer.truncation_side
-    for model in models:
+    for model, config in zip(models, own):
         model.eval()
+        if config is not None:
+            changed = {k: getattr(config, k, None) for k, default in _OWN_PROCESSORS.items()
+                       if getattr(config, k, None) not in (default, None)}
+            changed.pop("do_sample", None)
+            if changed and id(model) not in _warned_models:
+                _warned_models.add(id(model))
+                logger.warning(f"sampling: the model's own generation_config settings {changed} are switched off; "
+                               "the sampler draws from `data.generation` alone, the distribution π_old describes")
+            model.generation_config = transformers.GenerationConfig()
     tokenizer.padding_side = tokenizer.truncation_side = "left"
     try:
         yield
     finally:
         tokenizer.padding_side, tokenizer.truncation_side = sides
-        for model, mode in zip(models, modes):
+        for model, mode, config in zip(models, modes, own):
             model.train(mode)
+            if config is not None:
+                model.generation_config = config
 
 
 def _encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int | None):
@@ -49,8 +82,46 @@ def _encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int | None
                      add_special_tokens=False, truncation=max_prompt_tokens is not None, max_length=max_prompt_tokens)
 
 
+class _SampleAndRecord(transformers.LogitsProcessor):
+    """The last logits processor: applies :func:`sampling_logits` (our temperature, top-k, top-p, vocabulary), and
+    records log π of the token drawn at each step from exactly those logits (one ``(B,)`` column a step; the
+    ``(B, V)`` log-softmax of the previous step is the only extra memory)."""
+
+    def __init__(self, config: GenerationConfig, vocabulary: int | None):
+        self.config, self.vocabulary = config, vocabulary
+        self.columns: list[torch.Tensor] = []
+        self._previous = None
+
+    def __call__(self, input_ids, scores):
+        self.take(input_ids[:, -1])
+        if self.vocabulary is not None and self.vocabulary < scores.shape[-1]:
+            scores = scores.clone()
+            scores[:, self.vocabulary :] = float("-inf")
+        scores = sampling_logits(scores.float(), self.config.temperature, self.config.top_k, self.config.top_p)
+        self._previous = torch.log_softmax(scores, dim=-1)
+        return scores
+
+    def take(self, tokens):
+        if self._previous is not None:
+            self.columns.append(self._previous.gather(-1, tokens[:, None]).squeeze(-1))
+            self._previous = None
+
+
+def _rollouts(tokens: torch.Tensor, logprobs: torch.Tensor, tokenizer) -> list[Rollout]:
+    """Cut each row of sampled tokens at its first eos; keep the tokens and their log π_old as sampled."""
+    eos = tokenizer.eos_token_id
+    out = []
+    for row, row_logprobs in zip(tokens.tolist(), logprobs.tolist()):
+        ended = eos in row
+        length = row.index(eos) if ended else len(row)
+        ids = row[:length]
+        out.append(Rollout(tokenizer.decode(ids, skip_special_tokens=True), ids,
+                           row_logprobs[: length + (1 if ended else 0)], ended))
+    return out
+
+
 @torch.no_grad()
-def generate(
+def sample_rollouts(
     model,
     tokenizer,
     prompts: list[str],
@@ -58,27 +129,33 @@ def generate(
     num_samples: int,
     batch_size: int,
     max_prompt_tokens: int | None = None,
+    vocabulary: int | None = None,
 ):
     """Sample ``num_samples`` responses per prompt; a prompt over ``max_prompt_tokens`` keeps its end.
 
+    Args:
+        vocabulary: sample only among the first this-many tokens (the vocabulary a white-box student shares with
+            its teacher; the policy losses crop the same columns).
+
     Returns:
-        ``(responses, stats)``: responses[i] is the list of num_samples texts for prompts[i]
-        (cut at the first end-of-sequence token); stats has ``tokens`` and ``seconds``.
+        ``(rollouts, stats)``: rollouts[i] is the list of num_samples :class:`Rollout` for prompts[i];
+        stats has ``tokens`` and ``seconds``.
     """
     device = next(model.parameters()).device
-    greedy = config.temperature == 0
     # A sharded model gathers its parameters in every forward: ranks must decode the same number of steps.
     synced = is_sharded(model) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-    responses, new_tokens, start = [], 0, time.perf_counter()
+    rollouts, new_tokens, start = [], 0, time.perf_counter()
     with _decoding(tokenizer, model):
         for begin in range(0, len(prompts), batch_size):
             encoded = _encode_prompts(tokenizer, prompts[begin : begin + batch_size], max_prompt_tokens).to(device)
+            recorder = _SampleAndRecord(config, vocabulary)
+            # The sampler's own warpers stay off (temperature 1, top-k 0, top-p 1): ours run in the recorder.
+            warpers_off = {} if config.greedy else {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
             output = model.generate(
                 **encoded,
-                do_sample=not greedy,
-                temperature=None if greedy else config.temperature,
-                top_p=None if greedy else config.top_p,
-                top_k=None,
+                do_sample=not config.greedy,
+                **warpers_off,
+                logits_processor=[recorder],
                 max_new_tokens=config.max_new_tokens,
                 num_return_sequences=num_samples,
                 pad_token_id=tokenizer.pad_token_id,
@@ -87,23 +164,23 @@ def generate(
                 synced_gpus=synced,
             )
             generated = output[:, encoded["input_ids"].shape[1] :]
-            new_tokens += int((generated != tokenizer.pad_token_id).sum())
-            texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-            responses.extend(texts[i : i + num_samples] for i in range(0, len(texts), num_samples))
-    return responses, {"tokens": new_tokens, "seconds": time.perf_counter() - start}
+            if generated.shape[1]:
+                recorder.take(generated[:, -1])
+            logprobs = torch.stack(recorder.columns, dim=1) if recorder.columns else generated.float()
+            batch = _rollouts(generated.cpu(), logprobs.float().cpu(), tokenizer)
+            new_tokens += sum(len(r.token_ids) + r.ended for r in batch)
+            rollouts.extend(batch[i : i + num_samples] for i in range(0, len(batch), num_samples))
+    return rollouts, {"tokens": new_tokens, "seconds": time.perf_counter() - start}
 
 
-def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Zero the tail of each row outside the smallest set of tokens holding ``top_p`` of the mass."""
-    if top_p >= 1.0:
-        return probs
-    ordered, order = probs.sort(dim=-1, descending=True)
-    outside = ordered.cumsum(-1) - ordered > top_p
-    return probs.scatter(-1, order, ordered.masked_fill(outside, 0.0))
+def generate(model, tokenizer, prompts, config, num_samples, batch_size, max_prompt_tokens=None, vocabulary=None):
+    """:func:`sample_rollouts`, texts only: ``(responses, stats)`` with responses[i] the texts for prompts[i]."""
+    rollouts, stats = sample_rollouts(model, tokenizer, prompts, config, num_samples, batch_size, max_prompt_tokens, vocabulary)
+    return [[r.text for r in group] for group in rollouts], stats
 
 
 @torch.no_grad()
-def generate_mixed(
+def sample_mixed_rollouts(
     student,
     teacher,
     tokenizer,
@@ -116,15 +193,18 @@ def generate_mixed(
     vocabulary: int | None = None,
 ):
     """Sample from ``teacher_mix · p_T + (1 − teacher_mix) · π_θ`` token by token (MiniLLM's teacher-mixed
-    sampling), both models decoding with their KV caches. Teacher and student share the tokenizer.
+    sampling), both models decoding with their KV caches; each distribution is :func:`sampling_logits` of its
+    model's logits (temperature, top-k, top-p), cropped to ``vocabulary``. Teacher and student share the tokenizer.
 
     Returns:
-        ``(responses, stats)`` as :func:`generate`.
+        ``(rollouts, stats)`` as :func:`sample_rollouts`; a rollout's ``logprobs`` are the student's own
+        log π_old of each token (what MiniLLM's ratio and importance weights divide by), not the mixture's.
     """
     models = (student, teacher)
     devices = [next(m.parameters()).device for m in models]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    responses, new_tokens, start = [], 0, time.perf_counter()
+    rollouts, new_tokens, start = [], 0, time.perf_counter()
+    warp = lambda logits: sampling_logits(logits, config.temperature, config.top_k, config.top_p).log_softmax(-1)  # noqa: E731
     with _decoding(tokenizer, *models):
         for begin in range(0, len(prompts), batch_size):
             encoded = _encode_prompts(tokenizer, prompts[begin : begin + batch_size], max_prompt_tokens)
@@ -134,19 +214,14 @@ def generate_mixed(
             outputs = [m(input_ids=ids.to(d), attention_mask=mask.to(d), position_ids=positions.to(d), use_cache=True)
                        for m, d in zip(models, devices)]
             finished = torch.zeros(ids.shape[0], dtype=torch.bool)
-            generated = []
+            generated, student_logprobs = [], []
             for _ in range(config.max_new_tokens):
-                logits_s, logits_t = (o.logits[:, -1, :vocabulary].float().cpu() for o in outputs)
-                if config.temperature == 0:
-                    probs = teacher_mix * logits_t.softmax(-1) + (1 - teacher_mix) * logits_s.softmax(-1)
-                    token = probs.argmax(-1)
-                else:
-                    probs = teacher_mix * (logits_t / config.temperature).softmax(-1) + (1 - teacher_mix) * (
-                        logits_s / config.temperature
-                    ).softmax(-1)
-                    token = torch.multinomial(_nucleus(probs, config.top_p), 1).squeeze(-1)
+                log_s, log_t = (warp(o.logits[:, -1, :vocabulary].float().cpu()) for o in outputs)
+                probs = teacher_mix * log_t.exp() + (1 - teacher_mix) * log_s.exp()
+                token = probs.argmax(-1) if config.greedy else torch.multinomial(probs, 1).squeeze(-1)
                 token = token.masked_fill(finished, pad)
                 generated.append(token)
+                student_logprobs.append(log_s.gather(-1, token[:, None]).squeeze(-1))
                 finished |= token == eos
                 if bool(finished.all()):
                     break
@@ -158,7 +233,8 @@ def generate_mixed(
                     for m, d, o in zip(models, devices, outputs)
                 ]
             tokens = torch.stack(generated, dim=1) if generated else ids[:, :0]
-            new_tokens += int((tokens != pad).sum())
-            texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-            responses.extend(texts[i : i + num_samples] for i in range(0, len(texts), num_samples))
-    return responses, {"tokens": new_tokens, "seconds": time.perf_counter() - start}
+            logprobs = torch.stack(student_logprobs, dim=1) if student_logprobs else tokens.float()
+            batch = _rollouts(tokens, logprobs, tokenizer)
+            new_tokens += sum(len(r.token_ids) + r.ended for r in batch)
+            rollouts.extend(batch[i : i + num_samples] for i in range(0, len(batch), num_samples))
+    return rollouts, {"tokens": new_tokens, "seconds": time.perf_counter() - start}

@@ -19,16 +19,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from pbkd_lightning.data.collate import Encoder, scored_positions
 from pbkd_lightning.data.records import atomic_output
 from pbkd_lightning.losses import SparseTeacher
+from pbkd_lightning.sequences import Encoder
 
 INDEX = "index.json"
+LAYOUT = 2
+"""Version of the sequence layout the rows follow (2: a response cut at the limit has no eos)."""
 
 
 def cache_fingerprint(sequences: list[tuple[str, str]], k: int, tag: str = "") -> str:
-    """Identifies the sequences, k and the teacher (``tag``) a cache was written for."""
-    return hashlib.sha256(json.dumps([k, tag, sequences]).encode()).hexdigest()[:16]
+    """Identifies the sequences, k, the teacher (``tag``) and the sequence layout a cache was written for."""
+    return hashlib.sha256(json.dumps([k, tag, sequences, LAYOUT]).encode()).hexdigest()[:16]
 
 
 def _write_json_atomic(path: str, value: dict) -> None:
@@ -88,9 +90,9 @@ def write_teacher_cache(
                 part = chunk[begin : begin + batch_size]
                 batch = encoder.batch([p for p, _ in part], [r for _, r in part])
                 logits = teacher(
-                    input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+                    input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
                 ).logits[:, :-1, :vocabulary]
-                scored = scored_positions(batch).to(device)
+                scored = batch.scored_positions.to(device)
                 for row_logits, row_mask in zip(logits, scored):
                     logprobs = torch.log_softmax(row_logits[row_mask].float(), dim=-1)
                     top, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
@@ -141,11 +143,11 @@ class TeacherCache:
         begin, end = data["offsets"][sequence - shard["start"] : sequence - shard["start"] + 2].tolist()
         return data["logprobs"][begin:end].float(), data["indices"][begin:end].long(), data["leftover"][begin:end]
 
-    def batch(self, sequences: list[int], response_mask: torch.Tensor) -> SparseTeacher:
+    def batch(self, sequences: list[int], loss_mask: torch.Tensor) -> SparseTeacher:
         """A :class:`SparseTeacher` aligned with a collated batch's positions 1..T-1 (``(B, T-1, k)``): the rows of
         :meth:`flat` placed at their positions, zeros elsewhere (for losses that take labels with -100)."""
-        target = response_mask[:, 1:].bool()
-        rows = self.flat(sequences, response_mask)
+        target = loss_mask[:, 1:].bool()
+        rows = self.flat(sequences, loss_mask)
         placed = []
         for field in rows:
             out = torch.zeros(*target.shape, *field.shape[1:], dtype=field.dtype)
@@ -153,10 +155,10 @@ class TeacherCache:
             placed.append(out)
         return SparseTeacher(*placed)
 
-    def flat(self, sequences: list[int], response_mask: torch.Tensor) -> SparseTeacher:
+    def flat(self, sequences: list[int], loss_mask: torch.Tensor) -> SparseTeacher:
         """The scored rows of a collated batch, row-major: a :class:`SparseTeacher` with ``(R, k)`` fields,
-        R = the number of response tokens (positions 1..T-1 of ``response_mask``)."""
-        counts = response_mask[:, 1:].sum(1).tolist()
+        R = the number of scored tokens (positions 1..T-1 of ``loss_mask``)."""
+        counts = loss_mask[:, 1:].sum(1).tolist()
         parts = [self.rows(sequence) for sequence in sequences]
         for sequence, (values, _, _), count in zip(sequences, parts, counts):
             if values.shape[0] != count:

@@ -58,7 +58,7 @@ class HFModelTeacher(Teacher):
     def __init__(
         self,
         path: str,
-        max_new_tokens: int = 64,
+        max_new_tokens: Optional[int] = None,
         temperature: float = 0.0,
         batch_size: int = 16,
         quantization: Optional[Literal["nf4", "int8"]] = None,
@@ -68,7 +68,8 @@ class HFModelTeacher(Teacher):
         """
         Args:
             path: a local model folder, or ``pkg:<module>`` (an installed package's folder).
-            max_new_tokens: longest response.
+            max_new_tokens: longest response; None: the data's response limit (``data.generation.max_new_tokens``),
+                so no answer is cut.
             temperature: 0 = greedy.
             batch_size: prompts per ``generate`` call.
             quantization: ``nf4`` or ``int8`` through bitsandbytes.
@@ -78,7 +79,12 @@ class HFModelTeacher(Teacher):
         self.path, self.batch_size, self.gguf_file = path, batch_size, gguf_file
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.quantization, self.dtype = quantization, dtype
-        self.generation = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+        self.generation = GenerationConfig(max_new_tokens=max_new_tokens or 64, temperature=temperature)
+
+    def set_max_new_tokens(self, max_new_tokens: int) -> None:
+        """Answer with up to this many tokens (the data module's response limit, when none was given)."""
+        self.max_new_tokens = max_new_tokens
+        self.generation = GenerationConfig(max_new_tokens=max_new_tokens, temperature=self.temperature)
 
     def respond(self, records: list[dict]) -> list[str]:
         model = load_frozen_model(self.path, self.quantization, self.dtype, self.gguf_file)

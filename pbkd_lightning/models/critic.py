@@ -25,14 +25,14 @@ class ScalarReward(nn.Module):
         nn.init.zeros_(self.head.weight)  # start from r = 0 everywhere: no preference before data
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, **_) -> Tensor:
-        """Args: ``(N, T)`` each, response_mask over the positions of response tokens. Returns ``(N,)``."""
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, **_) -> Tensor:
+        """Args: ``(N, T)`` each, loss_mask over the scored positions. Returns ``(N,)``."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
         if self.pooling == "last":
             last = attention_mask.sum(dim=1) - 1  # right padding: last real token
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         else:
-            weights = response_mask.to(hidden.dtype)[..., None]
+            weights = loss_mask.to(hidden.dtype)[..., None]
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float()
 
@@ -48,8 +48,8 @@ class ImplicitReward(nn.Module):
         super().__init__()
         self.lm, self.scale = lm, scale
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, ref_logprobs: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, ref_logprobs: Tensor) -> Tensor:
         """``ref_logprobs``: ``(N, T-1)`` log π_ref of tokens 1..T-1. Returns ``(N,)``."""
         logprobs = response_token_logprobs(self.lm, input_ids, attention_mask)
-        mask = response_mask[:, 1:].to(logprobs.dtype)
+        mask = loss_mask[:, 1:].to(logprobs.dtype)
         return self.scale * ((logprobs - ref_logprobs) * mask).sum(1) / mask.sum(1).clamp(min=1.0)

@@ -8,7 +8,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoConfig
 
 from pbkd_lightning.config import validate_fields
-from pbkd_lightning.data.collate import Encoder
+from pbkd_lightning.sequences import Encoder
 from pbkd_lightning.models.loading import (
     ModelSpec,
     load_causal_lm,

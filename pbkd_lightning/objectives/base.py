@@ -1,13 +1,110 @@
-"""What every objective provides to DistillationModule."""
+"""What every objective provides to DistillationModule, and how its means stay exact under accumulation."""
 
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import torch
 from torch import Tensor
+
+from pbkd_lightning.data.generation import sample_rollouts
+from pbkd_lightning.sequences import PairBatch, StudentBatch
+
+
+def batch_units(batch: Union[StudentBatch, PairBatch]) -> dict[str, Tensor]:
+    """The counts an objective's means are taken over, for one (micro-)batch.
+
+    Student batches: ``prompts``, ``teacher_tokens`` (scored tokens of the teacher sequences), ``sample_tokens``.
+    Pair batches: ``pairs``, ``teacher_pairs``, ``decided_pairs`` (preference ≠ 0), ``chosen_tokens``,
+    ``rejected_tokens``, ``pair_tokens`` (both sides).
+    """
+    if isinstance(batch, PairBatch):
+        chosen, rejected = batch.chosen.num_scored.float(), batch.rejected.num_scored.float()
+        return {
+            "pairs": torch.tensor(float(len(batch)), device=batch.preference.device),
+            "teacher_pairs": batch.teacher_pair.sum().float(),
+            "decided_pairs": (batch.preference != 0).sum().float(),
+            "chosen_tokens": chosen, "rejected_tokens": rejected, "pair_tokens": chosen + rejected,
+        }
+    units = {"prompts": torch.tensor(float(len(batch)), device=batch.teacher.input_ids.device),
+             "teacher_tokens": batch.teacher.num_scored.float()}
+    units["sample_tokens"] = batch.samples.num_scored.float() if batch.samples is not None else torch.zeros_like(units["prompts"])
+    return units
+
+
+@dataclass
+class Share:
+    """This micro-batch's share of the whole step, per unit: ``local count × world size / total count``.
+
+    The totals are summed over every micro-batch of the step and over every data-parallel rank. An objective
+    multiplies each mean it computes on a micro-batch by its share of that mean's unit, so the summed gradient is
+    that of one mean over the whole batch (data parallelism averages gradients over ranks, hence the world size),
+    not a mean of per-micro-batch means.
+    """
+
+    local: dict[str, Tensor]
+    totals: dict[str, Tensor]
+    world_size: int = 1
+
+    def __call__(self, unit: str) -> Tensor:
+        return self.local[unit] * self.world_size / self.totals[unit].clamp(min=1.0)
+
+    @classmethod
+    def whole(cls, batch) -> "Share":
+        """A batch that is the whole step on one process: every share is 1 (or 0 for an empty unit)."""
+        units = batch_units(batch)
+        return cls(units, units, 1)
+
+
+def micro_batches(batch, size: Optional[int]) -> list:
+    """``batch`` split into consecutive pieces of ``size`` items (prompts with all their samples, or pairs)."""
+    if not size or size >= len(batch):
+        return [batch]
+    return [batch.select(range(begin, min(begin + size, len(batch)))) for begin in range(0, len(batch), size)]
+
+
+def accumulate_gradients(
+    compute: Callable, batch, micro_batch_size: Optional[int], backward: Callable,
+    reduce_sum: Optional[Callable] = None, world_size: int = 1,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Forward and backward ``batch`` in micro-batches, each loss weighted by its :class:`Share` of the whole step.
+
+    Args:
+        compute: ``compute(micro_batch, share) -> terms`` with a ``loss`` key (an objective's loss).
+        backward: called on each micro-batch's loss (``LightningModule.manual_backward``).
+        reduce_sum: sums a tensor over the data-parallel ranks (None: one process).
+        world_size: the data-parallel ranks, whose gradients the strategy averages.
+
+    Returns:
+        ``(loss, terms)``: this rank's summed loss (the whole batch's mean on one process) and every other term
+        averaged over the micro-batches by their number of items.
+    """
+    pieces = micro_batches(batch, micro_batch_size)
+    counts = [batch_units(piece) for piece in pieces]
+    totals = {unit: sum(c[unit] for c in counts) for unit in counts[0]}
+    if reduce_sum is not None and world_size > 1:  # one collective for every unit
+        names = sorted(totals)
+        totals = dict(zip(names, reduce_sum(torch.stack([totals[n] for n in names]))))
+    loss_sum, logged = None, {}
+    for piece, local in zip(pieces, counts):
+        terms = dict(compute(piece, Share(local, totals, world_size)))
+        loss = terms.pop("loss")
+        if loss.requires_grad:
+            backward(loss)
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        weight = len(piece) / len(batch)
+        for name, value in terms.items():
+            logged[name] = logged.get(name, 0.0) + weight * value.detach().float()
+    return loss_sum, logged
 
 
 class Objective:
     """How one method scores a batch; the module owns the models, optimizers and logging.
 
-    ``student_loss`` and ``critic_loss`` return a dict of scalar tensors with a ``loss`` key;
-    every other key is logged under ``student/`` or ``critic/``.
+    ``student_loss`` and ``critic_loss`` receive the :class:`~pbkd_lightning.players.Players`, a typed batch and
+    its :class:`Share`, and return a dict of scalar tensors with a ``loss`` key; every other key is logged under
+    ``student/`` or ``critic/``.
     """
 
     needs_samples: bool = False
@@ -34,31 +131,37 @@ class Objective:
         """The teacher must score sequences the teacher-logit cache cannot hold (fresh samples)."""
         return False
 
-    def sample(self, module, prompts: list[str], num_samples: int, config, batch_size: int, max_prompt_tokens: int):
-        """The iteration's K samples per prompt: ``(responses, stats)`` as ``data.generation.generate`` returns
-        them. Default: from the current student."""
-        from pbkd_lightning.data.generation import generate
+    def rollout(self, players, prompts: list[str], num_samples: int, config, batch_size: int, max_prompt_tokens: int):
+        """The iteration's K samples per prompt: ``(rollouts, stats)`` as :func:`sample_rollouts` returns them.
+        Default: from the current student."""
+        return sample_rollouts(players.student, players.tokenizer, prompts, config, num_samples, batch_size,
+                               max_prompt_tokens, players.vocabulary)
 
-        return generate(module.student, module.tokenizer, prompts, config, num_samples, batch_size, max_prompt_tokens)
+    def check_sampling(self, config) -> None:
+        """Refuse sampling settings this objective's policy losses cannot describe (default: any are fine)."""
 
-    def build_critic(self, module):
+    def build_critic(self, players):
         """The critic module, when it is not black-box PbKD's reward model (None: the module builds that)."""
         return None
 
-    def sequence_reward(self, module, sequences: dict) -> Tensor:
+    def sequence_reward(self, players, sequences) -> Tensor:
         """The critic's reward of each sequence, ``(N,)``: used for held-out preference accuracy."""
-        return module.reward_model_score(sequences)
+        return players.reward_model_score(sequences)
 
-    def student_loss(self, module, batch: dict) -> dict[str, Tensor]:
+    def prepare_student_batch(self, players, batch: StudentBatch) -> StudentBatch:
+        """Complete the step's batch before it is split into micro-batches (e.g. sample on-policy sequences)."""
+        return batch
+
+    def student_loss(self, players, batch: StudentBatch, share: Share, critic_trust: Optional[float] = None) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def critic_loss(self, module, batch: dict) -> dict[str, Tensor]:
+    def critic_loss(self, players, batch, share: Share) -> dict[str, Tensor]:
         raise NotImplementedError(f"{type(self).__name__} has no critic")
 
-    def uses_reference(self, module) -> bool:
+    def uses_reference(self, critic_kind: str, critic_from_teacher: bool) -> bool:
         """Whether a frozen copy of the initial student is needed (KL to it, or an implicit reward)."""
         return False
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"

@@ -1,6 +1,7 @@
 """Token-level divergence baselines: forward/reverse KL, GKD's generalized JSD, skew KL/RKL, TVD."""
 
 import random
+from dataclasses import replace
 from typing import Literal, Optional
 
 import torch
@@ -83,20 +84,26 @@ class DivergenceKD(Objective):
     def needs_teacher_on_samples(self) -> bool:
         return self.on_policy_fraction > 0 or self.seq_kd
 
-    def student_loss(self, module, batch: dict) -> dict:
+    def prepare_student_batch(self, players, batch):
+        """GKD's λ: this share of batches is replaced by fresh samples of the current student (``seq_kd``: the
+        off-policy batches are samples of the teacher model), drawn once for the whole step."""
         on_policy = self.on_policy_fraction > 0 and self._draws.random() < self.on_policy_fraction
-        if on_policy:
-            sequences = module.sample_sequences(batch["prompts"])
-        elif self.seq_kd:
-            sequences = module.sample_sequences(batch["prompts"], model=module.teacher)
-        else:
-            sequences = batch["teacher"]
-        _, logits = module.scored_rows(sequences)
-        teacher = module.teacher_rows(sequences)
+        self._on_policy = on_policy  # logged by the step's micro-batches
+        if on_policy or self.seq_kd:
+            samples = players.sample(batch.prompts, model=None if on_policy else players.teacher)
+            return replace(batch, samples=samples, group_size=1, old_logprobs=None)
+        return batch
+
+    def student_loss(self, players, batch, share, critic_trust=None) -> dict:
+        sampled = batch.samples is not None
+        sequences = batch.samples if sampled else batch.teacher
+        _, logits = players.rows(sequences)
+        teacher = players.teacher_rows(sequences)
         loss = divergence_loss(self.divergence, logits, teacher, self.beta, self.skew, self.temperature,
                                self.scale_by_temperature, self.chunk_size)
-        terms = {"loss": loss, "divergence": loss.detach(), "on_policy": torch.tensor(float(on_policy))}
-        terms["scored_tokens"] = torch.tensor(float(logits.shape[0]))
+        on_policy = getattr(self, "_on_policy", False)
+        terms = {"loss": loss * share("sample_tokens" if sampled else "teacher_tokens"), "divergence": loss.detach(),
+                 "on_policy": torch.tensor(float(on_policy)), "scored_tokens": torch.tensor(float(logits.shape[0]))}
         return terms
 
     def __repr__(self) -> str:

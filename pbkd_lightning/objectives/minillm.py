@@ -5,8 +5,7 @@ import torch.nn.functional as F
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, OpenUnitInterval
 
 from pbkd_lightning.config import check
-from pbkd_lightning.data.generation import generate_mixed
-from pbkd_lightning.data.collate import scored_actions, scored_positions
+from pbkd_lightning.data.generation import sample_mixed_rollouts
 from pbkd_lightning.losses import future_rewards, reverse_kl, rows_to_positions
 from pbkd_lightning.objectives.base import Objective
 
@@ -61,20 +60,26 @@ class MiniLLM(Objective):
     def needs_teacher_on_samples(self) -> bool:
         return True
 
-    def sample(self, module, prompts, num_samples, config, batch_size, max_prompt_tokens):
-        return generate_mixed(module.student, module.teacher, module.tokenizer, prompts, config, num_samples, batch_size,
-                              max_prompt_tokens, self.teacher_mix, module.vocabulary)
+    def check_sampling(self, config) -> None:
+        if config.top_p < 1 or config.top_k:
+            raise ValueError("MiniLLM samples from a mixture of teacher and student: a token may fall outside the "
+                             "student's own top-k / nucleus, where π_old is 0; set `data.generation.top_p: 1` and "
+                             "`data.generation.top_k: 0`")
 
-    def student_loss(self, module, batch: dict) -> dict:
-        samples = batch["samples"]
-        mask, actions = scored_positions(samples), scored_actions(samples)
-        _, logits = module.scored_rows(samples)
-        teacher_logits = module.teacher_rows(samples)
-        log_pi = F.log_softmax(logits.float(), dim=-1)
-        taken = log_pi.gather(-1, actions[:, None]).squeeze(-1)
+    def rollout(self, players, prompts, num_samples, config, batch_size, max_prompt_tokens):
+        return sample_mixed_rollouts(players.student, players.teacher, players.tokenizer, prompts, config, num_samples,
+                                     batch_size, max_prompt_tokens, self.teacher_mix, players.vocabulary)
+
+    def student_loss(self, players, batch, share, critic_trust=None) -> dict:
+        samples = batch.samples
+        mask, actions = samples.scored_positions, samples.scored_actions
+        _, logits = players.rows(samples)
+        teacher_logits = players.teacher_rows(samples)
+        # π_θ as the sampler describes it (temperature), the same columns as π_old; the teacher at temperature 1.
+        taken = players.policy_logprobs(samples, logits)[mask]
         with torch.no_grad():
             teacher_taken = F.log_softmax(teacher_logits.float(), dim=-1).gather(-1, actions[:, None]).squeeze(-1)
-            old = samples["old_logprobs"][mask]
+            old = batch.old_logprobs[mask]
             mixed = torch.logaddexp(teacher_taken + torch.log(torch.tensor(self.teacher_mix).clamp(min=1e-12)),
                                     old + torch.log1p(torch.tensor(-self.teacher_mix)))
             weights = (old - mixed).exp()  # π_old / p̃ ≤ 1 / (1 − mix)
@@ -83,21 +88,18 @@ class MiniLLM(Objective):
         ratio = (taken - old).exp()
         surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - self.clip_eps, 1 + self.clip_eps) * advantages)
         long_term = -(weights * surrogate).mean() if surrogate.numel() else surrogate.sum()
-        loss = long_term
+        loss = long_term * share("sample_tokens")
         terms = {"long_term": long_term.detach(), "reward_mean": rewards.sum() / mask.sum().clamp(min=1),
                  "importance_weight": weights.mean() if weights.numel() else weights.sum(),
                  "clip_frac": ((ratio - 1).abs() > self.clip_eps).float().mean().detach() if ratio.numel() else ratio.sum()}
         if self.single_step:
             labels = torch.zeros(1, logits.shape[0], dtype=torch.long, device=logits.device)
             single = reverse_kl(logits[None], teacher_logits[None], labels)
-            loss = loss + single
+            loss = loss + single * share("sample_tokens")
             terms["single_step_rkl"] = single.detach()
         if self.lm_coef > 0:
-            teacher_seqs = batch["teacher"]
-            _, teacher_seq_logits = module.scored_rows(teacher_seqs)
-            lm = F.cross_entropy(teacher_seq_logits.float(), scored_actions(teacher_seqs))
-            loss = loss + self.lm_coef * lm
+            lm = players.nll(batch.teacher)
+            loss = loss + self.lm_coef * lm * share("teacher_tokens")
             terms["lm_loss"] = lm.detach()
         terms["loss"] = loss
         return terms
-

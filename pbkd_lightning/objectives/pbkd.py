@@ -19,7 +19,8 @@ from pbkd_lightning.objectives.base import Objective
 class BlackBoxPbKD(Objective):
     """Preference-based KD with a text-only teacher (DESIGN.md §1).
 
-    Critic: minimise ``−(mean r(y_T) − mean r(y_S)) + β·BT + λ_r·mean(r²)``.
+    Critic: minimise ``−(mean r(y_T) − mean r(y_S)) + β·BT + λ_r·mean(r²)``, the gap over teacher-vs-sample
+    pairs only (it estimates J(π_T, r) − J(π_θ, r)), BT over every decided pair (sample-vs-sample pairs too).
     Student: PPO-style clipped surrogate on K samples per prompt with the advantage
     ``r − mean of the prompt's K rewards`` (optionally divided by their std), plus
     ``kl_coef · KL(π_θ ‖ π_ref)`` and ``nll_coef · NLL(y_T)``. The surrogate's weight is the critic's trust
@@ -48,7 +49,8 @@ class BlackBoxPbKD(Objective):
             beta: weight β of the Bradley–Terry term in the critic's Lagrangian.
             reward_l2: weight λ_r of ``mean(r²)``; bounds the otherwise unbounded gap term.
             clip_eps: PPO clip ε, in (0, 1).
-            kl_coef: weight of KL(π_θ ‖ π_ref) to the student as it was at the start of fit.
+            kl_coef: weight of KL(π_θ ‖ π_ref) to the student as it was at the start of fit, exact over the
+                vocabulary at the sampled states (temperature 1).
             nll_coef: weight α of the NLL anchor on the teacher's responses.
             normalize_advantages: divide advantages by the group's std (amplifies a noisy critic).
             critic_warmup_steps: training batches with a critic step only, before the student moves.
@@ -73,19 +75,22 @@ class BlackBoxPbKD(Objective):
         self.kl_coef, self.nll_coef = float(kl_coef), float(nll_coef)
         self.normalize_advantages, self.critic_warmup_steps = normalize_advantages, int(critic_warmup_steps)
 
-    def uses_reference(self, module) -> bool:
-        return self.kl_coef > 0 or (module.critic_config.kind == "implicit" and not module.critic_from_teacher)
+    def uses_reference(self, critic_kind: str, critic_from_teacher: bool) -> bool:
+        return self.kl_coef > 0 or (critic_kind == "implicit" and not critic_from_teacher)
 
-    def critic_loss(self, module, batch: dict) -> dict:
-        reward_teacher, reward_student = module.reward(batch["teacher"]), module.reward(batch["student"])
-        preference = batch["preference"]
-        terms = critic_lagrangian(reward_teacher, reward_student, preference, self.beta, self.reward_l2)
+    def critic_loss(self, players, batch, share) -> dict:
+        reward_chosen, reward_rejected = players.reward_model_score(batch.chosen), players.reward_model_score(batch.rejected)
+        preference, teacher_pair = batch.preference, batch.teacher_pair
+        terms = critic_lagrangian(reward_chosen, reward_rejected, preference, teacher_pair, self.beta, self.reward_l2)
+        # Each mean weighted by this micro-batch's share of its unit: the step's gradient is that of the whole batch.
+        loss = -terms["gap"] * share("teacher_pairs") + self.beta * terms["bt"] * share("decided_pairs") \
+            + self.reward_l2 * terms["l2"] * share("pairs")
         decided = preference != 0
-        agree = (torch.sign(reward_teacher - reward_student) == preference.to(reward_teacher.dtype)) & decided
-        terms = {k: v if k == "loss" else v.detach() for k, v in terms.items()}
-        terms["reward_gap"] = terms.pop("gap")
-        terms["pref_acc"] = agree.sum() / decided.sum().clamp(min=1)
-        return terms
+        agree = (torch.sign(reward_chosen - reward_rejected) == preference.to(reward_chosen.dtype)) & decided
+        logged = {k: v.detach() for k, v in terms.items() if k != "loss"}
+        logged["reward_gap"] = logged.pop("gap")  # J(π_T, r) − J(π_θ, r), from teacher pairs only
+        logged["pref_acc"] = agree.sum() / decided.sum().clamp(min=1)
+        return {"loss": loss, **logged}
 
     def trust(self, heldout_acc) -> float:
         """The surrogate's weight given the critic's latest held-out preference accuracy (None: not measured yet)."""
@@ -96,30 +101,32 @@ class BlackBoxPbKD(Objective):
             return float(accuracy >= self.trust_threshold)
         return min(1.0, max(0.0, (accuracy - 0.5) / (self.trust_threshold - 0.5)))
 
-    def student_loss(self, module, batch: dict) -> dict:
-        samples = batch["samples"]
-        mask = samples["response_mask"][:, 1:]
-        trust = self.trust(module.critic_heldout_acc)
+    def student_loss(self, players, batch, share, critic_trust=None) -> dict:
+        """``critic_trust``: the reward model's latest held-out preference accuracy (None: not measured yet)."""
+        samples = batch.samples
+        mask = samples.scored_positions
+        trust = self.trust(critic_trust)
         terms = {"critic_trust": torch.tensor(trust)}
-        # An untrusted critic costs no reward or policy forward pass, unless the KL term (or nothing else) needs it.
-        logprobs = module.student_logprobs(samples) if trust > 0 or self.kl_coef > 0 or self.nll_coef == 0 else None
-        loss = logprobs.sum() * 0.0 if logprobs is not None else 0.0
+        loss = torch.zeros((), device=samples.input_ids.device)
+        # An untrusted critic costs no reward or policy forward pass, unless the KL term needs the student's rows.
+        if trust > 0 or self.kl_coef > 0:
+            _, logits = players.rows(samples)
         if trust > 0:
             with torch.no_grad():
-                rewards = module.reward(batch.get("critic_samples", samples))
-                advantages = group_advantages(rewards, batch["group_size"], self.normalize_advantages)
-            pg_loss, clip_frac = clipped_surrogate(logprobs, samples["old_logprobs"], advantages, mask, self.clip_eps)
-            loss = loss + trust * pg_loss
+                rewards = players.reward_model_score(batch.critic_samples if batch.critic_samples is not None else samples)
+                advantages = group_advantages(rewards, batch.group_size, self.normalize_advantages)
+            logprobs = players.policy_logprobs(samples, logits)
+            pg_loss, clip_frac = clipped_surrogate(logprobs, batch.old_logprobs, advantages, mask, self.clip_eps)
+            loss = loss + trust * pg_loss * share("sample_tokens")
             terms.update(pg_loss=pg_loss.detach(), clip_frac=clip_frac, reward_mean=rewards.mean())
         if self.kl_coef > 0:
-            kl = kl_to_reference(logprobs, module.reference_logprobs(samples), mask)
-            loss = loss + self.kl_coef * kl
+            kl = kl_to_reference(logits, players.reference_rows(samples))
+            loss = loss + self.kl_coef * kl * share("sample_tokens")
             terms["kl_ref"] = kl.detach()
-        teacher = batch["teacher"]
         with torch.set_grad_enabled(self.nll_coef > 0 and torch.is_grad_enabled()):
-            nll = sequence_nll(module.student_logprobs(teacher), teacher["response_mask"][:, 1:])
+            nll = players.nll(batch.teacher)
         if self.nll_coef > 0:
-            loss = loss + self.nll_coef * nll
+            loss = loss + self.nll_coef * nll * share("teacher_tokens")
         terms["nll_teacher"] = nll.detach()
         terms["loss"] = loss
         return terms

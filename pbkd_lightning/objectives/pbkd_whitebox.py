@@ -7,7 +7,6 @@ from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativ
 from torch import nn
 
 from pbkd_lightning.config import check
-from pbkd_lightning.data.collate import scored_actions, scored_positions
 from pbkd_lightning.losses import (
     bradley_terry,
     clipped_surrogate,
@@ -87,33 +86,33 @@ class WhiteBoxPbKD(Objective):
     def needs_teacher_on_samples(self) -> bool:
         return self.alpha_on > 0  # the critic's G on student states needs p_T there
 
-    def build_critic(self, module) -> nn.Module:
-        return QHead(module.student.config.hidden_size, module.vocabulary).to(next(module.student.parameters()).device)
+    def build_critic(self, players) -> nn.Module:
+        return QHead(players.student.config.hidden_size, players.vocabulary).to(players.device)
 
     # ------------------------------------------------------------------ pieces
-    def _critic_view(self, module, sequences: dict, with_teacher: bool):
+    def _critic_view(self, players, sequences, with_teacher: bool):
         """Q (with grad to ψ), π_θ (no grad) and, if asked, p_T at the scored rows of ``sequences``."""
         with torch.no_grad():
-            hidden, logits = module.scored_rows(sequences)
+            hidden, logits = players.rows(sequences)
             student_probs = F.softmax(logits.float(), dim=-1)
-        teacher_probs = dense_teacher_probs(module.teacher_rows(sequences), logits.shape[-1]) if with_teacher else None
-        return module.critic(hidden), student_probs, teacher_probs
+        teacher_probs = dense_teacher_probs(players.teacher_rows(sequences), logits.shape[-1]) if with_teacher else None
+        return players.critic(hidden), student_probs, teacher_probs
 
-    def _returns(self, q: torch.Tensor, student_probs: torch.Tensor, sequences: dict) -> torch.Tensor:
-        mask, actions = scored_positions(sequences), scored_actions(sequences)
+    def _returns(self, q: torch.Tensor, student_probs: torch.Tensor, sequences) -> torch.Tensor:
+        mask, actions = sequences.scored_positions, sequences.scored_actions
         q_taken = q.gather(-1, actions[:, None]).squeeze(-1)
         values = (student_probs * q).sum(-1)
         return q_induced_returns(rows_to_positions(q_taken, mask), rows_to_positions(values, mask), mask, self.gamma)
 
-    def sequence_reward(self, module, sequences: dict) -> torch.Tensor:
-        q, student_probs, _ = self._critic_view(module, sequences, with_teacher=False)
+    def sequence_reward(self, players, sequences) -> torch.Tensor:
+        q, student_probs, _ = self._critic_view(players, sequences, with_teacher=False)
         return self._returns(q, student_probs, sequences)
 
     # ------------------------------------------------------------------ the two players
-    def critic_loss(self, module, batch: dict) -> dict:
-        teacher_seqs, student_seqs, preference = batch["teacher"], batch["student"], batch["preference"]
-        q_t, pi_t, p_t = self._critic_view(module, teacher_seqs, with_teacher=True)
-        q_s, pi_s, p_s = self._critic_view(module, student_seqs, with_teacher=self.alpha_on > 0)
+    def critic_loss(self, players, batch, share) -> dict:
+        teacher_seqs, student_seqs, preference = batch.chosen, batch.rejected, batch.preference
+        q_t, pi_t, p_t = self._critic_view(players, teacher_seqs, with_teacher=True)
+        q_s, pi_s, p_s = self._critic_view(players, student_seqs, with_teacher=self.alpha_on > 0)
         gap_off = moment_matching_gap(q_t, p_t, pi_t)
         gap_on = moment_matching_gap(q_s, p_s, pi_s) if self.alpha_on > 0 else torch.zeros_like(gap_off)
         gap = (1.0 - self.alpha_on) * gap_off + self.alpha_on * gap_on
@@ -121,36 +120,35 @@ class WhiteBoxPbKD(Objective):
         sign = preference.to(margin.dtype)
         bt = bradley_terry(sign * margin, torch.zeros_like(margin), weight=sign.abs())
         l2 = torch.cat([q_t, q_s]).pow(2).sum(-1).mean()
+        loss = (-(1.0 - self.alpha_on) * gap_off * share("chosen_tokens") - self.alpha_on * gap_on * share("rejected_tokens")
+                + self.beta * bt * share("decided_pairs") + self.q_l2 * l2 * share("pair_tokens"))
         decided = sign != 0
         return {
-            "loss": -gap + self.beta * bt + self.q_l2 * l2,
+            "loss": loss,
             "gap": gap.detach(), "gap_off": gap_off.detach(), "gap_on": gap_on.detach(), "bt": bt.detach(),
             "l2": l2.detach(), "pref_acc": ((torch.sign(margin) == sign) & decided).sum() / decided.sum().clamp(min=1),
         }
 
-    def student_loss(self, module, batch: dict) -> dict:
-        teacher_seqs, samples = batch["teacher"], batch["samples"]
-        hidden, logits = module.scored_rows(teacher_seqs)
+    def student_loss(self, players, batch, share, critic_trust=None) -> dict:
+        teacher_seqs, samples = batch.teacher, batch.samples
+        hidden, logits = players.rows(teacher_seqs)
         with torch.no_grad():
-            q = module.critic(hidden.detach())
+            q = players.critic(hidden.detach())
         log_pi = F.log_softmax(logits.float(), dim=-1)
         policy_value = (log_pi.exp() * q).sum(-1).mean()  # G(teacher states) = const − this
-        loss = -(1.0 - self.alpha_on) * policy_value
-        nll = -log_pi.gather(-1, scored_actions(teacher_seqs)[:, None]).mean()
+        nll = -log_pi.gather(-1, teacher_seqs.scored_actions[:, None]).mean()
+        loss = (-(1.0 - self.alpha_on) * policy_value + self.nll_coef * nll) * share("teacher_tokens")
         terms = {"policy_value_off": policy_value.detach(), "nll_teacher": nll.detach()}
         if self.alpha_on > 0:
-            hidden_s, logits_s = module.scored_rows(samples)
-            sample_mask, actions = scored_positions(samples), scored_actions(samples)
-            log_pi_s = F.log_softmax(logits_s.float(), dim=-1)
+            hidden_s, logits_s = players.rows(samples)
+            sample_mask, actions = samples.scored_positions, samples.scored_actions
             with torch.no_grad():
-                q_s = module.critic(hidden_s.detach())
-                advantages = q_s.gather(-1, actions[:, None]).squeeze(-1) - (log_pi_s.exp() * q_s).sum(-1)
-            logprobs = rows_to_positions(log_pi_s.gather(-1, actions[:, None]).squeeze(-1), sample_mask)
-            pg, clip_frac = clipped_surrogate(logprobs, samples["old_logprobs"], rows_to_positions(advantages, sample_mask),
+                q_s = players.critic(hidden_s.detach())
+                advantages = q_s.gather(-1, actions[:, None]).squeeze(-1) - (F.softmax(logits_s.float(), -1) * q_s).sum(-1)
+            logprobs = players.policy_logprobs(samples, logits_s)
+            pg, clip_frac = clipped_surrogate(logprobs, batch.old_logprobs, rows_to_positions(advantages, sample_mask),
                                               sample_mask, self.clip_eps)
-            loss = loss + self.alpha_on * pg
+            loss = loss + self.alpha_on * pg * share("sample_tokens")
             terms.update(pg_loss=pg.detach(), clip_frac=clip_frac, advantage_abs=advantages.abs().mean())
-        if self.nll_coef > 0:
-            loss = loss + self.nll_coef * nll
         terms["loss"] = loss
         return terms

@@ -8,7 +8,6 @@ from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveFl
 from torch import nn
 
 from pbkd_lightning.config import check
-from pbkd_lightning.data.collate import scored_actions, scored_positions
 from pbkd_lightning.losses import avril_terms, next_token_values, rows_to_positions
 from pbkd_lightning.objectives.base import Objective
 from pbkd_lightning.objectives.divergence import DIVERGENCES, divergence_loss
@@ -84,28 +83,29 @@ class XKD(Objective):
     def needs_teacher_logits(self) -> bool:
         return self.kd != "nll"
 
-    def build_critic(self, module) -> nn.Module:
-        return RewardPosteriorHead(module.student.config.hidden_size).to(next(module.student.parameters()).device)
+    def build_critic(self, players) -> nn.Module:
+        return RewardPosteriorHead(players.student.config.hidden_size).to(players.device)
 
-    def _avril(self, module, sequences: dict, hidden, logits):
-        mask, actions = scored_positions(sequences), scored_actions(sequences)
+    def _avril(self, players, sequences, hidden, logits):
+        mask, actions = sequences.scored_positions, sequences.scored_actions
         log_pi = F.log_softmax(logits.float(), dim=-1)
         q = rows_to_positions(self.q_scale * log_pi.gather(-1, actions[:, None]).squeeze(-1), mask)
         td = q - self.gamma * next_token_values(q, mask)
-        mu, log_sigma = module.critic(hidden)
+        mu, log_sigma = players.critic(hidden)
         return avril_terms(rows_to_positions(mu, mask), rows_to_positions(log_sigma, mask), td, mask, self.td_weight), log_pi, actions
 
-    def critic_loss(self, module, batch: dict) -> dict:
-        hidden, logits = module.scored_rows(batch["teacher"])  # the student is frozen by toggle_optimizer here
-        terms, _, _ = self._avril(module, batch["teacher"], hidden, logits)
-        return {"loss": terms["loss"], **{f"xkd/{k}": v.detach() for k, v in terms.items() if k != "loss"}}
+    def critic_loss(self, players, batch, share) -> dict:
+        hidden, logits = players.rows(batch.teacher)  # the student is frozen by toggle_optimizer here
+        terms, _, _ = self._avril(players, batch.teacher, hidden, logits)
+        return {"loss": terms["loss"] * share("teacher_tokens"), **{f"xkd/{k}": v.detach() for k, v in terms.items() if k != "loss"}}
 
-    def student_loss(self, module, batch: dict) -> dict:
-        sequences = batch["teacher"]
-        hidden, logits = module.scored_rows(sequences)
-        avril, log_pi, actions = self._avril(module, sequences, hidden, logits)
+    def student_loss(self, players, batch, share, critic_trust=None) -> dict:
+        sequences = batch.teacher
+        hidden, logits = players.rows(sequences)
+        avril, log_pi, actions = self._avril(players, sequences, hidden, logits)
         if self.kd == "nll":
             kd = -log_pi.gather(-1, actions[:, None]).mean() if actions.numel() else log_pi.sum() * 0.0
         else:
-            kd = divergence_loss(self.kd, logits, module.teacher_rows(sequences), self.beta, self.skew, self.temperature, False)
-        return {"loss": kd + avril["loss"], "kd": kd.detach(), "avril": avril["loss"].detach()}
+            kd = divergence_loss(self.kd, logits, players.teacher_rows(sequences), self.beta, self.skew, self.temperature, False)
+        loss = (kd + avril["loss"]) * share("teacher_tokens")
+        return {"loss": loss, "kd": kd.detach(), "avril": avril["loss"].detach()}

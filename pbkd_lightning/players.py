@@ -1,0 +1,137 @@
+"""The players an objective scores with: student, critic, frozen reference and teacher, as small scoring calls.
+
+An objective receives a :class:`Players` and typed batches, never the LightningModule, so each method can be
+unit-tested on tiny models or bare tensors without a Trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pbkd_lightning.data.generation import GenerationConfig, sample_rollouts
+from pbkd_lightning.losses import policy_logprobs, rows_to_positions
+from pbkd_lightning.models.critic import ImplicitReward, response_token_logprobs
+from pbkd_lightning.sequences import Encoder, SequenceBatch
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@dataclass
+class Players:
+    """Models and the settings that define the student's policy.
+
+    ``sampling`` is the distribution samples are drawn from (``data.generation``): π_old is recorded under it and
+    :meth:`policy_logprobs` scores π_θ under it, so the PPO ratio starts at 1.
+    """
+
+    student: nn.Module
+    tokenizer: object
+    sampling: GenerationConfig
+    encoder: Encoder
+    """Encodes the student's sequences (sampled on-policy batches, teacher samples)."""
+    generation_batch_size: int = 64
+    critic: Optional[nn.Module] = None
+    critic_tokenizer: object = None
+    reference: Optional[nn.Module] = None
+    """The frozen initial student."""
+    teacher: Optional[nn.Module] = None
+    """The frozen teacher model (white-box), or None (black-box, or training from the teacher cache)."""
+    implicit_reference: Optional[nn.Module] = None
+    """π_ref of an implicit reward model: the frozen student, or the teacher when the reward model is its copy."""
+    vocabulary: Optional[int] = None
+    """Logit columns shared with the teacher (white-box); None: all of the student's."""
+
+    @property
+    def device(self) -> torch.device:
+        return _device(self.student)
+
+    # ------------------------------------------------------------------ the student
+    def rows(self, sequences: SequenceBatch, lm: Optional[nn.Module] = None) -> tuple[Tensor, Tensor]:
+        """The student's (or ``lm``'s) last hidden states and logits at the scored positions only.
+
+        Row r is the state before the r-th scored token, in row-major order of ``sequences.scored_positions``;
+        the vocabulary projection never sees prompt or padding positions.
+
+        Returns:
+            ``(hidden (R, H), logits (R, V))``, logits cropped to :attr:`vocabulary`.
+        """
+        lm = lm if lm is not None else self.student
+        positions, kept = sequences.scored_positions, {}
+
+        def project_scored_rows_only(head, args):
+            kept["hidden"] = args[0][:, :-1][positions]
+            return (kept["hidden"],)
+
+        # The model's own forward with its head fed the scored rows alone: under FSDP2 the root's hooks gather the
+        # (tied) embedding for the head, which calling decoder and head separately would bypass.
+        hook = lm.get_output_embeddings().register_forward_pre_hook(project_scored_rows_only)
+        try:
+            logits = lm(input_ids=sequences.input_ids, attention_mask=sequences.attention_mask, use_cache=False).logits
+        finally:
+            hook.remove()
+        return kept["hidden"], logits[:, : self.vocabulary] if self.vocabulary else logits
+
+    def policy_logprobs(self, sequences: SequenceBatch, logits: Optional[Tensor] = None) -> Tensor:
+        """log π_θ of the scored tokens under the sampling distribution, at their positions: ``(N, T-1)``, with grad.
+
+        ``logits``: the scored rows of :meth:`rows`, when the caller has them already."""
+        if logits is None:
+            _, logits = self.rows(sequences)
+        s = self.sampling
+        taken = policy_logprobs(logits, sequences.scored_actions, s.temperature, s.top_k, s.top_p)
+        return rows_to_positions(taken, sequences.scored_positions)
+
+    def nll(self, sequences: SequenceBatch, logits: Optional[Tensor] = None) -> Tensor:
+        """Mean −log π_θ per scored token (temperature 1): the SFT / SeqKD loss."""
+        if logits is None:
+            _, logits = self.rows(sequences)
+        if logits.shape[0] == 0:
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits.float(), sequences.scored_actions)
+
+    # ------------------------------------------------------------------ frozen models
+    @torch.no_grad()
+    def reference_rows(self, sequences: SequenceBatch) -> Tensor:
+        """The frozen initial student's logits at the scored rows: ``(R, V)``."""
+        return self.rows(sequences, self.reference)[1]
+
+    @torch.no_grad()
+    def teacher_rows(self, sequences: SequenceBatch):
+        """The teacher's distribution at the rows of :meth:`rows`: dense logits ``(R, V)``, or the cached top-k
+        (a :class:`~pbkd_lightning.losses.SparseTeacher` with ``(R, k)`` fields) for teacher sequences."""
+        if sequences.teacher_topk is not None:
+            return sequences.teacher_topk
+        if self.teacher is None:
+            raise RuntimeError("the teacher is not in memory (training from its cache) but a batch needs it")
+        device = _device(self.teacher)
+        logits = self.teacher(input_ids=sequences.input_ids.to(device), attention_mask=sequences.attention_mask.to(device)).logits
+        rows = logits[:, :-1][sequences.scored_positions.to(device)]
+        return rows[:, : self.vocabulary].float().to(self.device)
+
+    # ------------------------------------------------------------------ the critic
+    def reward_model_score(self, sequences: SequenceBatch) -> Tensor:
+        """r_φ(x, y) of black-box PbKD's reward model for each sequence: ``(N,)``."""
+        ref = None
+        if isinstance(self.critic, ImplicitReward):
+            with torch.no_grad():
+                model = self.implicit_reference
+                device = _device(model)
+                ref = response_token_logprobs(model, sequences.input_ids.to(device), sequences.attention_mask.to(device))
+                ref = ref.to(self.device)
+        return self.critic(sequences.input_ids, sequences.attention_mask, sequences.loss_mask, ref_logprobs=ref)
+
+    # ------------------------------------------------------------------ sampling within a step
+    def sample(self, prompts: list[str], model: Optional[nn.Module] = None) -> SequenceBatch:
+        """One sample per prompt from the student (or ``model``) at the sampling settings, as sampled (on-policy
+        batches of GKD, teacher samples of ``seq_kd``)."""
+        model = model if model is not None else self.student
+        rollouts, _ = sample_rollouts(model, self.tokenizer, prompts, self.sampling, 1, self.generation_batch_size,
+                                      self.encoder.max_prompt_tokens, self.vocabulary)
+        return self.encoder.batch(prompts, [group[0] for group in rollouts]).to(self.device)

@@ -1,0 +1,147 @@
+"""Every objective on tiny models and typed batches, without a Trainer: its terms, and exact gradients under
+micro-batching and data parallelism (every mean over the whole batch's tokens or pairs)."""
+
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from objective_helpers import OBJECTIVES, pair_batch, step_gradient, student_batch, tiny_players
+
+from pbkd_lightning.data.generation import GenerationConfig
+from pbkd_lightning.objectives import BlackBoxPbKD, DivergenceKD, MiniLLM, SeqKD, WhiteBoxPbKD, XKD
+from pbkd_lightning.objectives.base import Share
+
+STEPS = [("seqkd", "student"), ("forward_kl", "student"), ("gkd_on_policy", "student"), ("blackbox_pbkd", "student"),
+         ("blackbox_pbkd", "critic"), ("minillm", "student"), ("whitebox_pbkd", "student"), ("whitebox_pbkd", "critic"),
+         ("xkd", "student"), ("xkd", "critic")]
+
+
+def _close(gradient, reference):
+    assert gradient.abs().sum() > 0, "the step has no gradient to compare"
+    assert (gradient - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+@pytest.mark.parametrize("name, role", STEPS)
+def test_micro_batches_give_the_whole_batch_gradient(name, role):
+    whole = step_gradient(name, role, None)
+    for size in (1, 2):
+        _close(step_gradient(name, role, size), whole)
+
+
+def _rank(rank, name, role, size, folder):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["TEST_PORT"])
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        items = 6 if role == "critic" and name != "xkd" else 2  # pairs or prompts on each rank
+        part = range(rank * items, (rank + 1) * items)
+
+        def reduce_sum(tensor):
+            tensor = tensor.clone()
+            torch.distributed.all_reduce(tensor)
+            return tensor
+
+        grad = step_gradient(name, role, size, part, reduce_sum, world_size=2)
+        torch.distributed.all_reduce(grad)  # what DDP does: average the ranks' gradients
+        torch.save(grad / 2, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, role", [("seqkd", "student"), ("forward_kl", "student"), ("blackbox_pbkd", "student"),
+                                        ("blackbox_pbkd", "critic"), ("minillm", "student")])
+def test_two_data_parallel_processes_give_the_one_process_gradient(tmp_path, name, role, monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("TEST_PORT", str(s.getsockname()[1]))
+    whole = step_gradient(name, role, None)
+    mp.spawn(_rank, args=(name, role, 1, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        _close(torch.load(tmp_path / f"rank{rank}.pt"), whole)
+
+
+# ---------------------------------------------------------------------------- each objective's own terms
+def test_seqkd_is_the_teacher_nll():
+    objective = SeqKD()
+    players = tiny_players(objective)
+    batch = student_batch(players, objective)
+    terms = objective.student_loss(players, batch, Share.whole(batch))
+    _, logits = players.rows(batch.teacher)
+    expected = torch.nn.functional.cross_entropy(logits, batch.teacher.scored_actions)
+    assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_blackbox_critic_gap_is_taken_over_teacher_pairs_only():
+    objective = BlackBoxPbKD()
+    players = tiny_players(objective)
+    batch = pair_batch(players)
+    with torch.no_grad():
+        terms = objective.critic_loss(players, batch, Share.whole(batch))
+        chosen, rejected = players.reward_model_score(batch.chosen), players.reward_model_score(batch.rejected)
+    teacher = batch.teacher_pair
+    assert 0 < teacher.sum() < len(batch)
+    assert terms["reward_gap"].item() == pytest.approx((chosen[teacher] - rejected[teacher]).mean().item(), rel=1e-5, abs=1e-7)
+
+
+def test_blackbox_student_starts_with_ratio_one_and_an_untrusted_critic_leaves_the_nll_anchor():
+    objective = BlackBoxPbKD(critic_trust="gate", trust_threshold=0.9)
+    players = tiny_players(objective, GenerationConfig(max_new_tokens=8, temperature=0.7, top_p=0.9, top_k=20))
+    batch = student_batch(players, objective)
+    players.student.eval()
+    trusted = objective.student_loss(players, batch, Share.whole(batch), critic_trust=0.95)
+    assert trusted["clip_frac"].item() == 0.0 and trusted["critic_trust"].item() == 1.0
+    untrusted = objective.student_loss(players, batch, Share.whole(batch), critic_trust=0.6)
+    assert "pg_loss" not in untrusted and untrusted["loss"].item() == pytest.approx(untrusted["nll_teacher"].item())
+
+
+def test_divergence_on_policy_batches_are_fresh_student_samples():
+    objective = DivergenceKD("reverse_kl", on_policy_fraction=1.0)
+    players = tiny_players(objective)
+    batch = student_batch(players, objective)
+    assert batch.samples is not None and len(batch.samples) == len(batch)
+    terms = objective.student_loss(players, batch, Share.whole(batch))
+    assert terms["on_policy"].item() == 1.0 and terms["scored_tokens"].item() == batch.samples.num_scored.item()
+
+
+def test_minillm_refuses_truncated_sampling_and_weights_by_the_mixture():
+    with pytest.raises(ValueError, match="top_p"):
+        MiniLLM().check_sampling(GenerationConfig(top_p=0.9))
+    objective = MiniLLM()
+    players = tiny_players(objective)
+    batch = student_batch(players, objective)
+    terms = objective.student_loss(players, batch, Share.whole(batch))
+    assert 0 < terms["importance_weight"].item() <= 1 / (1 - objective.teacher_mix) + 1e-5
+    assert torch.isfinite(terms["loss"])
+
+
+def test_whitebox_critic_raises_the_gap_and_the_student_lowers_its_value_term():
+    objective = WhiteBoxPbKD(critic_warmup_steps=0, beta=0.0, q_l2=0.0)  # the loss is then −G, linear in Q
+    players = tiny_players(objective)
+    pairs = pair_batch(players)
+    pairs = pairs.select([i for i in range(len(pairs)) if bool(pairs.teacher_pair[i])])
+    optimizer = torch.optim.SGD(players.critic.parameters(), lr=0.1)
+    before = objective.critic_loss(players, pairs, Share.whole(pairs))
+    optimizer.zero_grad()
+    before["loss"].backward()
+    optimizer.step()
+    after = objective.critic_loss(players, pairs, Share.whole(pairs))
+    assert after["gap"].item() > before["gap"].item()
+    batch = student_batch(players, objective)
+    terms = objective.student_loss(players, batch, Share.whole(batch))
+    assert {"policy_value_off", "pg_loss", "nll_teacher"} <= set(terms) and terms["clip_frac"].item() == 0.0
+
+
+def test_xkd_terms_reach_head_and_student():
+    objective = XKD()
+    players = tiny_players(objective)
+    batch = student_batch(players, objective)
+    terms = objective.student_loss(players, batch, Share.whole(batch))
+    terms["loss"].backward()
+    assert players.student.get_input_embeddings().weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in players.critic.parameters())
+

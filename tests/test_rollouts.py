@@ -1,0 +1,94 @@
+"""Rollouts: one place samples, and keeps the tokens as sampled, log π_old of exactly the distribution sampled from,
+and whether each sample ended (the rollouts issue's defects 3 and 4)."""
+
+import logging
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from pbkd_lightning.data.collate import StudentCollate
+from pbkd_lightning.data.generation import GenerationConfig, sample_rollouts
+from pbkd_lightning.models import ModelSpec, load_causal_lm
+from pbkd_lightning.players import Players
+from pbkd_lightning.sequences import Encoder
+
+PROMPTS = ["Reverse: cat dog\n", "Cal has 4 keys, gets 9. How many keys?\n", "ab"]
+
+
+def _greedy_by_hand(model, tokenizer, prompt, steps):
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            out.append(token)
+    return out
+
+
+def test_the_models_own_generation_config_does_not_change_what_is_sampled(caplog):
+    """Defect 3: a model's shipped processors (here a repetition penalty of 5) used to reshape the sampler while
+    π_old stayed a plain softmax. They are switched off with one log line: greedy is the plain argmax."""
+    model, tokenizer = load_causal_lm(ModelSpec(layers=1, hidden=32, heads=2, init_seed=3))
+    model.generation_config.repetition_penalty = 5.0
+    with caplog.at_level(logging.WARNING, logger="pbkd_lightning.data.generation"):
+        rollouts, _ = sample_rollouts(model, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=12, temperature=0.0), 1, 8)
+        sample_rollouts(model, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=12, temperature=0.0), 1, 8)
+    assert [r[0].token_ids for r in rollouts] == [_greedy_by_hand(model, tokenizer, p, 12) for p in PROMPTS]
+    assert sum("repetition_penalty" in m for m in caplog.messages) == 1
+    assert model.generation_config.repetition_penalty == 5.0  # the model's own config is put back
+
+
+@pytest.mark.parametrize("sampling", [GenerationConfig(max_new_tokens=10), GenerationConfig(max_new_tokens=10, temperature=0.7,
+                                                                                            top_p=0.9, top_k=20)])
+def test_old_logprobs_are_the_sampled_distribution_and_match_the_policy_loss(sampling):
+    """π_old as recorded while sampling equals π_θ as the losses compute it (same temperature, top-k, top-p, columns,
+    dropout off), so the PPO ratio starts at exactly 1; and every sampled token has finite probability."""
+    torch.manual_seed(0)
+    model, tokenizer = load_causal_lm(ModelSpec(layers=1, hidden=32, heads=2, init_seed=3))
+    rollouts, stats = sample_rollouts(model, tokenizer, PROMPTS, sampling, 3, 8)
+    flat = [r for group in rollouts for r in group]
+    assert stats["tokens"] == sum(len(r.token_ids) + r.ended for r in flat)
+    assert all(len(r.logprobs) == len(r.token_ids) + r.ended for r in flat)
+    assert any(not r.ended for r in flat) and all(len(r.token_ids) == 10 for r in flat if not r.ended)
+    players = Players(model, tokenizer, sampling, Encoder(tokenizer, 64, sampling.max_new_tokens))
+    batch = StudentCollate(players.encoder)([{"prompt": p, "teacher": "x", "rollouts": g} for p, g in zip(PROMPTS, rollouts)])
+    model.eval()
+    with torch.no_grad():
+        policy = players.policy_logprobs(batch.samples)
+    mask = batch.samples.scored_positions
+    assert torch.isfinite(batch.old_logprobs[mask]).all()
+    torch.testing.assert_close(policy[mask], batch.old_logprobs[mask], atol=1e-5, rtol=1e-5)
+
+
+def _bpe_student():
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(["apples and oranges", "an apple a day", "reverse the words", "cat dog sun sky"] * 20, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>")
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128))
+    return model, tokenizer
+
+
+def test_samples_are_scored_on_the_tokens_sampled_not_on_a_retokenisation():
+    """Defect 4: with a BPE tokenizer, decoding a sample and encoding it again gives other tokens ("app"+"les" →
+    "apples"); the student batch holds exactly the sampled tokens, and their log π_old."""
+    model, tokenizer = _bpe_student()
+    rollouts, _ = sample_rollouts(model, tokenizer, ["apples and", "cat dog"], GenerationConfig(max_new_tokens=12), 8, 8)
+    flat = [r for group in rollouts for r in group]
+    retokenised = [tokenizer(r.text, add_special_tokens=False)["input_ids"] for r in flat]
+    assert any(ids != r.token_ids for ids, r in zip(retokenised, flat))  # the round trip would change the tokens
+    encoder = Encoder(tokenizer, 32, 12)
+    batch = StudentCollate(encoder)([{"prompt": p, "teacher": "x", "rollouts": g} for p, g in zip(["apples and", "cat dog"], rollouts)])
+    for row, rollout in enumerate(flat):
+        scored = batch.samples.input_ids[row, 1:][batch.samples.scored_positions[row]].tolist()
+        assert scored == rollout.token_ids + ([tokenizer.eos_token_id] if rollout.ended else [])

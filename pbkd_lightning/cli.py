@@ -44,6 +44,19 @@ class DistillationCLI(LightningCLI):
         return self._instantiate_trainer(config, extra)
 
 
+def build_cli(args=None, run: bool = True) -> DistillationCLI:
+    """The CLI exactly as ``python -m pbkd_lightning`` builds it (``args``: its arguments, None = ``sys.argv``);
+    ``run=False`` only instantiates the trainer, model and data module. Benchmarks and tests call it in-process."""
+    return DistillationCLI(
+        DistillationModule,
+        PreferenceDataModule,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
 def main(args=None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["export"]:  # not a Trainer method, so not a LightningCLI subcommand
@@ -51,13 +64,7 @@ def main(args=None) -> None:
 
         return export_main(argv[1:])
     try:
-        DistillationCLI(
-            DistillationModule,
-            PreferenceDataModule,
-            parser_kwargs={"parser_mode": "omegaconf"},
-            save_config_kwargs={"overwrite": True},
-            args=args,
-        )
+        build_cli(args)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -14,6 +14,8 @@ from typing import Literal, get_args, get_origin
 from jsonargparse.typing import restricted_number_type
 
 TopP = restricted_number_type("TopP", float, [(">", 0), ("<=", 1)])
+AboveHalfBelowOne = restricted_number_type("AboveHalfBelowOne", float, [(">", 0.5), ("<", 1)])
+"""An accuracy strictly better than chance and below certainty, in (0.5, 1)."""
 
 
 def check(name: str, kind, value) -> None:
@@ -46,12 +48,21 @@ def plain(values: dict) -> dict:
     numbers to int/float), so checkpoints load with ``torch.load(weights_only=True)``."""
 
     def convert(value):
-        return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else class_spec(value)
+        # A dataclass picked by class_path (an objective) keeps its class; a plain config dataclass is its fields.
+        if dataclasses.is_dataclass(value) and not getattr(value, "picked_by_class_path", False):
+            return dataclasses.asdict(value)
+        return class_spec(value)
 
     return json.loads(json.dumps(values, default=convert))
 
 
-def validate_fields(instance) -> None:
-    """Check every annotated field of a dataclass instance (call from ``__post_init__``)."""
+def validate_fields(instance, key: str = "") -> None:
+    """Check every annotated field of a dataclass instance (call from ``__post_init__``); errors name ``key`` +
+    the field (e.g. ``model.objective.init_args.beta``). Restricted numbers are stored as plain int/float, so
+    they pickle into checkpoints and optimizer states as such."""
     for field in dataclasses.fields(instance):
-        check(field.name, field.type, getattr(instance, field.name))
+        value = getattr(instance, field.name)
+        check(key + field.name, field.type, value)
+        kind = field.type
+        if value is not None and isinstance(kind, type) and issubclass(kind, (int, float)) and kind not in (int, float, bool):
+            setattr(instance, field.name, int(value) if issubclass(kind, int) else float(value))

@@ -11,6 +11,8 @@ import sys
 
 import torch
 
+from pbkd_lightning.models.loading import ModelSpec, load_causal_lm, save_student
+
 
 def _prefixed(state: dict, prefix: str) -> dict:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -18,8 +20,6 @@ def _prefixed(state: dict, prefix: str) -> dict:
 
 def export(ckpt_path: str, out: str, reward_model: bool = False) -> list[str]:
     """Export from ``ckpt_path`` into ``out`` (the student) and ``out/reward_model`` (if asked). Returns the folders."""
-    from pbkd_lightning.models.loading import ModelSpec, load_causal_lm, save_student
-
     if not os.path.isfile(ckpt_path):
         raise FileNotFoundError(f"checkpoint {ckpt_path!r} does not exist")
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)

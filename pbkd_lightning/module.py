@@ -1,76 +1,31 @@
 """DistillationModule: the student, the critic and their two optimizers; the objective holds the method."""
 
-import copy
-import json
 import math
-import os
-from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch import LightningModule
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 from torchmetrics import MeanMetric
-from torchmetrics.classification import BinaryAccuracy
-from transformers import AutoModelForCausalLM
 
-from pbkd_lightning.config import plain, validate_fields
+from pbkd_lightning.build import build_players
+from pbkd_lightning.callbacks import FitSummary, SampleTable
+from pbkd_lightning.config import plain
 from pbkd_lightning.data.datamodule import DataConnection
 from pbkd_lightning.data.generation import GenerationConfig, generate
-from pbkd_lightning.data.labelers import label_pair, sample_pairs
 from pbkd_lightning.eval import mean_scores, score_responses
 from pbkd_lightning.eval.diversity import diversity
-from pbkd_lightning.models.critic import ImplicitReward, ScalarReward
-from pbkd_lightning.data.teacher_cache import TeacherCache, cache_fingerprint, cache_is_complete, write_teacher_cache
-from pbkd_lightning.models.loading import ModelSpec, load_causal_lm, save_student, shared_vocabulary_size, weights_key
-from pbkd_lightning.models.teacher import TeacherModel, load_teacher, teacher_vocabulary
+from pbkd_lightning.eval.preferences import HeldoutPreferences
+from pbkd_lightning.models.critic import CriticConfig
+from pbkd_lightning.models.loading import ModelSpec
+from pbkd_lightning.models.teacher import TeacherModel
 from pbkd_lightning.objectives.base import Objective, accumulate_gradients
+from pbkd_lightning.optim import OptimizerConfig, build_optimizer
+from pbkd_lightning.parallel import is_sharded, same_count_on_every_rank, shard
 from pbkd_lightning.players import Players
-from pbkd_lightning.parallel import full_state_dict, is_sharded, same_count_on_every_rank, shard
-from pbkd_lightning.warmup import WarmupConfig, warm_start
-
-
-@dataclass
-class CriticConfig:
-    """The reward model of black-box PbKD."""
-
-    kind: Literal["scalar", "implicit"] = "implicit"
-    """``scalar``: a linear head on a backbone's last hidden state (the paper's). ``implicit``: a trainable
-    LM copy scored by ``scale · mean log(π_φ/π_ref)`` over the response (learned far faster in the prototype)."""
-    init: Literal["student", "teacher", "scratch"] = "student"
-    """Start from the (warmed-up) student's weights, from the teacher model's (``model.teacher``, not quantized;
-    the reward model then reads the teacher's tokenizer, and an implicit reward's reference is the frozen teacher),
-    or from a fresh model of the student's architecture."""
-    pooling: Literal["last", "mean"] = "last"
-    """Scalar head only: the last non-pad token's hidden state, or the mean over response tokens."""
-    scale: PositiveFloat = 10.0
-    """Implicit reward only: the factor on the mean log-ratio."""
-
-    def __post_init__(self):
-        validate_fields(self)
-
-
-@dataclass
-class OptimizerConfig:
-    """AdamW with linear warm-up then constant or cosine learning rate, and gradient-norm clipping."""
-
-    lr: PositiveFloat = 1e-3
-    """Peak learning rate."""
-    weight_decay: NonNegativeFloat = 0.0
-    """AdamW weight decay."""
-    warmup_steps: NonNegativeInt = 0
-    """Linear learning-rate warm-up, in optimizer steps."""
-    schedule: Literal["constant", "cosine"] = "constant"
-    """After warm-up: constant, or cosine decay to 0 at the end of training."""
-    grad_clip: NonNegativeFloat = 1.0
-    """Clip the gradient's global norm to this; 0 turns clipping off."""
-
-    def __post_init__(self):
-        validate_fields(self)
+from pbkd_lightning.models.warmup import WarmupConfig
 
 
 class DistillationModule(LightningModule):
@@ -121,22 +76,22 @@ class DistillationModule(LightningModule):
         super().__init__()
         if objective.needs_teacher_logits and teacher is None:
             raise ValueError(f"{type(objective).__name__} is white-box: it needs `model.teacher` (a teacher model)")
-        self.critic_from_teacher = objective.needs_critic and critic.init == "teacher"
-        if self.critic_from_teacher and (teacher is None or teacher.quantization is not None):
+        critic_from_teacher = objective.needs_critic and critic.init == "teacher"
+        if critic_from_teacher and (teacher is None or teacher.quantization is not None):
             raise ValueError("`model.critic.init: teacher` needs `model.teacher`, not quantized: the reward model "
                              "trains a copy of its weights")
         self.automatic_optimization = False
         self.strict_loading = False  # the frozen reference is rebuilt in setup, not stored in checkpoints
-        self.save_hyperparameters(plain({k: v for k, v in locals().items() if k not in ("self", "__class__")}))
+        self.save_hyperparameters(plain({k: v for k, v in locals().items() if k not in ("self", "__class__", "critic_from_teacher")}))
         # hparams hold the config as plain data (LightningCLI stores its own copy there); use the objects.
         self.objective = objective
         self.student_spec, self.critic_config, self.warmup_config = student, critic, warmup
-        self.teacher_config = teacher if objective.needs_teacher_logits or self.critic_from_teacher else None
-        self.vocabulary: Optional[int] = None  # logit columns compared with the teacher's (white-box)
-        self._frozen: dict[str, nn.Module] = {}  # the teacher: kept out of the module tree, so out of
-        # checkpoints, optimizers and device moves (a quantized model cannot be moved)
+        self.teacher_config = teacher if objective.needs_teacher_logits or critic_from_teacher else None
         self.student_optimizer_config, self.critic_optimizer_config = student_optimizer, critic_optimizer
         self.val_generation = val_generation
+        self.players: Optional[Players] = None  # built in setup
+        # Registered children, so Lightning moves, checkpoints and shards them; the teacher stays in `players` only
+        # (out of checkpoints, optimizers and device moves: a quantized model cannot be moved).
         self.student: Optional[nn.Module] = None
         self.critic: Optional[nn.Module] = None
         self.reference: Optional[nn.Module] = None
@@ -144,8 +99,6 @@ class DistillationModule(LightningModule):
         self.summary: dict = {}
         self.nonfinite_skips = {"student": 0, "critic": 0}
         self.critic_heldout_acc: Optional[float] = None  # the latest held-out preference accuracy (critic trust)
-        self.players: Optional[Players] = None
-        self._teacher_cache: Optional[TeacherCache] = None
         self.training_batches_seen = 0  # counts the critic-only warm-up; saved in checkpoints
 
     @property
@@ -156,9 +109,20 @@ class DistillationModule(LightningModule):
     def needs_pairs(self) -> bool:
         return self.objective.needs_critic and self.objective.critic_uses_pairs
 
+    @property
+    def teacher(self) -> Optional[nn.Module]:
+        return self.players.teacher if self.players is not None else None
+
+    @property
+    def vocabulary(self) -> Optional[int]:
+        return self.players.vocabulary if self.players is not None else None
+
+    def configure_callbacks(self):
+        return [FitSummary(self.hparams.save_student), SampleTable(self.hparams.samples_to_show)]
+
     # ------------------------------------------------------------------ models
     def setup(self, stage: str) -> None:
-        if self.student is not None:
+        if self.players is not None:
             return
         if isinstance(self.trainer.strategy, FSDPStrategy):
             raise ValueError("FSDPStrategy (FSDP1) wraps the LightningModule as one root, which the methods bypass when "
@@ -166,54 +130,25 @@ class DistillationModule(LightningModule):
                              "configs/strategy/fsdp.yaml (ModelParallelStrategy, also on GPUs)")
         if self.hparams.num_threads:
             torch.set_num_threads(self.hparams.num_threads)
-        datamodule = self.trainer.datamodule
-        student, self.tokenizer = load_causal_lm(self.student_spec)
-        self.critic_tokenizer = self.tokenizer
-        self.student = student
-        if self.teacher_config is not None:
-            self._setup_teacher(datamodule, stage)
-        if stage == "fit":
-            self.summary["teacher"] = mean_scores(
-                score_responses(datamodule.val_records, [r["teacher"] for r in datamodule.val_records])
-            )
-            if self.teacher is not None:
-                self.summary["teacher_model"] = mean_scores(
-                    score_responses(datamodule.val_records, self.greedy_responses(datamodule.val_records, self.teacher, self.teacher_tokenizer))
-                )
-            if self.warmup_config.steps > 0:
-                self.summary["student_before_warmup"] = self.evaluate(datamodule.val_records)
-                key = [weights_key(self.student_spec), [r["teacher"] for r in datamodule.train_records]]
-                encoder = datamodule.encoder(self.tokenizer)
-                self.student = warm_start(student, encoder, datamodule.train_records, self.warmup_config, self.student_spec.init_seed, key)
-            self.summary["student_start"] = self.evaluate(datamodule.val_records)
-        self.student.train()
-        if self.student_spec.gradient_checkpointing and not self.student.is_gradient_checkpointing:
-            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # a cached warm-up reloads without it
-        if self.objective.uses_reference(self.critic_config.kind, self.critic_from_teacher):
-            self.reference = copy.deepcopy(self.student).eval().requires_grad_(False)
-        self.objective.check_sampling(datamodule.generation)
-        self.players = Players(
-            self.student, self.tokenizer, datamodule.generation, datamodule.encoder(self.tokenizer),
-            datamodule.hparams.generation_batch_size, reference=self.reference, teacher=self.teacher,
-            implicit_reference=self.teacher if self.critic_from_teacher else self.reference, vocabulary=self.vocabulary,
-        )
-        if self.objective.needs_critic:
-            self.critic = self.objective.build_critic(self.players) or self._build_reward_model()
-        self.players.critic, self.players.critic_tokenizer = self.critic, self.critic_tokenizer
-        h = datamodule.hparams
-        datamodule.connect(DataConnection(
+        data = self.trainer.datamodule
+        built = build_players(self.objective, self.student_spec, self.teacher_config, self.critic_config,
+                              self.warmup_config, data, stage, self.greedy_responses)
+        self.players, self.summary = built.players, dict(built.scores)
+        self.student, self.critic, self.reference = self.players.student, self.players.critic, self.players.reference
+        self.tokenizer, self.critic_tokenizer = self.players.tokenizer, self.players.critic_tokenizer
+        self.teacher_tokenizer = built.teacher_tokenizer
+        objective, players, h = self.objective, self.players, data.hparams
+        data.connect(DataConnection(
             tokenizer=self.tokenizer, critic_tokenizer=self.critic_tokenizer,
-            rollout=lambda prompts, k: self.objective.rollout(self.players, prompts, k, datamodule.generation,
-                                                             h.generation_batch_size, h.max_prompt_tokens),
-            needs_samples=self.needs_samples, needs_pairs=self.needs_pairs, critic_steps=self.objective.critic_steps,
-            critic_takes_sample_pairs=self.objective.critic_takes_sample_pairs, teacher_cache=self._teacher_cache,
+            rollout=lambda prompts, k: objective.rollout(players, prompts, k, data.generation, h.generation_batch_size,
+                                                         h.max_prompt_tokens),
+            needs_samples=self.needs_samples, needs_pairs=self.needs_pairs, critic_steps=objective.critic_steps,
+            critic_takes_sample_pairs=objective.critic_takes_sample_pairs, teacher_cache=built.teacher_cache,
         ))
-        tasks = sorted({r.get("task", "text") for r in datamodule.val_records})
+        tasks = sorted({r.get("task", "text") for r in data.val_records})
         self.task_scores = nn.ModuleDict({t: MeanMetric() for t in tasks})
         self.diversity = nn.ModuleDict({name: MeanMetric() for name in ("distinct_1", "distinct_2", "self_bleu")})
-        self.heldout_pref_acc = BinaryAccuracy()
-        self.heldout_rank_acc = BinaryAccuracy()
-        self.task_pref_acc = nn.ModuleDict({t: BinaryAccuracy() for t in tasks})
+        self.heldout = HeldoutPreferences(tasks)
 
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy`` (FSDP2, ``configs/strategy/fsdp.yaml``): shard student, critic and
@@ -231,70 +166,14 @@ class DistillationModule(LightningModule):
             if model is not None:
                 shard(model, mesh)
 
-    @property
-    def teacher(self) -> Optional[nn.Module]:
-        return self._frozen.get("teacher")
-
-    def _setup_teacher(self, datamodule, stage: str) -> None:
-        """Load the teacher, unless a finished cache serves every batch, and check that it shares the student's tokenizer."""
-        config, h = self.teacher_config, datamodule.hparams
-        folder = h.get("teacher_cache") if stage == "fit" else None
-        if folder:
-            sequences = [(r["prompt"], r["teacher"]) for r in datamodule.train_records]
-            fingerprint = cache_fingerprint(sequences, h.teacher_cache_k, config.describe())
-            written = cache_is_complete(folder, fingerprint)
-        if folder and written and not self.objective.needs_teacher_on_samples:
-            teacher_tokenizer, rows = teacher_vocabulary(config)  # the weights are never read
-        else:
-            teacher, teacher_tokenizer = load_teacher(config, datamodule.train_records, h.max_prompt_tokens,
-                                                      datamodule.generation.max_new_tokens)
-            rows = teacher.config.vocab_size
-            self._frozen["teacher"] = teacher
-        self.teacher_tokenizer = teacher_tokenizer
-        if not self.objective.needs_teacher_logits:
-            return  # the teacher only initialises the reward model, which reads the teacher's own tokenizer
-        self.vocabulary = shared_vocabulary_size(teacher_tokenizer, self.tokenizer, rows, self.student.config.vocab_size)
-        if not folder:
-            return
-        if not written:
-            rank_zero_info(f"teacher cache: writing the teacher's top-{h.teacher_cache_k} log-probabilities to {folder}")
-            write_teacher_cache(self.teacher, datamodule.encoder(self.tokenizer), sequences, folder, h.teacher_cache_k,
-                                vocabulary=self.vocabulary, tag=config.describe())
-        self._teacher_cache = TeacherCache(folder, fingerprint)
-        if not self.objective.needs_teacher_on_samples:
-            self._frozen.pop("teacher", None)  # every teacher distribution now comes from the cache
-            rank_zero_info(f"teacher cache: training from {folder}, no teacher in memory")
-
-    def _build_reward_model(self) -> nn.Module:
-        config = self.critic_config
-        if config.init == "student":
-            lm = copy.deepcopy(self.student)
-        elif config.init == "teacher":
-            lm = copy.deepcopy(self.teacher)
-            self.critic_tokenizer = self.teacher_tokenizer
-        else:  # the student's architecture with fresh weights (seeded by the global seed)
-            lm = AutoModelForCausalLM.from_config(self.student.config).to(next(self.student.parameters()).dtype)
-        lm.train()
-        if not hasattr(lm, "peft_config"):  # a LoRA student's copy trains its adapter only, like the student
-            lm.requires_grad_(True)
-        if config.kind == "implicit":
-            return ImplicitReward(lm, scale=config.scale)
-        return ScalarReward(lm.get_decoder(), lm.config.hidden_size, pooling=config.pooling)
-
     def configure_optimizers(self):
-        optimizers, schedulers = [], []
-        groups = [(self.student, self.student_optimizer_config)]
-        if self.critic is not None:
-            groups.insert(0, (self.critic, self.critic_optimizer_config))
+        """The critic's optimizer first, then the student's (``opt_critic, opt_student = self.optimizers()``)."""
         total = self._training_batches()  # one step per optimizer per batch
-        for model, config in groups:
-            steps = total * (self.objective.critic_steps if model is self.critic else 1)
-            params = [p for p in model.parameters() if p.requires_grad]
-            # plain floats: jsonargparse's restricted types would be pickled into the optimizer state
-            optimizer = _adamw(self.hparams.optimizer)(params, lr=float(config.lr), weight_decay=float(config.weight_decay))
-            optimizers.append(optimizer)
-            schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, steps)))
-        return optimizers, schedulers
+        players = [(self.student, self.student_optimizer_config, total)]
+        if self.critic is not None:
+            players.insert(0, (self.critic, self.critic_optimizer_config, total * self.objective.critic_steps))
+        built = [build_optimizer(self.hparams.optimizer, model, config, steps) for model, config, steps in players]
+        return [optimizer for optimizer, _ in built], [scheduler for _, scheduler in built]
 
     def _training_batches(self) -> int:
         """Training batches in the whole fit, counted without building the training data: under FSDP the
@@ -310,65 +189,57 @@ class DistillationModule(LightningModule):
         total = per_epoch * epochs
         return max(1, min(total, trainer.max_steps) if trainer.max_steps != -1 else total)
 
-    def reward(self, sequences) -> torch.Tensor:
-        """The critic's sequence reward for each sequence: ``(N,)`` (the objective says how it is induced)."""
-        return self.objective.sequence_reward(self.players, sequences)
-
     # ------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx):
-        optimizers = self.optimizers()
-        opt_critic, opt_student = optimizers if self.critic is not None else (None, optimizers)
-        schedulers = self.lr_schedulers()
-        sched_critic, sched_student = schedulers if self.critic is not None else (None, schedulers)
+        if self.critic is not None:
+            (opt_critic, opt_student), (sched_critic, sched_student) = self.optimizers(), self.lr_schedulers()
+        else:
+            opt_student, sched_student = self.optimizers(), self.lr_schedulers()
+        objective, players = self.objective, self.players
         paired = self.needs_pairs  # {"student": ..., "critic": ...} batches; else one batch for both steps
         student_batch = (batch["student"] if paired else batch).to(self.device)
-        objective, players = self.objective, self.players
         if self.critic is not None:
             critic_batches = batch["critic"] if paired else batch
             for critic_batch in critic_batches if isinstance(critic_batches, list) else [critic_batches]:
-                self._optimizer_step("critic", opt_critic, sched_critic, self.critic, critic_batch.to(self.device),
-                                     lambda piece, share: objective.critic_loss(players, piece, share),
-                                     self.hparams.critic_micro_batch_size)
+                self._step("critic", opt_critic, sched_critic, self.critic, critic_batch.to(self.device),
+                           lambda piece, share: objective.critic_loss(players, piece, share), self.hparams.critic_micro_batch_size)
         if self.training_batches_seen >= objective.critic_warmup_steps:
-            # On-policy objectives score π_θ with dropout off, as the sampler drew from it (π_old).
             mode = self.student.training
             if objective.needs_samples:
-                self.student.eval()
+                self.student.eval()  # on-policy objectives score π_θ with dropout off, as the sampler drew π_old
             try:
                 student_batch = objective.prepare_student_batch(players, student_batch)
                 trust = self.critic_heldout_acc
-                self._optimizer_step("student", opt_student, sched_student, self.student, student_batch,
-                                     lambda piece, share: objective.student_loss(players, piece, share, trust),
-                                     self.hparams.micro_batch_size)
+                self._step("student", opt_student, sched_student, self.student, student_batch,
+                           lambda piece, share: objective.student_loss(players, piece, share, trust), self.hparams.micro_batch_size)
             finally:
                 self.student.train(mode)
         self.training_batches_seen += 1
 
-    def _optimizer_step(self, role, optimizer, scheduler, model, batch, compute, micro_batch_size) -> None:
-        """toggle → zero_grad → (forward → backward) per micro-batch → clip → step → untoggle.
+    def _step(self, role, optimizer, scheduler, model, batch, compute, micro_batch_size) -> None:
+        """toggle → zero_grad → (forward → manual_backward) per micro-batch → clip → step → untoggle.
 
-        Every mean in the loss is weighted by the micro-batch's :class:`Share` of the whole step (all micro-batches
-        on all ranks), so the accumulated gradient is the whole batch's. A non-finite loss or gradient skips the step.
+        Every mean in the loss is weighted by its micro-batch's share of the whole step (all micro-batches on all
+        ranks), so the accumulated gradient is the whole batch's. A non-finite loss or gradient skips the step.
         """
         config = self.critic_optimizer_config if role == "critic" else self.student_optimizer_config
         self.toggle_optimizer(optimizer)
         optimizer.zero_grad(set_to_none=True)
-        world = self.trainer.world_size
         reduce_sum = lambda tensor: self.trainer.strategy.reduce(tensor, reduce_op="sum")  # noqa: E731
-        loss_sum, logged = accumulate_gradients(compute, batch, micro_batch_size, self.manual_backward, reduce_sum, world)
+        loss, terms = accumulate_gradients(compute, batch, micro_batch_size, self.manual_backward, reduce_sum,
+                                           self.trainer.world_size)
         params = [p for p in model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else math.inf) if params else loss_sum * 0
-        finite = bool(torch.isfinite(loss_sum) & torch.isfinite(norm))  # one host sync per step, cheap next to the forwards
-        if finite:
+        norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else math.inf) if params else loss * 0
+        if bool(torch.isfinite(loss) & torch.isfinite(norm)):  # one host sync per step, cheap next to the forwards
             optimizer.step()
             scheduler.step()
         else:
             self.nonfinite_skips[role] += 1
         optimizer.zero_grad(set_to_none=True)  # free this player's gradients before the other one runs
         self.untoggle_optimizer(optimizer)
-        self.log(f"{role}/loss", loss_sum, prog_bar=True)
+        self.log(f"{role}/loss", loss, prog_bar=True)
         self.log(f"{role}/nonfinite_skips", float(self.nonfinite_skips[role]))
-        self.log_dict({(k if "/" in k else f"{role}/{k}"): v for k, v in logged.items()})
+        self.log_dict({(k if "/" in k else f"{role}/{k}"): v for k, v in terms.items()})
 
     def on_train_epoch_start(self) -> None:
         stats = getattr(self.trainer.datamodule, "stats", {})
@@ -376,28 +247,26 @@ class DistillationModule(LightningModule):
             self.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
 
     # ------------------------------------------------------------------ evaluation
-    def generate_responses(
-        self, records: list[dict], config: Optional[GenerationConfig] = None, num_samples: int = 1, model=None, tokenizer=None
-    ) -> list[list[str]]:
+    def generate_responses(self, records: list[dict], config: Optional[GenerationConfig] = None, num_samples: int = 1,
+                           model=None, tokenizer=None) -> list[list[str]]:
         """``num_samples`` responses per record from the current student or ``model`` (``val_generation`` unless told
         otherwise); ``tokenizer``: ``model``'s, when it is not the student's."""
         data = self.trainer.datamodule.hparams
-        prompts = [r["prompt"] for r in records]
-        config = config or self.val_generation
         model = model if model is not None else self.student
-        responses, _ = generate(model, tokenizer or self.tokenizer, prompts, config, num_samples, data.val_batch_size,
-                                data.max_prompt_tokens, self.vocabulary if tokenizer is None else None)
+        vocabulary = self.vocabulary if tokenizer is None else None
+        responses, _ = generate(model, tokenizer or self.tokenizer, [r["prompt"] for r in records], config or self.val_generation,
+                                num_samples, data.val_batch_size, data.max_prompt_tokens, vocabulary)
         return responses
 
-    def greedy_responses(self, records: list[dict], model=None, tokenizer=None) -> list[str]:
+    def greedy_responses(self, model, tokenizer, records: list[dict]) -> list[str]:
         return [group[0] for group in self.generate_responses(records, model=model, tokenizer=tokenizer)]
 
     def evaluate(self, records: list[dict]) -> dict[str, float]:
         """Mean held-out score per task of the current student (greedy by default)."""
-        return mean_scores(score_responses(records, self.greedy_responses(records)))
+        return mean_scores(score_responses(records, self.greedy_responses(self.student, self.tokenizer, records)))
 
     def validation_step(self, records: list[dict], batch_idx: int):
-        responses = self.greedy_responses(records)
+        responses = self.greedy_responses(self.student, self.tokenizer, records)
         for task, score in score_responses(records, responses):
             self.task_scores[task].update(torch.tensor(score, device=self.device))
         # K samples per held-out prompt at the data's generation settings: their diversity, and, with a
@@ -407,144 +276,60 @@ class DistillationModule(LightningModule):
         for name, value in diversity(samples).items():
             self.diversity[name].update(torch.tensor(value, device=self.device), weight=len(samples))
         if self.critic is not None and self.objective.critic_ranks_pairs:
-            self._update_heldout_preferences(records, samples)
-        if batch_idx == 0:
-            self._show_samples(records, responses)
+            self.heldout.update(records, samples, data.hparams.labeler, lambda texts: self.score_texts(records, texts))
+        return {"responses": responses}
 
     def test_step(self, records: list[dict], batch_idx: int):
-        self.validation_step(records, batch_idx)
+        return self.validation_step(records, batch_idx)
 
     def on_test_epoch_end(self) -> None:
         self.on_validation_epoch_end()
 
     @torch.no_grad()
-    def _update_heldout_preferences(self, records: list[dict], samples: list[list[str]]) -> None:
-        """Does the reward model rank held-out (teacher, current student) pairs as the labeler does? Ties don't count.
-        And, where prompts have references, does it order a prompt's samples as the task's score does (what the
-        student's group advantages rely on)?
-
-        ``samples[i]`` are the K student samples for ``records[i]``; each distinct text is scored once.
-        """
-        labeler = self.trainer.datamodule.hparams.labeler
-        pairs = [(i, s, label_pair(labeler, r, r["teacher"], s)) for i, (r, group) in enumerate(zip(records, samples)) for s in group]
-        pairs = [pair for pair in pairs if pair[2] != 0]
-        rankings = [(i, better, worse) for i, (r, group) in enumerate(zip(records, samples)) if r.get("reference") is not None
-                    for better, worse in sample_pairs(r, group)]
-        sharded = is_sharded(self.critic)
-        if not pairs and not rankings and not sharded:
-            return
-        texts = sorted({(i, records[i]["teacher"]) for i, _, _ in pairs} | {(i, s.strip()) for i, s, _ in pairs}
-                       | {(i, s) for i, b, w in rankings for s in (b, w)})
-        encoder = self.trainer.datamodule.encoder(self.critic_tokenizer)
-        size = self.trainer.datamodule.hparams.val_batch_size
+    def score_texts(self, records: list[dict], texts: list[tuple[int, str]]) -> Optional[torch.Tensor]:
+        """The critic's reward of each ``(index into records, response)``, in chunks of ``data.val_batch_size``.
+        A sharded critic gathers its parameters in each forward: every rank scores as many chunks (padding with a
+        throw-away one)."""
+        data = self.trainer.datamodule
+        encoder, size = data.encoder(self.critic_tokenizer), data.hparams.val_batch_size
         chunks = -(-len(texts) // size)
-        # A sharded critic gathers its parameters in each forward: every rank scores as many chunks.
-        total = same_count_on_every_rank(chunks, self.device) if sharded else chunks
+        total = same_count_on_every_rank(chunks, self.device) if is_sharded(self.critic) else chunks
         scored = []
         for index in range(total):
-            chunk = texts[index * size : (index + 1) * size] if index < chunks else [(0, records[0]["teacher"])]
-            encoded = encoder.batch([records[i]["prompt"] for i, _ in chunk], [text for _, text in chunk])
-            rewards = self.reward(encoded.to(self.device))
+            chunk = texts[index * size : (index + 1) * size] if index < chunks else [(0, data.val_records[0]["teacher"])]
+            prompts = [records[i]["prompt"] if index < chunks else data.val_records[0]["prompt"] for i, _ in chunk]
+            rewards = self.objective.sequence_reward(self.players, encoder.batch(prompts, [t for _, t in chunk]).to(self.device))
             if index < chunks:
                 scored.append(rewards)
-        if not texts:
-            return
-        reward = dict(zip(texts, torch.cat(scored)))
-        for metric, per_task, items in ((self.heldout_pref_acc, self.task_pref_acc, pairs), (self.heldout_rank_acc, None, rankings)):
-            if not items:
-                continue
-            if metric is self.heldout_pref_acc:
-                margin = torch.stack([reward[(i, records[i]["teacher"])] - reward[(i, s.strip())] for i, s, _ in items])
-                target = torch.tensor([label for _, _, label in items], device=self.device, dtype=margin.dtype)
-            else:
-                margin = torch.stack([reward[(i, b)] - reward[(i, w)] for i, b, w in items])
-                target = torch.ones_like(margin)
-            agreement = torch.sigmoid(margin * target)  # > 0.5 when the reward model ranks the pair as the labels do
-            metric.update(agreement, torch.ones_like(target))
-            if per_task is not None:
-                tasks = [records[i].get("task", "text") for i, _, _ in items]
-                for task in set(tasks):
-                    rows = torch.tensor([t == task for t in tasks], device=self.device)
-                    per_task[task].update(agreement[rows], torch.ones_like(target[rows]))
-
-    def _computed(self, metric) -> Optional[torch.Tensor]:
-        """The metric over all ranks, or None when no rank saw any data. Every rank must call this in the
-        same order: under DDP a rank may hold no sample of a task, and the decision has to be collective."""
-        seen = self.trainer.strategy.reduce(torch.tensor(float(metric.update_count), device=self.device), reduce_op="sum")
-        value = metric.compute() if float(seen) > 0 else None
-        metric.reset()
-        return value
+        return torch.cat(scored) if scored else None
 
     def on_validation_epoch_end(self) -> None:
-        for task, metric in self.task_scores.items():
-            if (value := self._computed(metric)) is not None:
-                self.log(f"eval/{task}_score", value)
-        for name, metric in self.diversity.items():
-            if (value := self._computed(metric)) is not None:
-                self.log(f"eval/{name}", value)
-        accuracy = self._computed(self.heldout_pref_acc)
-        per_task = {task: self._computed(metric) for task, metric in self.task_pref_acc.items()}
-        ranking = self._computed(self.heldout_rank_acc)
+        for name, metric in [*((f"eval/{t}_score", m) for t, m in self.task_scores.items()),
+                             *((f"eval/{n}", m) for n, m in self.diversity.items())]:
+            if (value := _computed(metric)) is not None:
+                self.log(name, value)
+        accuracy, ranking = _computed(self.heldout.all), _computed(self.heldout.ranking)
+        per_task = {task: _computed(metric) for task, metric in self.heldout.per_task.items()}
         if ranking is not None:
             self.log("critic/heldout_rank_acc", ranking)
-        if accuracy is not None:
-            self.log("critic/heldout_pref_acc", accuracy)
-            self.critic_heldout_acc = float(accuracy)
-            history = {"epoch": self.current_epoch, "all": float(accuracy)}
-            if ranking is not None:
-                history["sample_ranking"] = float(ranking)
-            for task, value in per_task.items():
-                if value is not None:
-                    history[task] = float(value)
-                    self.log(f"critic/heldout_pref_acc_{task}", history[task])
-            if not self.trainer.sanity_checking:
-                self.summary.setdefault("heldout_pref_acc_per_epoch", []).append(history)
-
-    @rank_zero_only
-    def _show_samples(self, records, responses) -> None:
-        if not isinstance(self.logger, TensorBoardLogger) or self.hparams.samples_to_show <= 0:
+        if accuracy is None:
             return
-        rows = ["| prompt | teacher | student |", "|---|---|---|"]
-        for record, response in list(zip(records, responses))[: self.hparams.samples_to_show]:
-            cells = [record["prompt"], record["teacher"], response]
-            rows.append("| " + " | ".join(c.replace("\n", " ⏎ ").replace("|", "\\|") for c in cells) + " |")
-        self.logger.experiment.add_text("samples", "\n".join(rows), self.global_step)
+        self.log("critic/heldout_pref_acc", accuracy)
+        self.critic_heldout_acc = float(accuracy)
+        history = {"epoch": self.current_epoch, "all": float(accuracy)}
+        if ranking is not None:
+            history["sample_ranking"] = float(ranking)
+        for task, value in per_task.items():
+            if value is not None:
+                history[task] = float(value)
+                self.log(f"critic/heldout_pref_acc_{task}", history[task])
+        if not self.trainer.sanity_checking:
+            self.summary.setdefault("heldout_pref_acc_per_epoch", []).append(history)
 
     def predict_step(self, records: list[dict], batch_idx: int):
-        return [{"prompt": r["prompt"], "response": s} for r, s in zip(records, self.greedy_responses(records))]
+        return [{"prompt": r["prompt"], "response": s} for r, s in zip(records, self.greedy_responses(self.student, self.tokenizer, records))]
 
-    # ------------------------------------------------------------------ end of fit, checkpoints
-    def on_fit_end(self) -> None:
-        metrics = self.trainer.callback_metrics
-        final = {k[len("eval/") : -len("_score")]: float(v) for k, v in metrics.items() if k.startswith("eval/") and k.endswith("_score")}
-        if final:
-            final["mean"] = sum(final.values()) / len(final)
-            self.summary["student_final"] = final
-        spread = {name: float(metrics[f"eval/{name}"]) for name in self.diversity if f"eval/{name}" in metrics}
-        if spread:
-            self.summary["student_final_diversity"] = spread
-        if "critic/heldout_pref_acc" in metrics:
-            self.summary["reward_model_heldout_pref_acc"] = float(metrics["critic/heldout_pref_acc"])
-        self.summary["objective"] = repr(self.objective)
-        self.summary["nonfinite_skips"] = dict(self.nonfinite_skips)
-        # A sharded student is gathered whole (every rank takes part) before rank 0 writes it.
-        state = full_state_dict(self.student) if self.hparams.save_student and is_sharded(self.student) else None
-        self._write_summary(state)
-
-    @rank_zero_only
-    def _write_summary(self, student_state: Optional[dict] = None) -> None:
-        root = self.trainer.default_root_dir
-        os.makedirs(root, exist_ok=True)
-        with open(os.path.join(root, "summary.json"), "w") as handle:
-            json.dump(self.summary, handle, indent=2)
-        if self.hparams.save_student:
-            student = self.student
-            if student_state is not None:  # an unsharded copy of the student's class, for a plain Hugging Face folder
-                student = AutoModelForCausalLM.from_config(self.student.config)
-                student.load_state_dict(student_state)
-            save_student(student, self.tokenizer, os.path.join(root, "student"))
-        rank_zero_info(format_summary(self.summary) + f"\nsummary written to {os.path.join(root, 'summary.json')}")
-
+    # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
         # The frozen reference is rebuilt from the student in setup. A sharded checkpoint keeps it: its loader
@@ -560,42 +345,9 @@ class DistillationModule(LightningModule):
         self.training_batches_seen = checkpoint.get("training_batches_seen", 0)
 
 
-def _adamw(name: str):
-    """The AdamW class named by ``model.optimizer``; bitsandbytes is imported only when asked for."""
-    if name == "adamw":
-        return torch.optim.AdamW
-    import bitsandbytes.optim
-
-    return {"adamw8bit": bitsandbytes.optim.AdamW8bit, "paged_adamw8bit": bitsandbytes.optim.PagedAdamW8bit}[name]
-
-
-def _lr_lambda(config: OptimizerConfig, total_steps: int):
-    def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        if config.schedule == "cosine":
-            progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0
-
-    return factor
-
-
-def format_summary(summary: dict) -> str:
-    """The end-of-fit table: held-out scores of teacher and student at each stage."""
-    rows = [("teacher responses", "teacher"), ("teacher model, greedy", "teacher_model"), ("student, before warm-up", "student_before_warmup"),
-            ("student, start of fit", "student_start"), ("student, end of fit", "student_final")]
-    tasks = sorted({t for _, key in rows for t in summary.get(key, {}) if t != "mean"}) + ["mean"]
-    lines = ["", f"{'held-out score':<26}" + "".join(f"{t:>12}" for t in tasks)]
-    for label, key in rows:
-        if key in summary:
-            lines.append(f"{label:<26}" + "".join(f"{summary[key].get(t, float('nan')):>12.3f}" for t in tasks))
-    if "reward_model_heldout_pref_acc" in summary:
-        lines.append(f"{'reward model held-out preference accuracy':<42} {summary['reward_model_heldout_pref_acc']:.3f}")
-    history = summary.get("heldout_pref_acc_per_epoch", [])
-    if history:
-        lines.append("  per epoch: " + ", ".join(f"{h['all']:.3f}" for h in history))
-    ranking = [h["sample_ranking"] for h in history if "sample_ranking" in h]
-    if ranking:
-        lines.append(f"{'reward model orders held-out samples as the verifier':<42} " + ", ".join(f"{x:.3f}" for x in ranking))
-    return "\n".join(lines)
+def _computed(metric) -> Optional[torch.Tensor]:
+    """The metric over all ranks (torchmetrics reduces its states), or None when no rank saw any data; reset after.
+    Every rank calls this in the same order: the reduction is collective."""
+    value = metric.compute()
+    metric.reset()
+    return None if bool(torch.isnan(value)) else value

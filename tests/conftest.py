@@ -65,7 +65,7 @@ def tiny_modules(root, objective=None, online=False, **data_kwargs):
     from pbkd_lightning.models import ModelSpec
     from pbkd_lightning.module import DistillationModule
     from pbkd_lightning.objectives import BlackBoxPbKD
-    from pbkd_lightning.warmup import WarmupConfig
+    from pbkd_lightning.models.warmup import WarmupConfig
 
     module = DistillationModule(
         objective=objective or BlackBoxPbKD(critic_warmup_steps=0),

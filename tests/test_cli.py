@@ -56,6 +56,9 @@ def test_yaml_interpolation_works(tmp_path, capsys):
         ("--model.student.dtype=int8", "model.student.dtype"),
         ("--data.generation.top_p=0", "data.generation.top_p"),
         ("--model.critic_optimizer.grad_clip=-1", "model.critic_optimizer.grad_clip"),
+        ("--model.objective.trust_threshold=0.3", "trust_threshold"),  # an accuracy below chance: (0.5, 1) only
+        ("--data.generation.top_k=-1", "data.generation.top_k"),
+        ("--model.micro_batch_size=0", "model.micro_batch_size"),
     ],
 )
 def test_config_errors_name_the_key_before_any_model_loads(tmp_path, capsys, override, key):
@@ -71,9 +74,9 @@ def test_python_api_refuses_the_same_values():
     from pbkd_lightning.models import ModelSpec
     from pbkd_lightning.objectives import BlackBoxPbKD
 
-    with pytest.raises(ValueError, match="`beta`"):
+    with pytest.raises(ValueError, match="`model.objective.init_args.beta`"):
         BlackBoxPbKD(beta=-1)
-    with pytest.raises(ValueError, match="`clip_eps`"):
+    with pytest.raises(ValueError, match="`model.objective.init_args.clip_eps`"):
         BlackBoxPbKD(clip_eps=1.0)
     with pytest.raises(ValueError, match="`top_p`"):
         GenerationConfig(top_p=1.5)

@@ -252,7 +252,7 @@ def test_black_box_teacher_with_another_tokenizer_exchanges_text_only(tmp_path):
     ],
 )
 def test_critic_and_objective_variants_train(tmp_path, critic, objective_args, data_args, expected_tag):
-    from pbkd_lightning.module import CriticConfig
+    from pbkd_lightning.models.critic import CriticConfig
     from pbkd_lightning.objectives import BlackBoxPbKD
 
     module, datamodule = tiny_modules(tmp_path, objective=BlackBoxPbKD(critic_warmup_steps=0, **objective_args), **data_args)

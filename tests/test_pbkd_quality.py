@@ -88,16 +88,16 @@ def test_held_out_ranking_accuracy_orders_a_prompts_samples_as_the_verifier(tmp_
     tiny_trainer(tmp_path / "run", max_steps=1, limit_val_batches=0).fit(module, datamodule)
     records = datamodule.val_records[:4]
     samples = [[r["teacher"], "zz", r["teacher"] + "9"] for r in records]  # right, wrong, (almost always) wrong
-    module._update_heldout_preferences(records, samples)
+    module.heldout.update(records, samples, "teacher", lambda texts: module.score_texts(records, texts))
     encoder = datamodule.encoder(module.critic_tokenizer)
     with torch.no_grad():
         expected = []
         for record, group in zip(records, samples):
             for better, worse in sample_pairs(record, group):
-                scores = module.reward(encoder.batch([record["prompt"]] * 2, [better, worse]).to(module.device))
+                scores = module.objective.sequence_reward(module.players, encoder.batch([record["prompt"]] * 2, [better, worse]).to(module.device))
                 expected.append(float(scores[0] > scores[1]))
     assert len(expected) >= 2 * len(records)
-    assert float(module.heldout_rank_acc.compute()) == pytest.approx(sum(expected) / len(expected))
+    assert float(module.heldout.ranking.compute()) == pytest.approx(sum(expected) / len(expected))
 
 
 def test_sample_pairs_reach_the_reward_model_and_not_a_q_head(tmp_path):
@@ -120,7 +120,7 @@ def test_sample_pairs_reach_the_reward_model_and_not_a_q_head(tmp_path):
     from pbkd_lightning.module import DistillationModule
 
     _, datamodule = tiny_modules(tmp_path, sample_pairs=True)
-    from pbkd_lightning.warmup import WarmupConfig
+    from pbkd_lightning.models.warmup import WarmupConfig
 
     module = DistillationModule(WhiteBoxPbKD(critic_warmup_steps=0), student=ModelSpec(layers=1, hidden=32, heads=2),
                                 warmup=WarmupConfig(steps=0),

@@ -1,9 +1,34 @@
 """Reward models for black-box PbKD: a scalar head on a backbone, or an implicit reward from an LM copy."""
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
+from jsonargparse.typing import PositiveFloat
 from torch import Tensor, nn
 
+from pbkd_lightning.config import validate_fields
 from pbkd_lightning.losses import token_logprobs
+
+
+@dataclass
+class CriticConfig:
+    """The reward model of black-box PbKD."""
+
+    kind: Literal["scalar", "implicit"] = "implicit"
+    """``scalar``: a linear head on a backbone's last hidden state (the paper's). ``implicit``: a trainable
+    LM copy scored by ``scale · mean log(π_φ/π_ref)`` over the response (learned far faster in the prototype)."""
+    init: Literal["student", "teacher", "scratch"] = "student"
+    """Start from the (warmed-up) student's weights, from the teacher model's (``model.teacher``, not quantized;
+    the reward model then reads the teacher's tokenizer, and an implicit reward's reference is the frozen teacher),
+    or from a fresh model of the student's architecture."""
+    pooling: Literal["last", "mean"] = "last"
+    """Scalar head only: the last non-pad token's hidden state, or the mean over response tokens."""
+    scale: PositiveFloat = 10.0
+    """Implicit reward only: the factor on the mean log-ratio."""
+
+    def __post_init__(self):
+        validate_fields(self)
 
 
 def response_token_logprobs(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

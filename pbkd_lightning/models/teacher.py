@@ -18,7 +18,7 @@ from pbkd_lightning.models.loading import (
     weights_key,
 )
 from pbkd_lightning.models.tokenizer import build_char_tokenizer
-from pbkd_lightning.warmup import WarmupConfig, sft_folder, warm_start
+from pbkd_lightning.models.warmup import WarmupConfig, sft_folder, warm_start
 
 
 @dataclass

@@ -12,6 +12,10 @@ from pbkd_lightning.data.generation import sample_rollouts
 from pbkd_lightning.sequences import PairBatch, StudentBatch
 
 
+OBJECTIVE_KEY = "model.objective.init_args."
+"""Where an objective's settings live in the config: its field errors name the full key."""
+
+
 def batch_units(batch: Union[StudentBatch, PairBatch]) -> dict[str, Tensor]:
     """The counts an objective's means are taken over, for one (micro-)batch.
 
@@ -107,6 +111,7 @@ class Objective:
     ``student/`` or ``critic/``.
     """
 
+    picked_by_class_path = True  # saved in hyperparameters as {"class_path", "init_args"} (see config.plain)
     needs_samples: bool = False
     """The student step uses K samples per prompt from the current student (on-policy)."""
     needs_critic: bool = False
@@ -161,7 +166,3 @@ class Objective:
     def uses_reference(self, critic_kind: str, critic_from_teacher: bool) -> bool:
         """Whether a frozen copy of the initial student is needed (KL to it, or an implicit reward)."""
         return False
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({args})"

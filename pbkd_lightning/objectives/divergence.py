@@ -1,16 +1,16 @@
 """Token-level divergence baselines: forward/reverse KL, GKD's generalized JSD, skew KL/RKL, TVD."""
 
 import random
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
 import torch
 from jsonargparse.typing import ClosedUnitInterval, PositiveFloat, PositiveInt
 
 from pbkd_lightning import losses
-from pbkd_lightning.config import check
+from pbkd_lightning.config import validate_fields
 from pbkd_lightning.losses import SparseTeacher
-from pbkd_lightning.objectives.base import Objective
+from pbkd_lightning.objectives.base import OBJECTIVE_KEY, Objective
 
 Divergence = Literal["forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "total_variation"]
 DIVERGENCES = ("forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "total_variation")
@@ -33,6 +33,7 @@ def divergence_loss(name: str, student_logits, teacher, beta: float, skew: float
                                  scale_by_temperature=scale_by_temperature, **extra)
 
 
+@dataclass
 class DivergenceKD(Objective):
     """White-box KD by a token-level divergence between the teacher's and the student's distributions.
 
@@ -44,41 +45,30 @@ class DivergenceKD(Objective):
 
     needs_teacher_logits = True
 
-    def __init__(
-        self,
-        divergence: Divergence = "forward_kl",
-        beta: ClosedUnitInterval = 0.5,
-        skew: ClosedUnitInterval = 0.1,
-        temperature: PositiveFloat = 1.0,
-        scale_by_temperature: bool = False,
-        on_policy_fraction: ClosedUnitInterval = 0.0,
-        seq_kd: bool = False,
-        chunk_size: Optional[PositiveInt] = None,
-        seed: int = 0,
-    ):
-        """
-        Args:
-            divergence: which divergence (``forward_kl``, ``reverse_kl``, ``generalized_jsd``, ``skew_kl``,
-                ``skew_reverse_kl``, ``total_variation``).
-            beta: generalized JSD only: β in [0, 1]; 0 is forward KL and 1 reverse KL, exactly.
-            skew: skew KL / skew reverse KL only: α in [0, 1] (DistiLLM: 0.1).
-            temperature: both distributions are softened by it inside the loss (a cached teacher needs 1).
-            scale_by_temperature: multiply the loss by T².
-            on_policy_fraction: GKD's λ in [0, 1]: the share of batches sampled from the current student.
-            seq_kd: off-policy batches are sampled from the teacher model instead of the data's teacher responses.
-            chunk_size: scored tokens per chunk of the loss; None: about 1M logits (at least 32 tokens) a chunk.
-            seed: seed of the on-policy draws.
-        """
-        if divergence not in DIVERGENCES:
-            raise ValueError(f"`divergence` must be one of {list(DIVERGENCES)}, got {divergence!r}")
-        for name in ("beta", "skew", "on_policy_fraction"):
-            check(name, ClosedUnitInterval, locals()[name])
-        check("temperature", PositiveFloat, temperature)
-        self.divergence, self.beta, self.skew = divergence, float(beta), float(skew)
-        self.temperature, self.scale_by_temperature = float(temperature), bool(scale_by_temperature)
-        self.on_policy_fraction, self.seq_kd = float(on_policy_fraction), bool(seq_kd)
-        self.chunk_size, self.seed = chunk_size, int(seed)
+    divergence: Divergence = "forward_kl"
+    """Which divergence: ``forward_kl``, ``reverse_kl``, ``generalized_jsd``, ``skew_kl``, ``skew_reverse_kl``,
+    ``total_variation``."""
+    beta: ClosedUnitInterval = 0.5
+    """Generalized JSD only: β in [0, 1]; 0 is forward KL and 1 reverse KL, exactly."""
+    skew: ClosedUnitInterval = 0.1
+    """Skew KL / skew reverse KL only: α in [0, 1] (DistiLLM: 0.1)."""
+    temperature: PositiveFloat = 1.0
+    """Both distributions are softened by it inside the loss (a cached teacher needs 1)."""
+    scale_by_temperature: bool = False
+    """Multiply the loss by T²."""
+    on_policy_fraction: ClosedUnitInterval = 0.0
+    """GKD's λ in [0, 1]: the share of batches sampled from the current student."""
+    seq_kd: bool = False
+    """Off-policy batches are sampled from the teacher model instead of the data's teacher responses."""
+    chunk_size: Optional[PositiveInt] = None
+    """Scored tokens per chunk of the loss; None: about 1M logits (at least 32 tokens) a chunk."""
+    seed: int = 0
+    """Seed of the on-policy draws."""
+
+    def __post_init__(self):
+        validate_fields(self, OBJECTIVE_KEY)
         self._draws = random.Random(self.seed)
+        self._on_policy = False
 
     @property
     def needs_teacher_on_samples(self) -> bool:
@@ -101,11 +91,7 @@ class DivergenceKD(Objective):
         teacher = players.teacher_rows(sequences)
         loss = divergence_loss(self.divergence, logits, teacher, self.beta, self.skew, self.temperature,
                                self.scale_by_temperature, self.chunk_size)
-        on_policy = getattr(self, "_on_policy", False)
+        on_policy = self._on_policy
         terms = {"loss": loss * share("sample_tokens" if sampled else "teacher_tokens"), "divergence": loss.detach(),
                  "on_policy": torch.tensor(float(on_policy)), "scored_tokens": torch.tensor(float(logits.shape[0]))}
         return terms
-
-    def __repr__(self) -> str:
-        return (f"DivergenceKD(divergence={self.divergence!r}, beta={self.beta}, skew={self.skew}, temperature={self.temperature}, "
-                f"on_policy_fraction={self.on_policy_fraction}, seq_kd={self.seq_kd})")

@@ -1,15 +1,18 @@
 """MiniLLM: policy gradient on the reverse KL to the teacher (Gu et al., "MiniLLM")."""
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, OpenUnitInterval
 
-from pbkd_lightning.config import check
+from pbkd_lightning.config import validate_fields
 from pbkd_lightning.data.generation import sample_mixed_rollouts
 from pbkd_lightning.losses import future_rewards, reverse_kl, rows_to_positions
-from pbkd_lightning.objectives.base import Objective
+from pbkd_lightning.objectives.base import OBJECTIVE_KEY, Objective
 
 
+@dataclass
 class MiniLLM(Objective):
     """Minimise KL(π_θ ‖ p_T) over the student's own sequences.
 
@@ -31,30 +34,21 @@ class MiniLLM(Objective):
     needs_samples = True
     needs_teacher_logits = True
 
-    def __init__(
-        self,
-        teacher_mix: ClosedUnitInterval = 0.2,
-        gamma: ClosedUnitInterval = 1.0,
-        clip_eps: OpenUnitInterval = 0.2,
-        single_step: bool = True,
-        length_normalize: bool = True,
-        lm_coef: NonNegativeFloat = 0.0,
-    ):
-        """
-        Args:
-            teacher_mix: share of the teacher in the sampling distribution (the paper: 0.2).
-            gamma: discount γ of the long-term return.
-            clip_eps: PPO clip ε.
-            single_step: add the exact single-step reverse KL (the paper's variance reduction).
-            length_normalize: divide the long-term return by the number of tokens it sums.
-            lm_coef: weight of the language-modelling loss (here on the data's teacher responses).
-        """
-        for name in ("teacher_mix", "gamma"):
-            check(name, ClosedUnitInterval, locals()[name])
-        check("clip_eps", OpenUnitInterval, clip_eps)
-        check("lm_coef", NonNegativeFloat, lm_coef)
-        self.teacher_mix, self.gamma, self.clip_eps = float(teacher_mix), float(gamma), float(clip_eps)
-        self.single_step, self.length_normalize, self.lm_coef = bool(single_step), bool(length_normalize), float(lm_coef)
+    teacher_mix: ClosedUnitInterval = 0.2
+    """Share of the teacher in the sampling distribution (the paper: 0.2)."""
+    gamma: ClosedUnitInterval = 1.0
+    """Discount γ of the long-term return."""
+    clip_eps: OpenUnitInterval = 0.2
+    """PPO clip ε."""
+    single_step: bool = True
+    """Add the exact single-step reverse KL (the paper's variance reduction)."""
+    length_normalize: bool = True
+    """Divide the long-term return by the number of tokens it sums."""
+    lm_coef: NonNegativeFloat = 0.0
+    """Weight of the language-modelling loss (here on the data's teacher responses)."""
+
+    def __post_init__(self):
+        validate_fields(self, OBJECTIVE_KEY)
 
     @property
     def needs_teacher_on_samples(self) -> bool:

@@ -1,21 +1,22 @@
 """Black-box PbKD: a reward model trained by ascent on the min-max Lagrangian, a student by clipped descent."""
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, OpenUnitInterval, PositiveInt
 
-from pbkd_lightning.config import check
+from pbkd_lightning.config import AboveHalfBelowOne, validate_fields
 from pbkd_lightning.losses import (
     clipped_surrogate,
     critic_lagrangian,
     group_advantages,
     kl_to_reference,
-    sequence_nll,
 )
-from pbkd_lightning.objectives.base import Objective
+from pbkd_lightning.objectives.base import OBJECTIVE_KEY, Objective
 
 
+@dataclass
 class BlackBoxPbKD(Objective):
     """Preference-based KD with a text-only teacher (DESIGN.md §1).
 
@@ -31,49 +32,32 @@ class BlackBoxPbKD(Objective):
     needs_critic = True
     critic_takes_sample_pairs = True
 
-    def __init__(
-        self,
-        beta: NonNegativeFloat = 1.0,
-        reward_l2: NonNegativeFloat = 0.3,
-        clip_eps: OpenUnitInterval = 0.2,
-        kl_coef: NonNegativeFloat = 0.0,
-        nll_coef: NonNegativeFloat = 1.0,
-        normalize_advantages: bool = False,
-        critic_warmup_steps: NonNegativeInt = 64,
-        critic_steps: PositiveInt = 1,
-        critic_trust: Literal["always", "gate", "scale"] = "always",
-        trust_threshold: OpenUnitInterval = 0.9,
-    ):
-        """
-        Args:
-            beta: weight β of the Bradley–Terry term in the critic's Lagrangian.
-            reward_l2: weight λ_r of ``mean(r²)``; bounds the otherwise unbounded gap term.
-            clip_eps: PPO clip ε, in (0, 1).
-            kl_coef: weight of KL(π_θ ‖ π_ref) to the student as it was at the start of fit, exact over the
-                vocabulary at the sampled states (temperature 1).
-            nll_coef: weight α of the NLL anchor on the teacher's responses.
-            normalize_advantages: divide advantages by the group's std (amplifies a noisy critic).
-            critic_warmup_steps: training batches with a critic step only, before the student moves.
-            critic_steps: critic optimizer steps per training batch, each on its own batch of pairs.
-            critic_trust: how the surrogate is weighted by the reward model's latest held-out preference
-                accuracy ``a`` (measured at each validation; none yet counts as chance): ``always`` 1;
-                ``gate`` 1 when ``a ≥ trust_threshold``, else 0 (the step is then the NLL anchor alone);
-                ``scale`` ``clamp((a − 0.5) / (trust_threshold − 0.5), 0, 1)``.
-            trust_threshold: the accuracy at which the critic is fully trusted, in (0.5, 1).
-        """
-        for name in ("beta", "reward_l2", "kl_coef", "nll_coef"):
-            check(name, NonNegativeFloat, locals()[name])
-        check("clip_eps", OpenUnitInterval, clip_eps)
-        check("critic_warmup_steps", NonNegativeInt, critic_warmup_steps)
-        check("critic_steps", PositiveInt, critic_steps)
-        if critic_trust not in ("always", "gate", "scale"):
-            raise ValueError(f"`critic_trust` must be 'always', 'gate' or 'scale', got {critic_trust!r}")
-        if not 0.5 < trust_threshold < 1:
-            raise ValueError(f"`trust_threshold` must be in (0.5, 1), got {trust_threshold}")
-        self.critic_steps, self.critic_trust, self.trust_threshold = int(critic_steps), critic_trust, float(trust_threshold)
-        self.beta, self.reward_l2, self.clip_eps = float(beta), float(reward_l2), float(clip_eps)
-        self.kl_coef, self.nll_coef = float(kl_coef), float(nll_coef)
-        self.normalize_advantages, self.critic_warmup_steps = normalize_advantages, int(critic_warmup_steps)
+    beta: NonNegativeFloat = 1.0
+    """Weight β of the Bradley–Terry term in the critic's Lagrangian."""
+    reward_l2: NonNegativeFloat = 0.3
+    """Weight λ_r of ``mean(r²)``; bounds the otherwise unbounded gap term (optimum r = ±1/λ_r)."""
+    clip_eps: OpenUnitInterval = 0.2
+    """PPO clip ε, in (0, 1)."""
+    kl_coef: NonNegativeFloat = 0.0
+    """Weight of KL(π_θ ‖ π_ref) to the student as it was at the start of fit, exact over the vocabulary at the
+    sampled states (temperature 1)."""
+    nll_coef: NonNegativeFloat = 1.0
+    """Weight α of the NLL anchor on the teacher's responses."""
+    normalize_advantages: bool = False
+    """Divide advantages by the group's std (amplifies a noisy critic)."""
+    critic_warmup_steps: NonNegativeInt = 64
+    """Training batches with a critic step only, before the student moves."""
+    critic_steps: PositiveInt = 1
+    """Critic optimizer steps per training batch, each on its own batch of pairs."""
+    critic_trust: Literal["always", "gate", "scale"] = "always"
+    """How the surrogate is weighted by the reward model's latest held-out preference accuracy ``a`` (measured at
+    each validation; none yet counts as chance): ``always`` 1; ``gate`` 1 when ``a ≥ trust_threshold``, else 0
+    (the step is then the NLL anchor alone); ``scale`` ``clamp((a − 0.5) / (trust_threshold − 0.5), 0, 1)``."""
+    trust_threshold: AboveHalfBelowOne = 0.9
+    """The accuracy at which the critic is fully trusted, in (0.5, 1)."""
+
+    def __post_init__(self):
+        validate_fields(self, OBJECTIVE_KEY)
 
     def uses_reference(self, critic_kind: str, critic_from_teacher: bool) -> bool:
         return self.kl_coef > 0 or (critic_kind == "implicit" and not critic_from_teacher)

@@ -1,12 +1,14 @@
 """White-box PbKD ("MM PbKD"): a Q-head over the vocabulary, moment matching through the
 performance-difference lemma with the teacher's probabilities, plus preference consistency."""
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, OpenUnitInterval
 from torch import nn
 
-from pbkd_lightning.config import check
+from pbkd_lightning.config import validate_fields
 from pbkd_lightning.losses import (
     bradley_terry,
     clipped_surrogate,
@@ -15,7 +17,7 @@ from pbkd_lightning.losses import (
     q_induced_returns,
     rows_to_positions,
 )
-from pbkd_lightning.objectives.base import Objective
+from pbkd_lightning.objectives.base import OBJECTIVE_KEY, Objective
 
 
 class QHead(nn.Module):
@@ -35,6 +37,7 @@ class QHead(nn.Module):
         return self.linear(hidden.to(self.linear.weight.dtype)).float()
 
 
+@dataclass
 class WhiteBoxPbKD(Objective):
     """MM PbKD (DESIGN.md §2).
 
@@ -52,35 +55,24 @@ class WhiteBoxPbKD(Objective):
     needs_critic = True
     needs_teacher_logits = True
 
-    def __init__(
-        self,
-        beta: NonNegativeFloat = 1.0,
-        q_l2: NonNegativeFloat = 0.5,
-        gamma: ClosedUnitInterval = 1.0,
-        alpha_on: ClosedUnitInterval = 0.5,
-        clip_eps: OpenUnitInterval = 0.2,
-        nll_coef: NonNegativeFloat = 1.0,
-        critic_warmup_steps: NonNegativeInt = 64,
-    ):
-        """
-        Args:
-            beta: weight β of the Bradley–Terry term on the Q-induced sequence rewards.
-            q_l2: weight λ_q of ``mean_s Σ_a Q(s, a)²``; the gap's optimum is then ``Q = (p_T − π_θ) / (2λ_q)``.
-            gamma: discount γ in the induced reward ``Q(s_t, a_t) − γ·V(s_{t+1})``.
-            alpha_on: weight of the student's own states (its K samples) against the teacher's sequences.
-            clip_eps: PPO clip ε of the on-policy term.
-            nll_coef: weight α of an NLL anchor on the teacher's responses (0: pure moment matching, which
-                drove the default's student from 0.385 to 0.159: Adam follows the small, noisy gap gradient).
-            critic_warmup_steps: training batches with a critic step only, before the student moves.
-        """
-        for name in ("beta", "q_l2", "nll_coef"):
-            check(name, NonNegativeFloat, locals()[name])
-        check("gamma", ClosedUnitInterval, gamma)
-        check("alpha_on", ClosedUnitInterval, alpha_on)
-        check("clip_eps", OpenUnitInterval, clip_eps)
-        check("critic_warmup_steps", NonNegativeInt, critic_warmup_steps)
-        self.beta, self.q_l2, self.gamma, self.alpha_on = float(beta), float(q_l2), float(gamma), float(alpha_on)
-        self.clip_eps, self.nll_coef, self.critic_warmup_steps = float(clip_eps), float(nll_coef), int(critic_warmup_steps)
+    beta: NonNegativeFloat = 1.0
+    """Weight β of the Bradley–Terry term on the Q-induced sequence rewards."""
+    q_l2: NonNegativeFloat = 0.5
+    """Weight λ_q of ``mean_s Σ_a Q(s, a)²``; the gap's optimum is then ``Q = (p_T − π_θ) / (2λ_q)``."""
+    gamma: ClosedUnitInterval = 1.0
+    """Discount γ in the induced reward ``Q(s_t, a_t) − γ·V(s_{t+1})``."""
+    alpha_on: ClosedUnitInterval = 0.5
+    """Weight of the student's own states (its K samples) against the teacher's sequences."""
+    clip_eps: OpenUnitInterval = 0.2
+    """PPO clip ε of the on-policy term."""
+    nll_coef: NonNegativeFloat = 1.0
+    """Weight α of an NLL anchor on the teacher's responses (0: pure moment matching, which drove the default's
+    student from 0.385 to 0.159: Adam follows the small, noisy gap gradient)."""
+    critic_warmup_steps: NonNegativeInt = 64
+    """Training batches with a critic step only, before the student moves."""
+
+    def __post_init__(self):
+        validate_fields(self, OBJECTIVE_KEY)
 
     @property
     def needs_teacher_on_samples(self) -> bool:

@@ -1,8 +1,11 @@
 """SeqKD / vanilla black-box KD: supervised fine-tuning on the teacher's responses."""
 
+from dataclasses import dataclass
+
 from pbkd_lightning.objectives.base import Objective
 
 
+@dataclass
 class SeqKD(Objective):
     """Minimise −log π_θ(y_T | x) per teacher token; no critic, no sampling."""
 

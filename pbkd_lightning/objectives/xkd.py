@@ -1,5 +1,6 @@
 """X-KD: experiential knowledge distillation with an AVRIL-style reward posterior (DESIGN.md §3)."""
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -7,10 +8,10 @@ import torch.nn.functional as F
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveFloat
 from torch import nn
 
-from pbkd_lightning.config import check
+from pbkd_lightning.config import validate_fields
 from pbkd_lightning.losses import avril_terms, next_token_values, rows_to_positions
-from pbkd_lightning.objectives.base import Objective
-from pbkd_lightning.objectives.divergence import DIVERGENCES, divergence_loss
+from pbkd_lightning.objectives.base import OBJECTIVE_KEY, Objective
+from pbkd_lightning.objectives.divergence import divergence_loss
 
 KD = Literal["nll", "forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "total_variation"]
 
@@ -33,6 +34,7 @@ class RewardPosteriorHead(nn.Module):
         return out[:, 0], out[:, 1].clamp(-5.0, 5.0)
 
 
+@dataclass
 class XKD(Objective):
     """Per scored token of the teacher's sequences:
     ``ℓ_KD + KL(N(μ_t, σ_t²) ‖ N(0, 1)) − λ · log N(Q_t − γ·Q_{t+1}; μ_t, σ_t)``, with
@@ -49,35 +51,23 @@ class XKD(Objective):
     critic_uses_pairs = False
     critic_ranks_pairs = False  # the posterior explains the student's own Q, it is not a preference model
 
-    def __init__(
-        self,
-        kd: KD = "nll",
-        td_weight: NonNegativeFloat = 1.0,
-        gamma: ClosedUnitInterval = 1.0,
-        q_scale: PositiveFloat = 1.0,
-        beta: ClosedUnitInterval = 0.5,
-        skew: ClosedUnitInterval = 0.1,
-        temperature: PositiveFloat = 1.0,
-    ):
-        """
-        Args:
-            kd: ``nll`` (sequence-level) or one of the divergences (divergence-based; needs a teacher model).
-            td_weight: λ, the weight of the TD log-likelihood.
-            gamma: discount γ in the TD ``Q_t − γ·Q_{t+1}``.
-            q_scale: Q_t = q_scale · log π_θ(a_t | s_t).
-            beta: generalized JSD's β (``kd: generalized_jsd``).
-            skew: skew KL/RKL's α.
-            temperature: the divergence's temperature.
-        """
-        if kd != "nll" and kd not in DIVERGENCES:
-            raise ValueError(f"`kd` must be 'nll' or one of {list(DIVERGENCES)}, got {kd!r}")
-        check("td_weight", NonNegativeFloat, td_weight)
-        for name in ("gamma", "beta", "skew"):
-            check(name, ClosedUnitInterval, locals()[name])
-        check("q_scale", PositiveFloat, q_scale)
-        check("temperature", PositiveFloat, temperature)
-        self.kd, self.td_weight, self.gamma, self.q_scale = kd, float(td_weight), float(gamma), float(q_scale)
-        self.beta, self.skew, self.temperature = float(beta), float(skew), float(temperature)
+    kd: KD = "nll"
+    """``nll`` (sequence-level) or one of the divergences (divergence-based; needs a teacher model)."""
+    td_weight: NonNegativeFloat = 1.0
+    """λ, the weight of the TD log-likelihood."""
+    gamma: ClosedUnitInterval = 1.0
+    """Discount γ in the TD ``Q_t − γ·Q_{t+1}``."""
+    q_scale: PositiveFloat = 1.0
+    """Q_t = q_scale · log π_θ(a_t | s_t)."""
+    beta: ClosedUnitInterval = 0.5
+    """Generalized JSD's β (``kd: generalized_jsd``)."""
+    skew: ClosedUnitInterval = 0.1
+    """Skew KL/RKL's α."""
+    temperature: PositiveFloat = 1.0
+    """The divergence's temperature."""
+
+    def __post_init__(self):
+        validate_fields(self, OBJECTIVE_KEY)
 
     @property
     def needs_teacher_logits(self) -> bool:

@@ -1,0 +1,60 @@
+"""The players' optimizers: AdamW (torch or bitsandbytes 8-bit) with a linear warm-up and a schedule."""
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat
+
+from pbkd_lightning.config import validate_fields
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warm-up then constant or cosine learning rate, and gradient-norm clipping."""
+
+    lr: PositiveFloat = 1e-3
+    """Peak learning rate."""
+    weight_decay: NonNegativeFloat = 0.0
+    """AdamW weight decay."""
+    warmup_steps: NonNegativeInt = 0
+    """Linear learning-rate warm-up, in optimizer steps."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """After warm-up: constant, or cosine decay to 0 at the end of training."""
+    grad_clip: NonNegativeFloat = 1.0
+    """Clip the gradient's global norm to this; 0 turns clipping off."""
+
+    def __post_init__(self):
+        validate_fields(self)
+
+
+def adamw_class(name: str):
+    """The AdamW class named by ``model.optimizer``; bitsandbytes is imported only when asked for."""
+    if name == "adamw":
+        return torch.optim.AdamW
+    import bitsandbytes.optim  # optional at run time: only the 8-bit choices need it
+
+    return {"adamw8bit": bitsandbytes.optim.AdamW8bit, "paged_adamw8bit": bitsandbytes.optim.PagedAdamW8bit}[name]
+
+
+def build_optimizer(name: str, model: torch.nn.Module, config: OptimizerConfig, total_steps: int):
+    """``(optimizer, scheduler)`` over ``model``'s trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    # plain floats: jsonargparse's restricted types would be pickled into the optimizer state
+    optimizer = adamw_class(name)(params, lr=float(config.lr), weight_decay=float(config.weight_decay))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, total_steps))
+
+
+def lr_factor(config: OptimizerConfig, total_steps: int):
+    """The learning-rate multiplier at each step: linear warm-up, then constant or cosine to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.schedule == "cosine":
+            progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor

@@ -2,6 +2,7 @@
 ``python -m pbkd_lightning export --ckpt_path ... --out ...``: the student as a Hugging Face folder."""
 
 import os
+import re
 import sys
 import warnings
 
@@ -24,10 +25,72 @@ from pbkd_lightning.module import DistillationModule  # noqa: E402
 
 DEFAULT_ROOT = os.path.join("runs", "default")
 
+# A config file may build on others: its first line ``# extends: base.yaml [other.yaml ...]`` (paths relative to the
+# file). jsonargparse has no include, so each ``--config FILE`` is expanded, before parsing, into a ``--config`` per
+# file it extends (bases first, recursively) followed by FILE itself; later files win, as with several --config.
+# Each file is read once on a command line, at its first place, so an overlay that shares a base with the method
+# it is added to does not re-apply (and undo) that base.
+_EXTENDS = re.compile(r"#\s*extends:(.*)")
+
+
+class ConfigError(Exception):
+    """An ``# extends:`` line names a file that does not exist, or files extend each other in a cycle."""
+
+
+def _bases(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as handle:
+        match = _EXTENDS.match(handle.readline().strip())
+    names = re.split(r"[\s,]+", match.group(1).strip()) if match else []
+    return [os.path.normpath(os.path.join(os.path.dirname(path), name)) for name in names if name]
+
+
+def _chain(path: str, seen: set, parents: tuple = ()) -> list[str]:
+    """``path`` preceded by the files it extends, recursively; files already in ``seen`` are left out (and the
+    returned ones added to it). ``parents``: the files whose ``# extends:`` led here, to name a cycle."""
+    key = os.path.realpath(path)
+    if key in [os.path.realpath(p) for p in parents]:
+        raise ConfigError(f"{path}: '# extends:' cycle: {' -> '.join((*parents, path))}")
+    if key in seen:
+        return []
+    chain = []
+    for base in _bases(path):
+        if not os.path.isfile(base):
+            raise ConfigError(f"{path}: '# extends:' names {base}, which does not exist")
+        chain += _chain(base, seen, (*parents, path))
+    seen.add(key)
+    return [*chain, path]
+
+
+def expand_extends(args) -> list[str]:
+    """Command-line arguments with each ``--config FILE`` (``-c FILE``, ``--config=FILE``) replaced by the
+    ``--config`` arguments of FILE's chain (see ``_EXTENDS``). Everything else is kept as given."""
+    args, out, seen, i = list(args), [], set(), 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            value, i = str(args[i + 1]), i + 2
+        elif isinstance(arg, str) and arg.startswith("--config="):
+            value, i = arg[len("--config="):], i + 1
+        else:
+            out.append(arg)
+            i += 1
+            continue
+        # not a file (a YAML string, a typo): jsonargparse's to accept or refuse
+        for path in _chain(value, seen) if os.path.isfile(value) else [value]:
+            out += ["--config", path]
+    return out
+
 
 class DistillationCLI(LightningCLI):
     """Checkpoints go to ``<default_root_dir>/checkpoints`` (``last.ckpt`` included) and TensorBoard
-    events to ``<default_root_dir>/tensorboard`` unless the config names its own."""
+    events to ``<default_root_dir>/tensorboard`` unless the config names its own. Config files may
+    ``# extends:`` others (``expand_extends``)."""
+
+    def parse_arguments(self, parser, args):
+        if args is None:  # the command line: parse the expanded sys.argv here, as handing it to super() as args warns
+            self.config = parser.parse_args(expand_extends(sys.argv[1:]))
+        else:
+            super().parse_arguments(parser, expand_extends(args) if isinstance(args, (list, tuple)) else args)
 
     def instantiate_trainer(self, **kwargs):
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
@@ -65,6 +128,6 @@ def main(args=None) -> None:
         return export_main(argv[1:])
     try:
         build_cli(args)
-    except DataError as error:
+    except (DataError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

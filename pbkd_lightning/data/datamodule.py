@@ -227,6 +227,7 @@ class PreferenceDataModule(LightningDataModule):
         for record in self.train_records:
             encoder.response_ids(record["teacher"])
         self.stats["data/truncated_teacher_responses"] = float(encoder.truncated)
+        self.stats["data/truncated_responses"] = float(encoder.truncated)
         self._warn_truncated(encoder.truncated, "teacher responses")
 
     def _warn_truncated(self, count: int, what: str) -> None:
@@ -264,6 +265,8 @@ class PreferenceDataModule(LightningDataModule):
         self.stats["gen/tokens_per_s"] = tokens_per_s
         cut = sum(not r.ended for group in rollouts for r in group)
         self.stats["data/truncated_samples"] = float(cut)
+        # every response cut at the limit (no eos target): the training teacher texts and this iteration's samples
+        self.stats["data/truncated_responses"] = self.stats.get("data/truncated_teacher_responses", 0.0) + cut
         if cut:
             rank_zero_info(f"data: iteration {iteration}: {cut} samples reached `data.generation.max_new_tokens` "
                            f"({self.generation.max_new_tokens}) without eos; they are scored without one")

@@ -1,13 +1,16 @@
+"""Data (pbkd_lightning/data/ and tasks/): record files, tasks and their scores, the teachers that answer in text,
+the labelers and sample-vs-sample pairs, and the datamodule's held-out split."""
+
 import json
 
 import pytest
-import torch
 
-from pbkd_lightning.data.labelers import label_pair
+from conftest import tiny_modules
+
+from pbkd_lightning.data.labelers import label_pair, sample_pairs
 from pbkd_lightning.data.records import DataError, read_prompts, read_responses, write_jsonl_atomic
 from pbkd_lightning.data.teachers import HFModelTeacher, ResponseFileTeacher, TaskProgramTeacher
 from pbkd_lightning.models.loading import ModelSpec, load_causal_lm
-from pbkd_lightning.models.tokenizer import build_char_tokenizer
 from pbkd_lightning.tasks import get_task
 from pbkd_lightning.tasks.arithmetic import extract_answer
 
@@ -17,6 +20,7 @@ def write(path, text):
     return str(path)
 
 
+# ---------------------------------------------------------------------------- records
 @pytest.mark.parametrize(
     "content, expected",
     [
@@ -51,15 +55,6 @@ def test_gsm8k_format_is_read_as_arithmetic(tmp_path):
     assert record == {"prompt": "1+1?\n", "reference": "1+1=2\n#### 2", "task": "arithmetic"}
 
 
-def test_response_file_teacher(tmp_path):
-    path = write(tmp_path / "t.jsonl", '{"prompt": "p1", "teacher": "r1"}\n{"prompt": "p2", "response": "r2"}\n')
-    assert read_responses(path) == {"p1": "r1", "p2": "r2"}
-    teacher = ResponseFileTeacher(path)
-    assert teacher.respond([{"prompt": "p2"}, {"prompt": "p1"}]) == ["r2", "r1"]
-    with pytest.raises(DataError, match="no teacher response for prompt 'p3'"):
-        teacher.respond([{"prompt": "p3"}])
-
-
 def test_atomic_write_leaves_no_partial_file_on_error(tmp_path):
     path = tmp_path / "out.jsonl"
     write_jsonl_atomic(str(path), [{"a": 1}])
@@ -74,6 +69,7 @@ def test_atomic_write_leaves_no_partial_file_on_error(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
 
 
+# ---------------------------------------------------------------------------- tasks
 def test_tasks_are_deterministic_and_the_teacher_scores_perfectly():
     for name in ("arithmetic", "reversal"):
         task = get_task(name)
@@ -100,21 +96,14 @@ def test_scores_give_partial_credit_only_for_rouge():
     assert get_task("reversal").score("", "dog") == 0.0
 
 
-def test_labelers():
-    record = {"task": "arithmetic", "reference": "#### 7"}
-    assert label_pair("teacher", record, "#### 7", "#### 9") == 1
-    assert label_pair("teacher", record, "#### 7", " #### 7 ") == 0  # identical texts carry no preference
-    assert label_pair("verifier", record, "#### 7", "#### 9") == 1
-    assert label_pair("verifier", record, "#### 9", "x #### 7") == -1
-    assert label_pair("verifier", record, "#### 8", "#### 9") == 0
-
-
-def test_char_tokenizer_round_trips_text():
-    tokenizer = build_char_tokenizer()
-    text = "Ann has 3 pens, gets 4.\n#### 7"
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert len(ids) == len(text) and tokenizer.decode(ids) == text
-    assert tokenizer.pad_token_id == 0 and tokenizer.eos_token_id == 2
+# ---------------------------------------------------------------------------- teachers
+def test_response_file_teacher(tmp_path):
+    path = write(tmp_path / "t.jsonl", '{"prompt": "p1", "teacher": "r1"}\n{"prompt": "p2", "response": "r2"}\n')
+    assert read_responses(path) == {"p1": "r1", "p2": "r2"}
+    teacher = ResponseFileTeacher(path)
+    assert teacher.respond([{"prompt": "p2"}, {"prompt": "p1"}]) == ["r2", "r1"]
+    with pytest.raises(DataError, match="no teacher response for prompt 'p3'"):
+        teacher.respond([{"prompt": "p3"}])
 
 
 def test_hf_model_teacher_generates_from_a_local_folder(tmp_path):
@@ -129,55 +118,42 @@ def test_hf_model_teacher_generates_from_a_local_folder(tmp_path):
         HFModelTeacher(str(tmp_path / "missing")).respond([{"prompt": "x"}])
 
 
-@pytest.mark.parametrize("quantization, layer", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
-def test_quantized_teacher_loads_smaller_and_generates(tmp_path, quantization, layer):
-    from pbkd_lightning.models.loading import load_frozen_model
-
-    model, tokenizer = load_causal_lm(ModelSpec(layers=1, hidden=64, heads=2))
-    model.save_pretrained(tmp_path / "teacher")
-    tokenizer.save_pretrained(tmp_path / "teacher")
-    quantized = load_frozen_model(str(tmp_path / "teacher"), quantization)
-    assert type(quantized.model.layers[0].mlp.up_proj).__name__ == layer
-    assert quantized.get_memory_footprint() < 0.5 * model.get_memory_footprint()
-    ids = tokenizer("Reverse: cat dog\n", return_tensors="pt", add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        drift = (quantized(ids).logits - model(ids).logits).abs().max().item()
-    assert drift < 0.5  # close to the full-precision model, not identical
-    teacher = HFModelTeacher(str(tmp_path / "teacher"), max_new_tokens=4, quantization=quantization)
-    assert all(isinstance(r, str) for r in teacher.respond([{"prompt": "ab"}, {"prompt": "cd"}]))
+# ---------------------------------------------------------------------------- labelers
+def test_labelers():
+    record = {"task": "arithmetic", "reference": "#### 7"}
+    assert label_pair("teacher", record, "#### 7", "#### 9") == 1
+    assert label_pair("teacher", record, "#### 7", " #### 7 ") == 0  # identical texts carry no preference
+    assert label_pair("verifier", record, "#### 7", "#### 9") == 1
+    assert label_pair("verifier", record, "#### 9", "x #### 7") == -1
+    assert label_pair("verifier", record, "#### 8", "#### 9") == 0
 
 
-def test_unknown_quantization_is_refused(tmp_path):
-    from pbkd_lightning.models.loading import load_frozen_model
-
-    (tmp_path / "m").mkdir()
-    with pytest.raises(ValueError, match="`quantization` must be one of"):
-        load_frozen_model(str(tmp_path / "m"), "int4")
-
-
-def test_vocabulary_rows_padded_past_the_tokenizer_are_cropped(caplog):
-    from pbkd_lightning.models.loading import shared_vocabulary_size
-
-    tokenizer = build_char_tokenizer()
-    size = len(tokenizer)
-    with caplog.at_level("INFO"):
-        assert shared_vocabulary_size(tokenizer, build_char_tokenizer(), size + 28, size) == size
-    assert [r.message for r in caplog.records] == [f"vocabulary: teacher {size + 28} and student {size} logit rows, both cropped to the tokenizer's {size}"]
-    assert shared_vocabulary_size(tokenizer, tokenizer, size, size) == size
+def test_both_labeler_lets_the_verifier_decide_and_the_teacher_break_its_ties():
+    record = {"task": "arithmetic", "reference": "#### 7"}
+    assert label_pair("both", record, "#### 7", "#### 9") == 1
+    assert label_pair("both", record, "#### 9", "x #### 7") == -1  # a right student beats a wrong teacher
+    assert label_pair("both", record, "#### 8", "#### 9") == 1  # both wrong: the paper's rule
+    assert label_pair("both", record, "#### 7", "#### 7") == 0
+    with pytest.raises(ValueError, match="unknown labeler"):
+        label_pair("oracle", record, "a", "b")
 
 
-def test_a_real_vocabulary_mismatch_names_both_tokenizers():
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
+def test_sample_pairs_rank_distinct_samples_the_verifier_tells_apart():
+    record = {"task": "arithmetic", "reference": "#### 7"}
+    pairs = sample_pairs(record, ["#### 9", "a #### 7", "#### 9 ", "#### 8", "b #### 7"])
+    # 4 distinct texts: two right, two wrong; the right ones tie with each other, as do the wrong ones
+    assert sorted(pairs) == sorted([("a #### 7", "#### 9"), ("a #### 7", "#### 8"), ("b #### 7", "#### 9"), ("b #### 7", "#### 8")])
 
-    from pbkd_lightning.models.loading import shared_vocabulary_size
 
-    student = build_char_tokenizer()
-    vocab = dict(student.get_vocab())
-    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]  # same tokens, two ids swapped
-    teacher = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>")),
-                                      unk_token="<unk>", name_or_path="teacher-tok")
-    with pytest.raises(ValueError, match="teacher 'teacher-tok', student .* differ .*'a'"):
-        shared_vocabulary_size(teacher, student, len(vocab), len(vocab))
-    with pytest.raises(ValueError, match="fewer logit rows"):
-        shared_vocabulary_size(student, build_char_tokenizer(), len(student) - 1, len(student))
+# ---------------------------------------------------------------------------- datamodule
+def test_heldout_prompts_are_never_trained_on(tmp_path):
+    train = tmp_path / "train.jsonl"
+    val = tmp_path / "val.jsonl"
+    train.write_text("".join(f'{{"prompt": "p{i}", "reference": "r{i}"}}\n' for i in range(6)))
+    val.write_text('{"prompt": "p1", "reference": "r1"}\n{"prompt": "q", "reference": "r"}\n')
+    module, datamodule = tiny_modules(tmp_path, train_file=str(train), val_file=str(val))
+    datamodule.setup("fit")
+    assert [r["prompt"] for r in datamodule.val_records] == ["q"]
+    module, datamodule = tiny_modules(tmp_path)
+    datamodule.setup("fit")
+    assert not {r["prompt"] for r in datamodule.train_records} & {r["prompt"] for r in datamodule.val_records}

@@ -1,5 +1,6 @@
-"""Rollouts: one place samples, and keeps the tokens as sampled, log π_old of exactly the distribution sampled from,
-and whether each sample ended (the rollouts issue's defects 3 and 4)."""
+"""Sampling (pbkd_lightning/data/generation.py): one place samples, and keeps the tokens as sampled, log π_old of
+exactly the distribution sampled from, and whether each sample ended (the rollouts issue's defects 3 and 4); and
+MiniLLM's teacher-mixed sampling."""
 
 import logging
 
@@ -92,3 +93,25 @@ def test_samples_are_scored_on_the_tokens_sampled_not_on_a_retokenisation():
     for row, rollout in enumerate(flat):
         scored = batch.samples.input_ids[row, 1:][batch.samples.scored_positions[row]].tolist()
         assert scored == rollout.token_ids + ([tokenizer.eos_token_id] if rollout.ended else [])
+
+
+def test_teacher_mixed_sampling_at_the_ends_is_each_model_alone():
+    from pbkd_lightning.data.generation import GenerationConfig, generate, sample_mixed_rollouts
+    from pbkd_lightning.models import ModelSpec, load_causal_lm
+
+    student, tokenizer = load_causal_lm(ModelSpec(layers=1, hidden=32, heads=2, init_seed=0))
+    teacher, _ = load_causal_lm(ModelSpec(layers=1, hidden=32, heads=2, init_seed=1))
+    prompts, greedy = ["ab cd\n", "Reverse: x y z\n", "q"], GenerationConfig(max_new_tokens=8, temperature=0.0)
+    for mix, alone in ((0.0, student), (1.0, teacher)):
+        mixed, stats = sample_mixed_rollouts(student, teacher, tokenizer, prompts, greedy, 1, 2, teacher_mix=mix)
+        reference, _ = generate(alone, tokenizer, prompts, greedy, 1, 2)
+        assert [[r.text for r in group] for group in mixed] == reference and stats["tokens"] > 0
+    sampled, _ = sample_mixed_rollouts(student, teacher, tokenizer, prompts, GenerationConfig(max_new_tokens=8), 3, 8)
+    assert [len(group) for group in sampled] == [3, 3, 3]
+    # each rollout keeps the student's own log π of the tokens the mixture drew (MiniLLM's π_old)
+    rollout = sampled[0][0]
+    ids = tokenizer(prompts[0], add_special_tokens=False)["input_ids"] + rollout.token_ids
+    with torch.no_grad():
+        logits = student(input_ids=torch.tensor([ids])).logits[0, -len(rollout.token_ids) - 1 : -1]
+    expected = logits.log_softmax(-1).gather(-1, torch.tensor(rollout.token_ids)[:, None]).squeeze(-1)
+    assert rollout.logprobs[: len(rollout.token_ids)] == pytest.approx(expected.tolist(), abs=1e-4)

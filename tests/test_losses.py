@@ -1,10 +1,17 @@
+"""Pure loss functions (pbkd_lightning/losses.py): Bradley–Terry, the critic's Lagrangian, the clipped surrogate,
+sampling logits, white-box PbKD's moment matching and Q-induced returns, sparse teachers, X-KD's AVRIL terms and
+MiniLLM's advantages. The token-level divergences are in test_divergences.py."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.distributions import Normal, kl_divergence
 
 from pbkd_lightning import losses
+from pbkd_lightning.losses import (SparseTeacher, avril_terms, dense_teacher_probs, future_rewards, moment_matching_gap,
+                                   next_token_values, q_induced_returns)
 
 
 def test_masked_mean_ignores_masked_and_is_zero_when_all_masked():
@@ -173,3 +180,72 @@ def test_policy_logprobs_are_the_log_softmax_of_the_sampling_logits():
 def test_sequence_nll_is_mean_over_scored_tokens():
     logprobs = torch.tensor([[-1.0, -3.0, -100.0]])
     assert losses.sequence_nll(logprobs, torch.tensor([[1, 1, 0]])).item() == pytest.approx(2.0)
+
+
+# ---------------------------------------------------------------------------- white-box PbKD and sparse teachers
+def test_moment_matching_gap_matches_a_loop_over_states_and_actions():
+    torch.manual_seed(0)
+    q, p_t, p_s = torch.randn(5, 7), F.softmax(torch.randn(5, 7), -1), F.softmax(torch.randn(5, 7), -1)
+    naive = sum(sum((p_t[s, a] - p_s[s, a]) * q[s, a] for a in range(7)) for s in range(5)) / 5
+    assert moment_matching_gap(q, p_t, p_s).item() == pytest.approx(naive.item(), abs=1e-6)
+    assert moment_matching_gap(q, p_t, p_t).item() == pytest.approx(0.0, abs=1e-7)  # same policy: no gap
+    assert moment_matching_gap(q[:0], p_t[:0], p_s[:0]).item() == 0.0  # no state scored: 0, not NaN
+
+
+def test_q_induced_returns_match_the_per_token_formula_with_a_terminal_state():
+    q_taken = torch.tensor([[9.0, 1.0, 2.0, 3.0, 9.0]])
+    values = torch.tensor([[9.0, 0.5, 1.0, 1.5, 9.0]])
+    mask = torch.tensor([[0, 1, 1, 1, 0]])  # prompt position, three response tokens, padding
+    gamma = 0.9
+    # r_t = Q(s_t, a_t) − γ V(s_{t+1}); after the last response token (eos) the state is terminal (V = 0)
+    expected = (1.0 - gamma * 1.0) + (2.0 - gamma * 1.5) + (3.0 - 0.0)
+    assert q_induced_returns(q_taken, values, mask, gamma).item() == pytest.approx(expected)
+
+
+def test_a_sparse_teacher_with_every_token_densifies_exactly():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 6)
+    logprobs = F.log_softmax(logits, -1)
+    full = SparseTeacher(*logprobs.topk(6, -1), torch.zeros(4))
+    assert torch.allclose(dense_teacher_probs(full, 6), F.softmax(logits, -1), atol=1e-6)
+    top, ids = logprobs.topk(2, -1)
+    sparse = dense_teacher_probs(SparseTeacher(top, ids, 1 - top.exp().sum(-1)), 6)
+    assert torch.allclose(sparse.sum(-1), torch.ones(4), atol=1e-6)  # leftover spread over the other 4 tokens
+    assert torch.allclose(sparse.gather(-1, ids), top.exp())
+
+
+# ---------------------------------------------------------------------------- X-KD's AVRIL terms
+def test_avril_loss_matches_torch_distributions():
+    torch.manual_seed(0)
+    mu, log_sigma, td = torch.randn(3, 5), 0.5 * torch.randn(3, 5), torch.randn(3, 5)
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 0, 0, 0], [0, 0, 1, 1, 1]])
+    posterior = Normal(mu, log_sigma.exp())
+    kl = kl_divergence(posterior, Normal(torch.zeros_like(mu), torch.ones_like(mu)))
+    td_nll = -posterior.log_prob(td)
+    keep = mask.bool()
+    for weight in (1.0, 0.3):
+        terms = avril_terms(mu, log_sigma, td, mask, td_weight=weight)
+        assert terms["kl"].item() == pytest.approx(kl[keep].mean().item(), abs=1e-5)
+        assert terms["td_nll"].item() == pytest.approx(td_nll[keep].mean().item(), abs=1e-5)
+        assert terms["loss"].item() == pytest.approx((kl[keep] + weight * td_nll[keep]).mean().item(), abs=1e-5)
+    assert terms["sigma_mean"].item() == pytest.approx(log_sigma.exp()[keep].mean().item(), abs=1e-6)
+    # the prior itself costs nothing in KL
+    zero = avril_terms(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2))
+    assert zero["kl"].item() == 0.0 and zero["td_nll"].item() == pytest.approx(0.5 * math.log(2 * math.pi))
+
+
+def test_the_last_token_has_a_terminal_successor():
+    q = torch.tensor([[5.0, -1.0, -2.0, -3.0, 7.0]])
+    mask = torch.tensor([[0, 1, 1, 1, 0]])  # a prompt position, three response tokens (the last is eos), padding
+    assert next_token_values(q, mask).tolist() == [[0.0, -2.0, -3.0, 0.0, 0.0]]
+
+
+# ---------------------------------------------------------------------------- MiniLLM's advantages
+def test_minillm_advantages_by_hand():
+    rewards = torch.tensor([[9.0, 1.0, 2.0, 4.0, 9.0]])
+    mask = torch.tensor([[0, 1, 1, 1, 0]])
+    gamma = 0.5
+    # t=1: (r2 + γ r3) / 2 tokens after it; t=2: r3 / 1; t=3 (last): 0
+    expected = [0.0, (2.0 + 0.5 * 4.0) / 2, 4.0, 0.0, 0.0]
+    assert future_rewards(rewards, mask, gamma)[0].tolist() == pytest.approx(expected)
+    assert future_rewards(rewards, mask, gamma, normalize=False)[0].tolist() == pytest.approx([0.0, 4.0, 4.0, 0.0, 0.0])

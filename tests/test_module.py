@@ -1,16 +1,22 @@
-"""End-to-end fits of tiny models through the CLI, in this process."""
+"""The Lightning module (pbkd_lightning/module.py) end to end: fits of tiny models, through the CLI or the Python
+API, in this process, for every objective: what each logs, steps, checkpoints and resumes, and what it refuses."""
 
 import glob
 import json
-import os
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from conftest import ROOT, checksum, read_jsonl, run_cli, scalars, tiny_args, tiny_modules, tiny_trainer
+from conftest import ROOT, TINY_TEACHER, checksum, read_jsonl, run_cli, scalars, tiny_args, tiny_modules, tiny_trainer
+
+from pbkd_lightning.objectives import BlackBoxPbKD, WhiteBoxPbKD
+from pbkd_lightning.objectives.base import Share
+
+pytestmark = pytest.mark.slow  # every test here fits (or needs a fitted run)
 
 
+# ---------------------------------------------------------------------------- black-box PbKD and what every fit shares
 def test_offline_fit_end_to_end(tiny_fit, tmp_path):
     root = tmp_path / "run"
     tiny_fit("--model.objective.critic_warmup_steps=0", "--model.objective.critic_trust=always")  # the surrogate from step 1
@@ -178,19 +184,6 @@ def test_long_prompts_are_truncated_and_counted_or_rejected(tmp_path):
         tiny_trainer(tmp_path / "run2", max_steps=1).fit(module, datamodule)
 
 
-def test_heldout_prompts_are_never_trained_on(tmp_path):
-    train = tmp_path / "train.jsonl"
-    val = tmp_path / "val.jsonl"
-    train.write_text("".join(f'{{"prompt": "p{i}", "reference": "r{i}"}}\n' for i in range(6)))
-    val.write_text('{"prompt": "p1", "reference": "r1"}\n{"prompt": "q", "reference": "r"}\n')
-    module, datamodule = tiny_modules(tmp_path, train_file=str(train), val_file=str(val))
-    datamodule.setup("fit")
-    assert [r["prompt"] for r in datamodule.val_records] == ["q"]
-    module, datamodule = tiny_modules(tmp_path)
-    datamodule.setup("fit")
-    assert not {r["prompt"] for r in datamodule.train_records} & {r["prompt"] for r in datamodule.val_records}
-
-
 def test_seqkd_baseline_trains_without_critic_or_samples(tiny_fit, tmp_path):
     cli = tiny_fit(config="configs/baselines/seqkd.yaml")
     assert cli.model.critic is None and cli.model.reference is None
@@ -318,16 +311,6 @@ def test_lora_student_trains_its_adapter_and_saves_adapter_and_merged_weights(ti
     assert again.model.summary["student_start"] == cli.model.summary["student_start"]  # the cached adapter warm-up
 
 
-def test_lora_without_peft_names_the_extra(monkeypatch):
-    import sys
-
-    from pbkd_lightning.models.loading import LoraSpec, ModelSpec, load_causal_lm
-
-    monkeypatch.setitem(sys.modules, "peft", None)  # as if the extra were not installed
-    with pytest.raises(ImportError, match=r"pip install -e '\.\[lora\]'"):
-        load_causal_lm(ModelSpec(layers=1, hidden=32, heads=2, lora=LoraSpec(r=4)))
-
-
 def test_gradient_checkpointing_reuses_the_cached_warm_up(tiny_fit, tmp_path):
     first = tiny_fit("--model.objective.critic_warmup_steps=0")
     second = tiny_fit("--model.objective.critic_warmup_steps=0", "--model.student.gradient_checkpointing=true",
@@ -362,3 +345,278 @@ def test_a_resumed_offline_run_keeps_the_old_logprobs_of_the_student_that_sample
     assert resumed.seen and set(resumed.seen) == set(first.seen)  # offline: the same samples, read back from the buffer
     for key, values in resumed.seen.items():
         assert values == pytest.approx(first.seen[key], abs=1e-6)
+
+
+# ---------------------------------------------------------------------------- black-box PbKD's quality switches
+def test_several_critic_steps_per_student_step(tmp_path):
+    module, datamodule = tiny_modules(tmp_path, objective=BlackBoxPbKD(critic_warmup_steps=0, critic_steps=3))
+    trainer = tiny_trainer(tmp_path / "run", limit_train_batches=2, limit_val_batches=0)
+    trainer.fit(module, datamodule)
+    critic_scheduler, student_scheduler = module.lr_schedulers()
+    assert (critic_scheduler.last_epoch, student_scheduler.last_epoch) == (6, 2)
+    [batches] = [b for _, b in zip(range(1), trainer.train_dataloader["critic"])]
+    assert isinstance(batches, list) and len(batches) == 3
+    assert all(b.preference.shape == (8,) for b in batches)  # each critic step sees critic_batch_size pairs
+
+
+def test_old_pairs_are_drawn_less_often_with_buffer_decay(tmp_path):
+    class Weights(Callback):
+        seen = {}
+
+        def on_train_epoch_start(self, trainer, module):
+            sampler = trainer.train_dataloader["critic"].sampler
+            pairs = trainer.train_dataloader["critic"].dataset
+            self.seen[trainer.current_epoch] = sorted({(p["iteration"], float(w)) for p, w in zip(pairs, sampler.weights)})
+
+    module, datamodule = tiny_modules(tmp_path, online=True, buffer_decay=0.25)
+    tiny_trainer(tmp_path / "run", callbacks=[Weights()], online=True, max_epochs=2, limit_val_batches=0).fit(module, datamodule)
+    assert Weights.seen == {0: [(0, 1.0)], 1: [(0, 0.25), (1, 1.0)]}
+    with pytest.raises(ValueError, match="buffer_decay"):
+        tiny_modules(tmp_path, buffer_decay=0.0)
+
+
+def test_gated_student_waits_for_a_trusted_critic_and_the_trust_survives_resume(tmp_path):
+    args = ["--model.objective.critic_warmup_steps=0", "--model.objective.critic_trust=gate",
+            "--model.objective.trust_threshold=0.6", "--data.sample_pairs=true"]
+    cli = run_cli("fit", *tiny_args(tmp_path / "run", *args))
+    logged = scalars(tmp_path / "run", version=0)
+    assert set(logged["student/critic_trust"]) == {0.0}  # nothing measured before the first validation: chance
+    assert "student/pg_loss" not in logged and "student/nll_teacher" in logged  # the anchor alone moved the student
+    accuracy = cli.model.critic_heldout_acc
+    assert accuracy == pytest.approx(logged["critic/heldout_pref_acc"][-1])
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["critic_heldout_acc"] == accuracy
+    resumed = run_cli("fit", *tiny_args(tmp_path / "run", *args, "--trainer.max_epochs=2"), f"--ckpt_path={ckpt}")
+    assert set(scalars(tmp_path / "run", version=1)["student/critic_trust"]) == {float(accuracy >= 0.6)}
+    assert resumed.model.critic_heldout_acc is not None
+
+
+def test_sample_pairs_reach_the_reward_model_and_not_a_q_head(tmp_path):
+    module, datamodule = tiny_modules(tmp_path, sample_pairs=True, samples_per_prompt=4)
+    trainer = tiny_trainer(tmp_path / "run", max_steps=1, limit_val_batches=0)
+    trainer.fit(module, datamodule)
+    from pbkd_lightning.sequences import Rollout
+
+    record = next(r for r in datamodule.train_records if r["task"] == "arithmetic")
+    right, wrong = (Rollout(text, [5, 6], [-1.0, -1.0, -1.0], True) for text in (record["reference"], "#### -1"))
+    datamodule._groups = [{**record, "rollouts": [wrong, right], "preferences": [1, 0], "iteration": 0}]
+    pairs = datamodule.critic_pairs(0)
+    among_samples = [p for p in pairs if not p["teacher_pair"]]
+    # the verifier's better sample is chosen, both sides as sampled (their tokens, not re-tokenised text)
+    assert [(p["chosen"], p["rejected"], p["preference"], p["row"]) for p in among_samples] == [(right, wrong, 1, None)]
+    assert [p["rejected"] for p in pairs if p["teacher_pair"]] == [wrong]  # the identical text carries no preference
+    from pbkd_lightning.models.teacher import TeacherModel
+
+    from pbkd_lightning.models import ModelSpec
+    from pbkd_lightning.module import DistillationModule
+
+    _, datamodule = tiny_modules(tmp_path, sample_pairs=True)
+    from pbkd_lightning.models.warmup import WarmupConfig
+
+    module = DistillationModule(WhiteBoxPbKD(critic_warmup_steps=0), student=ModelSpec(layers=1, hidden=32, heads=2),
+                                warmup=WarmupConfig(steps=0),
+                                teacher=TeacherModel(layers=1, hidden=32, heads=2, train_steps=5, cache_dir=str(tmp_path / "cache")))
+    with pytest.raises(ValueError, match="sample_pairs"):
+        tiny_trainer(tmp_path / "whitebox", max_steps=1, limit_val_batches=0).fit(module, datamodule)
+
+
+# ---------------------------------------------------------------------------- white-box PbKD (MM PbKD's two players)
+def whitebox_fit(root, *extra, config="configs/whitebox.yaml"):
+    return run_cli("fit", *tiny_args(root, *TINY_TEACHER, f"--model.teacher.cache_dir={root}/cache", *extra, config=config))
+
+
+@pytest.fixture(scope="module")
+def whitebox_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("whitebox")
+    cli = whitebox_fit(root, "--model.objective.critic_warmup_steps=0")
+    return root, cli
+
+
+def _fixed_batches(cli):
+    module, data = cli.model, cli.datamodule
+    student_batch = next(iter(data.train_dataloader()["student"]))
+    critic_batch = next(iter(data.train_dataloader()["critic"]))
+    return module, student_batch, critic_batch
+
+
+def _gap(module, objective, critic_batch):
+    with torch.no_grad():
+        return objective.critic_loss(module.players, critic_batch, Share.whole(critic_batch))["gap"].item()
+
+
+def test_whitebox_fit_logs_its_terms_and_heldout_scores(whitebox_run):
+    root, _ = whitebox_run
+    logged = scalars(root)
+    for tag in ("critic/gap", "critic/gap_off", "critic/gap_on", "critic/bt", "critic/l2", "critic/pref_acc",
+                "critic/heldout_pref_acc", "student/policy_value_off", "student/pg_loss", "student/advantage_abs",
+                "eval/arithmetic_score", "eval/reversal_score"):
+        assert tag in logged, tag
+    summary = json.loads((root / "summary.json").read_text())
+    assert {"teacher_model", "student_final"} <= set(summary)
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)
+    assert any(k.startswith("critic.linear") for k in ckpt["state_dict"])
+    assert not any(k.startswith("teacher") for k in ckpt["state_dict"])  # the frozen teacher is never stored
+
+
+def test_critic_step_raises_the_gap_and_student_step_lowers_it(whitebox_run):
+    _, cli = whitebox_run
+    module, student_batch, critic_batch = _fixed_batches(cli)
+    objective = module.objective
+    objective.nll_coef = 0.0  # the moment-matching step alone (the NLL anchor pulls elsewhere)
+    start = _gap(module, objective, critic_batch)
+    critic_optimizer = torch.optim.SGD(module.critic.parameters(), lr=0.5)
+    for _ in range(3):
+        critic_optimizer.zero_grad()
+        objective.critic_loss(module.players, critic_batch, Share.whole(critic_batch))["loss"].backward()
+        critic_optimizer.step()
+    critic_optimizer.zero_grad(set_to_none=True)
+    after_critic = _gap(module, objective, critic_batch)
+    assert after_critic > start + 1e-4
+    critic_before = [p.detach().clone() for p in module.critic.parameters()]
+    student_optimizer = torch.optim.SGD(module.student.parameters(), lr=0.5)
+    for _ in range(3):
+        student_optimizer.zero_grad()
+        objective.student_loss(module.players, student_batch, Share.whole(student_batch))["loss"].backward()
+        assert all(p.grad is None for p in module.critic.parameters())  # Q is frozen in the student step
+        student_optimizer.step()
+    assert _gap(module, objective, critic_batch) < after_critic - 1e-5
+    assert all(torch.equal(a, b) for a, b in zip(critic_before, module.critic.parameters()))
+
+
+def test_whitebox_validates_and_resumes_from_its_checkpoint(whitebox_run):
+    root, _ = whitebox_run
+    ckpt = str(root / "checkpoints" / "last.ckpt")
+    args = tiny_args(root, *TINY_TEACHER, f"--model.teacher.cache_dir={root}/cache", "--model.objective.critic_warmup_steps=0",
+                     config="configs/whitebox.yaml")
+    validate = run_cli("validate", *args, f"--ckpt_path={ckpt}")
+    fitted = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert torch.equal(validate.model.critic.linear.weight, fitted["critic.linear.weight"])
+    assert "critic/heldout_pref_acc" in validate.trainer.callback_metrics
+    resumed = run_cli("fit", *[a for a in args if not a.startswith("--trainer.max_epochs")], "--trainer.max_epochs=2",
+                      f"--ckpt_path={ckpt}")
+    assert resumed.trainer.current_epoch == 2 and resumed.trainer.global_step > 0
+
+
+def test_whitebox_online_iterations_resample_and_grow_the_buffer(tmp_path):
+    root = tmp_path / "run"
+    run_cli("fit", *tiny_args(root, *TINY_TEACHER, f"--model.teacher.cache_dir={root}/cache", "--model.objective.critic_warmup_steps=0",
+                              config="configs/whitebox.yaml"), "--config", "configs/online.yaml", f"--trainer.default_root_dir={root}",
+            "--trainer.max_epochs=2")
+    assert (root / "buffer" / "iter_0001.jsonl").exists()
+    pairs = scalars(root)["data/buffer_pairs"]
+    assert len(pairs) == 2 and pairs[1] > pairs[0]
+
+
+# ---------------------------------------------------------------------------- divergence baselines
+@pytest.mark.parametrize("name", ["fkl", "rkl", "gkd", "skew_kl", "skew_rkl", "tvd"])
+def test_each_divergence_baseline_config_trains_two_steps(tmp_path, name):
+    root = tmp_path / name
+    whitebox_fit(root, "--trainer.limit_train_batches=2", config=f"configs/baselines/{name}.yaml")
+    logged = scalars(root)
+    assert len(logged["student/divergence"]) == 2 and all(v >= 0 for v in logged["student/divergence"])
+    assert "eval/arithmetic_score" in logged
+    if name == "gkd":  # λ = 0.5: the draws are logged, each batch either on- or off-policy
+        assert set(logged["student/on_policy"]) <= {0.0, 1.0}
+
+
+def test_on_policy_batches_are_sampled_from_the_current_student(tmp_path, monkeypatch):
+    from pbkd_lightning.players import Players
+
+    calls = []
+    original = Players.sample
+
+    def spy(self, prompts, model=None):
+        calls.append(model)
+        return original(self, prompts, model)
+
+    monkeypatch.setattr(Players, "sample", spy)
+    whitebox_fit(tmp_path / "run", "--trainer.limit_train_batches=3", "--model.objective.on_policy_fraction=1.0",
+                 config="configs/baselines/gkd.yaml")
+    assert calls == [None, None, None]  # every batch, from the student (model=None)
+    assert scalars(tmp_path / "run")["student/on_policy"] == [1.0, 1.0, 1.0]
+
+
+# ---------------------------------------------------------------------------- teacher models
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_whitebox_trains_with_a_quantized_teacher(tmp_path, quantization):
+    cli = whitebox_fit(tmp_path / "run", "--trainer.limit_train_batches=2", f"--model.teacher.quantization={quantization}",
+                       config="configs/baselines/fkl.yaml")
+    layer = {"nf4": "Linear4bit", "int8": "Linear8bitLt"}[quantization]
+    assert type(cli.model.teacher.model.layers[0].mlp.up_proj).__name__ == layer
+    assert len(scalars(tmp_path / "run")["student/divergence"]) == 2
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_before_training(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "a": 4, "b": 5}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>")),
+                                        unk_token="<unk>", pad_token="<pad>", eos_token="</s>", bos_token="<s>")
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=6, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    model.save_pretrained(tmp_path / "word-teacher")
+    tokenizer.save_pretrained(tmp_path / "word-teacher")
+    with pytest.raises(ValueError, match="needs one tokenizer.*word-teacher"):
+        whitebox_fit(tmp_path / "run", f"--model.teacher.path={tmp_path / 'word-teacher'}", config="configs/baselines/fkl.yaml")
+    assert not glob.glob(str(tmp_path / "run" / "checkpoints" / "*"))
+
+
+def test_a_whitebox_objective_without_a_teacher_model_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="needs `model.teacher`"):
+        run_cli("fit", *tiny_args(tmp_path / "run", "--model.teacher=null", config="configs/baselines/fkl.yaml"))
+    assert not (tmp_path / "run" / "cache").exists()
+
+
+# ---------------------------------------------------------------------------- X-KD
+@pytest.fixture(scope="module")
+def xkd_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("xkd")
+    cli = run_cli("fit", *tiny_args(root, "--trainer.max_epochs=2", config="configs/xkd.yaml"))
+    return root, cli
+
+
+def test_xkd_gradients_reach_the_reward_head_and_the_student(xkd_run):
+    _, cli = xkd_run
+    module = cli.model
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    share = Share.whole(batch)
+    module.zero_grad(set_to_none=True)
+    module.objective.student_loss(module.players, batch, share)["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.critic.parameters())
+    assert module.student.get_input_embeddings().weight.grad.abs().sum() > 0
+    module.zero_grad(set_to_none=True)
+    module.objective.critic_loss(module.players, batch, share)["loss"].backward()
+    assert all(p.grad.abs().sum() > 0 for p in module.critic.parameters())
+
+
+def test_xkd_config_runs_two_epochs_and_logs_the_posterior(xkd_run):
+    root, _ = xkd_run
+    logged = scalars(root)
+    for tag in ("xkd/mu_mean", "xkd/sigma_mean", "xkd/td_nll", "xkd/kl", "student/kd", "student/avril",
+                "eval/arithmetic_score", "eval/distinct_2", "eval/self_bleu"):
+        assert tag in logged, tag
+    assert len(logged["eval/distinct_2"]) == 2
+    assert "critic/heldout_pref_acc" not in logged  # the posterior is not a preference model
+
+
+def test_divergence_based_xkd_uses_the_teacher_model(tmp_path):
+    root = tmp_path / "run"
+    cli = run_cli("fit", *tiny_args(root, *TINY_TEACHER, f"--model.teacher.cache_dir={root}/cache",
+                                    "--model.objective.kd=generalized_jsd", "--trainer.max_epochs=2", config="configs/xkd.yaml"))
+    assert cli.model.teacher is not None
+    logged = scalars(root)
+    assert {"xkd/mu_mean", "student/kd", "eval/self_bleu"} <= set(logged)
+
+
+# ---------------------------------------------------------------------------- MiniLLM
+def test_minillm_config_runs_two_on_policy_epochs(tmp_path):
+    root = tmp_path / "run"
+    run_cli("fit", *tiny_args(root, *TINY_TEACHER, f"--model.teacher.cache_dir={root}/cache", "--trainer.max_epochs=2",
+                              "--model.objective.lm_coef=0.5", config="configs/baselines/minillm.yaml"))
+    logged = scalars(root)
+    for tag in ("student/long_term", "student/single_step_rkl", "student/importance_weight", "student/clip_frac",
+                "student/lm_loss", "eval/reversal_score", "eval/distinct_2", "eval/self_bleu"):
+        assert tag in logged, tag
+    assert all(0 < w <= 1 / 0.8 + 1e-4 for w in logged["student/importance_weight"])
+    assert (root / "buffer" / "iter_0001.jsonl").exists()  # a second iteration of samples

@@ -99,6 +99,18 @@ def test_blackbox_student_starts_with_ratio_one_and_an_untrusted_critic_leaves_t
     assert "pg_loss" not in untrusted and untrusted["loss"].item() == pytest.approx(untrusted["nll_teacher"].item())
 
 
+def test_trust_gates_or_scales_the_surrogate_by_held_out_accuracy():
+    assert BlackBoxPbKD().trust(None) == 1.0 and BlackBoxPbKD().trust(0.3) == 1.0
+    gate = BlackBoxPbKD(critic_trust="gate", trust_threshold=0.8)
+    assert [gate.trust(a) for a in (None, 0.79, 0.8, 0.95)] == [0.0, 0.0, 1.0, 1.0]
+    scale = BlackBoxPbKD(critic_trust="scale", trust_threshold=0.9)
+    assert [scale.trust(a) for a in (None, 0.4, 0.7, 0.9, 0.99)] == pytest.approx([0.0, 0.0, 0.5, 1.0, 1.0])
+    with pytest.raises(ValueError, match="trust_threshold"):
+        BlackBoxPbKD(trust_threshold=0.5)
+    with pytest.raises(ValueError, match="critic_trust"):
+        BlackBoxPbKD(critic_trust="sometimes")
+
+
 def test_divergence_on_policy_batches_are_fresh_student_samples():
     objective = DivergenceKD("reverse_kl", on_policy_fraction=1.0)
     players = tiny_players(objective)

@@ -1,7 +1,14 @@
+"""The teacher's top-k logit cache (pbkd_lightning/data/teacher_cache.py): written, resumed and read directly, and in
+white-box fits that train from it without a teacher."""
+
+from dataclasses import replace
 import json
+import os
 
 import pytest
 import torch
+
+from conftest import TINY_TEACHER, run_cli, scalars, tiny_args
 
 import pbkd_lightning.data.teacher_cache as cache_code
 from pbkd_lightning.sequences import Encoder
@@ -86,3 +93,48 @@ def test_a_full_vocabulary_cache_gives_the_dense_loss(teacher, tmp_path):
     labels = torch.where(batch.loss_mask[:, 1:].bool(), batch.input_ids[:, 1:], -100)
     sparse = TeacherCache(str(tmp_path / "c")).batch(list(range(7)), batch.loss_mask)
     torch.testing.assert_close(forward_kl(student, sparse, labels), forward_kl(student, logprobs, labels), atol=2e-3, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------- in white-box fits
+def whitebox_fit(root, *extra, config="configs/whitebox.yaml"):
+    return run_cli("fit", *tiny_args(root, *TINY_TEACHER, f"--model.teacher.cache_dir={root}/cache", *extra, config=config))
+
+
+@pytest.mark.slow
+def test_teacher_logit_cache_is_written_once_then_trained_from_without_a_teacher(tmp_path, caplog):
+    cache = tmp_path / "topk"
+    whitebox_fit(tmp_path / "first", f"--data.teacher_cache={cache}", "--data.teacher_cache_k=8",
+                 config="configs/baselines/fkl.yaml")
+    index = json.loads((cache / "index.json").read_text())
+    assert index["k"] == 8 and index["sequences"] == 16
+    written = os.path.getmtime(cache / "index.json")
+    with caplog.at_level("INFO"):
+        cli = whitebox_fit(tmp_path / "second", f"--data.teacher_cache={cache}", "--data.teacher_cache_k=8",
+                           config="configs/baselines/fkl.yaml")
+    assert os.path.getmtime(cache / "index.json") == written  # read, not rewritten
+    assert cli.model.teacher is None
+    assert not list((tmp_path / "second" / "cache").glob("teacher-sft-*"))  # the embedded teacher was never even built
+    assert "student/divergence" in scalars(tmp_path / "second")
+    # another k is another cache: the folder refuses it rather than serving the wrong one
+    with pytest.raises(ValueError, match="other sequences"):
+        whitebox_fit(tmp_path / "third", f"--data.teacher_cache={cache}", "--data.teacher_cache_k=4",
+                     config="configs/baselines/fkl.yaml")
+
+
+@pytest.mark.slow
+def test_forward_kl_from_the_cache_equals_the_dense_teacher_at_full_k(tmp_path):
+    from pbkd_lightning.objectives.divergence import divergence_loss
+
+    cache = tmp_path / "topk"
+    cli = whitebox_fit(tmp_path / "run", f"--data.teacher_cache={cache}", "--data.teacher_cache_k=200", config="configs/baselines/fkl.yaml")
+    module, data = cli.model, cli.datamodule
+    batch = next(iter(data.train_dataloader()))
+    from pbkd_lightning.models.teacher import load_teacher
+
+    teacher, _ = load_teacher(module.teacher_config, data.train_records, 96, data.generation.max_new_tokens)
+    module.players.teacher = teacher
+    with torch.no_grad():
+        _, logits = module.players.rows(batch.teacher)
+        cached = divergence_loss("forward_kl", logits, batch.teacher.teacher_topk, 0.5, 0.1, 1.0, False)
+        dense = divergence_loss("forward_kl", logits, module.players.teacher_rows(replace(batch.teacher, teacher_topk=None)), 0.5, 0.1, 1.0, False)
+    assert cached.item() == pytest.approx(dense.item(), rel=2e-3)  # float16 log-probabilities in the cache

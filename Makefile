@@ -28,7 +28,8 @@ run: install
 test: install
 	$(PY) -m pytest -q
 
-bench: install  # the full benchmark suite: benchmarks/RESULTS.md, results.json, plots/ (under an hour on 2 cores)
+# Each finished bench run is a line of runs/bench-<full|quick>/runs.jsonl: an interrupted bench continues where it stopped.
+bench: install  # the full benchmark suite: benchmarks/RESULTS.md, results.json, plots/ (about 75 min on 2 cores)
 	$(PY) -m benchmarks.run
 
 bench-quick: install  # the same tables at toy size, in minutes

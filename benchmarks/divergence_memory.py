@@ -61,6 +61,15 @@ def run_isolated(variant: str, batch: int, tokens: int, vocab: int, threads: int
     return json.loads(out.strip().splitlines()[-1])
 
 
+def compare(batch: int, tokens: int, vocab: int, threads: int = 2) -> dict:
+    """Naive and chunked, each in a fresh process, on the same inputs; they must agree on the loss."""
+    naive = run_isolated("naive", batch, tokens, vocab, threads)
+    chunked = run_isolated("chunked", batch, tokens, vocab, threads)
+    assert abs(naive["loss"] - chunked["loss"]) <= 1e-4 * max(1.0, abs(naive["loss"])), (naive, chunked)
+    return {"batch": batch, "tokens": tokens, "vocab": vocab, "naive": naive, "chunked": chunked,
+            "time_ratio": chunked["seconds"] / naive["seconds"], "memory_ratio": chunked["peak_extra_mb"] / naive["peak_extra_mb"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="batch 2 × 64 tokens, vocabulary 4,096")
@@ -72,16 +81,8 @@ def main() -> None:
     print(f"forward KL, forward + backward, batch {batch} × {tokens} tokens, float32 logits, {args.threads} threads")
     print(f"{'vocab':>8} {'naive s':>9} {'chunked s':>10} {'time ×':>7} {'naive MB':>9} {'chunked MB':>11} {'memory ×':>9}")
     for vocab in vocabs:
-        naive = run_isolated("naive", batch, tokens, vocab, args.threads)
-        chunked = run_isolated("chunked", batch, tokens, vocab, args.threads)
-        assert abs(naive["loss"] - chunked["loss"]) <= 1e-4 * max(1.0, abs(naive["loss"])), (naive, chunked)
-        row = {
-            "vocab": vocab,
-            "naive": naive,
-            "chunked": chunked,
-            "time_ratio": chunked["seconds"] / naive["seconds"],
-            "memory_ratio": chunked["peak_extra_mb"] / naive["peak_extra_mb"],
-        }
+        row = compare(batch, tokens, vocab, args.threads)
+        naive, chunked = row["naive"], row["chunked"]
         results.append(row)
         print(
             f"{vocab:>8} {naive['seconds']:>9.2f} {chunked['seconds']:>10.2f} {row['time_ratio']:>7.2f} "

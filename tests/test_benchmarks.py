@@ -1,8 +1,13 @@
 import json
+import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "bench_runs.jsonl")  # a few records of every kind, round numbers
 
 
 def test_divergence_memory_benchmark_runs_and_reports_ratios(tmp_path):
@@ -26,7 +31,7 @@ def check_bench_output(folder):
         assert (folder / "plots" / f"{plot}.png").stat().st_size > 1000
     lines = [line for line in text.splitlines() if line.startswith("| ")]
 
-    def row_of(name, marker):
+    def row_of(name, marker=lambda line: True):
         [line] = [line for line in lines if line.startswith(f"| {name} | ") and marker(line)]
         return line
 
@@ -34,29 +39,122 @@ def check_bench_output(folder):
         mean, std = row["tasks"]["mean"]
         assert f"{mean:.3f} ± {std:.3f}" in row_of(name, lambda line: "±" in line and line.count("|") > 6)
         assert len(row["curve"]) == figures["size"]["epochs"] + 1
+    for name, row in figures["ablations"].items():
+        assert row_of(name, lambda line: line.count("|") == 5).startswith(f"| {name} | {row['mean']:.3f} | ")
     pbkd = figures["pbkd"]
     seqkd = pbkd["rows"]["SeqKD, same epochs"]["tasks"]["mean"][0]
-    assert list(pbkd["rows"])[1:-1] == pbkd["variants"] and len(pbkd["rows"]) == len(pbkd["variants"]) + 2
-    for label, row in pbkd["rows"].items():  # issue 8's table: each row's mean, its difference to SeqKD, its wall time
+    assert list(pbkd["rows"])[1:-1] == pbkd["variants"] and pbkd["best"] in pbkd["variants"]
+    assert list(pbkd["rows"])[-1] == f"SeqKD, same wall-clock as the best PbKD row ({pbkd['rows'][list(pbkd['rows'])[-1]]['max_time_s']} s)"
+    for label, row in pbkd["rows"].items():  # issue 8's table: each row's mean and its difference to SeqKD
         mean, std = row["tasks"]["mean"]
-        assert f"| {label} | " in text and f"| {mean:.3f} ± {std:.3f} | {mean - seqkd:+.3f} |" in row_of(label, lambda line: True)
+        assert f"| {mean:.3f} ± {std:.3f} | {mean - seqkd:+.3f} |" in row_of(label)
     assert f"Best PbKD row: **{pbkd['best']}**" in text
     for name, row in figures["speed"]["steps"].items():  # library, baseline and their ratio from one run
         assert row["ratio"] == row["library_steps_per_s"] / row["manual_steps_per_s"]
-        expected = f"| {name} | {row['library_steps_per_s']:.2f} | {row['manual_steps_per_s']:.2f} | {row['ratio']:.2f} |"
-        assert expected in lines
+        assert f"| {name} | {row['library_steps_per_s']:.2f} | {row['manual_steps_per_s']:.2f} | {row['ratio']:.2f} |" in lines
     sampling = figures["speed"]["sampling"]
-    assert f"| {sampling['library_tokens_per_s']:.0f} | {sampling['plain_tokens_per_s']:.0f} | {sampling['ratio']:.2f} |" in text
+    assert f"| {sampling['library_tokens_per_s']:.0f} | {sampling['plain_tokens_per_s']:.0f} | {sampling['ratio']:.2f} |" in lines
     for row in figures["speed"]["divergence"]:
-        assert f"| {row['time_ratio']:.2f} |" in text and f"| {row['memory_ratio']:.2f} |" in text
-    assert "no CUDA device" in text or figures["gpu"]["available"]
+        assert f"| {row['time_ratio']:.2f} | {row['naive']['peak_extra_mb']:.0f} | {row['chunked']['peak_extra_mb']:.0f} | " \
+               f"{row['memory_ratio']:.2f} |" in row_of(f"{row['batch']} × {row['tokens']}", lambda line, v=row["vocab"]: f"| {v:,} |" in line)
+    for axis, rows in figures["scaling"].items():
+        for row in rows:
+            assert f"| {axis} | {row['x']:,} | {row['naive']['seconds']:.2f} | {row['chunked']['seconds']:.2f} | " \
+                   f"{row['naive']['peak_extra_mb']:.0f} | {row['chunked']['peak_extra_mb']:.0f} |" in lines
+    assert "no CUDA device" in text or figures["machine"]["cuda"]
     assert figures["machine"]["commit"] and f"`{figures['command']}`" in text
     return figures
 
 
-def test_bench_quick_writes_results_json_and_plots_that_agree(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", f"--out={tmp_path}"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+def test_report_from_recorded_runs(tmp_path):
+    """The report alone, from a fixture of records: means over seeds, the last record of a re-run seed, the PbKD
+    budget, provenance by commit; a line cut off by a kill is skipped."""
+    from benchmarks.experiments import SIZES
+    from benchmarks.report import best_pbkd_variant, markdown, results, write
+    from benchmarks.runner import load_records
+
+    records = load_records(FIXTURE)
+    assert len(records) == 28  # and the cut-off last line is ignored
+    text = write(records, SIZES["quick"], "make bench-quick", str(tmp_path))
+    figures = check_bench_output(tmp_path)
+    assert text == (tmp_path / "RESULTS.md").read_text()
+
+    seqkd = figures["quality"]["SeqKD"]  # seed 1 was recorded twice: 0.9 (first) then 0.5 (last, the one that counts)
+    assert seqkd["tasks"]["mean"] == pytest.approx([0.4, 0.1414214]) and seqkd["seconds"][0] == pytest.approx(11.0)
+    assert list(figures["quality"]) == ["SeqKD", "White-box PbKD", "X-KD, sequence-level"]  # the experiments' order
+    assert "| teacher model (white-box methods), greedy | 0.000 | 0.750 | 0.375 | | | |" in text
+    assert "| **0.400 ± 0.141** | " in text  # SeqKD's mean is the best of the column
+    assert best_pbkd_variant(records) == ("recommended (configs/blackbox.yaml)", 52.0)
+    assert figures["pbkd"]["best"] == "recommended (configs/blackbox.yaml)"
+    assert "| SeqKD, same wall-clock as the best PbKD row (52 s) | " in text
+    assert "Reward model at or above 90% in 1 of 3 epochs/iterations above" in text
+    assert "Not every section comes from the same commit" in text and "- speed: runs from 2026-12-02 09:00 UTC, commit def5678" in text
+    assert "Not run yet" not in text
+
+    partial = markdown(results([r for r in records if r["section"] == "scaling"], SIZES["quick"], "make bench-quick"))
+    assert "Not run yet: quality, ablations, pbkd, speed." in partial and "| tokens | 32 |" in partial
+
+
+CALLS = []
+
+
+def fake_measure(value):
+    CALLS.append(value)
+    return {"value": value}
+
+
+def test_runner_records_each_run_once_and_skips_recorded_ones(tmp_path):
+    from benchmarks.experiments import Experiment
+    from benchmarks.runner import load_records, run
+
+    def experiment(name, value):
+        return Experiment(name, "scaling", measure="test_benchmarks:fake_measure", params={"value": value}, tags={"axis": "x"})
+
+    path = str(tmp_path / "runs.jsonl")
+    run([experiment("a", 1), experiment("b", 2)], "quick", path, str(tmp_path / "work"))
+    with open(path, "a") as handle:
+        handle.write('{"mode": "quick", "section": "scal')  # killed while writing a record
+    run([experiment("a", 1), experiment("b", 3), experiment("c", 4)], "quick", path, str(tmp_path / "work"))
+    assert CALLS == [1, 2, 3, 4]  # "a" ran once; "b" again, as its measure changed; "c" is new
+    assert [(r["name"], r["figures"]) for r in load_records(path)] == [("a", {"value": 1}), ("b", {"value": 2}),
+                                                                       ("b", {"value": 3}), ("c", {"value": 4})]
+
+
+def test_size_overrides_apply_where_the_parsed_config_has_the_key(monkeypatch):
+    from benchmarks.experiments import SIZES, experiments
+    from benchmarks.runner import fit_args, folder_args
+
+    monkeypatch.chdir(ROOT)
+    quality = {e.name: e for e in experiments(SIZES["quick"]) if e.section == "quality"}
+    seqkd, blackbox, white_box = (fit_args(quality[n], 0) for n in ("SeqKD", "Black-box PbKD, offline", "White-box PbKD"))
+    assert "--model.student.layers=1" in seqkd and "--model.student.layers=1" in white_box
+    # no model.teacher section in the black-box configs; no critic warm-up in SeqKD's objective
+    assert not any(a.startswith("--model.teacher.") for a in seqkd + blackbox) and "--model.teacher.layers=1" in white_box
+    assert "--model.objective.critic_warmup_steps=0" in blackbox and not any("critic_warmup_steps" in a for a in seqkd)
+    assert folder_args(quality["White-box PbKD"], "root", "cache")[-1] == "--model.teacher.cache_dir=cache"
+    assert folder_args(quality["SeqKD"], "root", "cache") == ["--trainer.default_root_dir=root", "--model.warmup.cache_dir=cache"]
+
+
+def repository_files():
+    """What the quick bench wrote in the repository before it took an output folder: benchmarks/, runs/bench-quick."""
+    found = {}
+    for top in ("benchmarks", os.path.join("runs", "bench-quick")):
+        for folder, dirs, files in os.walk(os.path.join(ROOT, top)):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            found.update({os.path.join(folder, f): os.stat(os.path.join(folder, f)).st_mtime_ns for f in files})
+    return found
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_only_under_its_folder_and_its_report_agrees_with_the_json(tmp_path):
+    from benchmarks.experiments import SIZES, experiments
+
+    before = repository_files()
+    result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", f"--out={tmp_path}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=1200, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert repository_files() == before
     figures = check_bench_output(tmp_path)
     assert figures["mode"] == "quick" and "make bench-quick" in (tmp_path / "RESULTS.md").read_text()
+    records = [json.loads(line) for line in (tmp_path / "work" / "runs.jsonl").read_text().splitlines()]
+    assert len(records) == sum(len(e.seeds) for e in experiments(SIZES["quick"]))  # one line per run

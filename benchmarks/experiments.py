@@ -1,0 +1,148 @@
+"""What ``make bench`` runs, as data: every experiment of every section, for each size (quick or full).
+
+An experiment is either a fit through the CLI (its configs and overrides) or a measuring script (``measure``, a
+``module:function`` called with ``params``; step speed also gets the fit's CLI arguments). ``benchmarks/runner.py``
+runs them and ``benchmarks/report.py`` turns their records into RESULTS.md.
+"""
+
+from dataclasses import dataclass, field
+
+SECTIONS = ("quality", "ablations", "pbkd", "speed", "scaling")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str  # the row's label, unique within its section
+    section: str
+    configs: tuple[str, ...] = ()  # --config files relative to the repository root: the method's, then overlays
+    overrides: tuple[str, ...] = ()  # the experiment's own, applied last
+    shared_overrides: tuple[str, ...] = ()  # the size's: each applied where the method's parsed config has its key
+    seeds: tuple[int, ...] = (0,)
+    epochs: int = 1
+    measure: str = ""  # "module:function" of a measuring script; empty: the experiment is a fit
+    params: dict = field(default_factory=dict)  # the measuring function's arguments
+    tags: dict = field(default_factory=dict)  # what the report groups and plots the row by
+    same_wall_clock_as_best: bool = False  # --trainer.max_time = the best PbKD variant's mean wall time
+
+
+@dataclass(frozen=True)
+class Size:
+    name: str
+    seeds: tuple[int, ...]
+    epochs: int
+    overrides: tuple[str, ...]  # every fit, where the method's config has the key (e.g. model.teacher.* for white-box)
+    online_iterations: tuple[int, ...]
+    betas: tuple[float, ...]
+    speed_steps: int  # timed training steps, after 2 warm-up steps
+    sampling: dict  # benchmarks.sampling_speed:measure's arguments
+    divergence: dict  # batch, tokens and vocabularies of the chunked-divergence check
+    scaling: dict  # batch; tokens (at vocabulary `vocab`) and vocabularies (at `at_tokens` tokens)
+    pbkd_epochs: int
+    pbkd_variants: tuple[int, ...]  # indices into PBKD_VARIANTS
+    pbkd_overrides: tuple[str, ...]
+
+
+METHODS = [  # the quality table: (name, configs, overrides)
+    ("SeqKD", ("configs/baselines/seqkd.yaml",), ()),
+    ("Black-box PbKD, offline", ("configs/blackbox.yaml",), ()),
+    ("Black-box PbKD, online", ("configs/blackbox.yaml", "configs/online.yaml"), ()),
+    ("White-box PbKD", ("configs/whitebox.yaml",), ()),
+    ("Forward KL", ("configs/baselines/fkl.yaml",), ()),
+    ("Reverse KL", ("configs/baselines/rkl.yaml",), ()),
+    ("GKD", ("configs/baselines/gkd.yaml",), ()),
+    ("Skew KL", ("configs/baselines/skew_kl.yaml",), ()),
+    ("Skew reverse KL", ("configs/baselines/skew_rkl.yaml",), ()),
+    ("TVD", ("configs/baselines/tvd.yaml",), ()),
+    ("MiniLLM", ("configs/baselines/minillm.yaml",), ()),
+    ("X-KD, sequence-level", ("configs/xkd.yaml",), ()),
+    ("X-KD, divergence-based", ("configs/xkd.yaml",), ("--model.objective.kd=generalized_jsd",)),
+]
+
+# Reverse KL, skew KL/RKL and TVD share forward KL's step code, so they are not timed separately.
+SPEED_METHODS = ("SeqKD", "Black-box PbKD, offline", "White-box PbKD", "Forward KL", "GKD", "MiniLLM", "X-KD, sequence-level")
+
+# Black-box PbKD variants against SeqKD from the same warmed-up student (issue 8; docs/pbkd-quality.md):
+# (label, configs, overrides); configs/blackbox.yaml holds the recommended defaults.
+BLACKBOX = ("configs/blackbox.yaml",)
+PBKD_VARIANTS = [
+    ("paper: scalar head (last token), teacher labels, 1 critic step", BLACKBOX,
+     ("--model.critic.kind=scalar", "--model.objective.critic_steps=1", "--data.sample_pairs=false", "--model.objective.critic_trust=always")),
+    ("implicit reward, 1 critic step", BLACKBOX,
+     ("--model.objective.critic_steps=1", "--data.sample_pairs=false", "--model.objective.critic_trust=always")),
+    ("implicit, 4 critic steps, sample pairs, no gate", BLACKBOX,
+     ("--model.objective.critic_steps=4", "--data.sample_pairs=true", "--model.objective.critic_trust=always")),
+    ("recommended (configs/blackbox.yaml)", BLACKBOX, ()),
+    ("recommended, online (one iteration per epoch)", BLACKBOX + ("configs/online.yaml",), ()),
+]
+
+SIZES = {
+    # Toy size: every table and plot, in minutes.
+    "quick": Size(
+        name="quick", seeds=(0, 1), epochs=1, online_iterations=(1, 2), betas=(0.1, 10.0), speed_steps=4,
+        overrides=(
+            "--model.student.layers=1", "--model.student.hidden=32", "--model.student.heads=2",
+            "--model.teacher.layers=1", "--model.teacher.hidden=64", "--model.teacher.heads=2", "--model.teacher.train_steps=20",
+            "--model.warmup.steps=5", "--data.train_size=8", "--data.val_size=4", "--data.samples_per_prompt=2",
+            "--data.batch_size=4", "--data.critic_batch_size=8", "--data.generation.max_new_tokens=12",
+            "--model.val_generation.max_new_tokens=12", "--model.objective.critic_warmup_steps=0",
+        ),
+        sampling=dict(tiny=True, prompts=16, max_new_tokens=12, samples=2),
+        divergence=dict(batch=2, tokens=64, vocabs=(4096, 16384)),
+        scaling=dict(batch=2, tokens=(32, 64, 128), vocab=4096, vocabs=(1024, 4096, 16384), at_tokens=64),
+        pbkd_epochs=1, pbkd_variants=(0, 3), pbkd_overrides=(),
+    ),
+    # The default models (2x128 student, 4x192 teacher) on half the default's prompts, 2 epochs a run.
+    "full": Size(
+        name="full", seeds=(0, 1, 2), epochs=2, online_iterations=(1, 3, 5), betas=(0.1, 10.0), speed_steps=20,
+        overrides=("--data.train_size=128", "--data.val_size=32", "--model.objective.critic_warmup_steps=16"),
+        sampling=dict(tiny=False, prompts=128, max_new_tokens=40, samples=4),
+        divergence=dict(batch=4, tokens=512, vocabs=(32000, 151936)),
+        scaling=dict(batch=4, tokens=(128, 256, 512, 1024), vocab=32000, vocabs=(8192, 32000, 65536, 151936), at_tokens=512),
+        # 4 epochs (online: 4 iterations) and 128 held-out prompts per task: a 3-point gap is ~8 prompts, not 2
+        pbkd_epochs=4, pbkd_variants=tuple(range(len(PBKD_VARIANTS))), pbkd_overrides=("--data.val_size=128",),
+    ),
+}
+
+
+def experiments(size: Size) -> list[Experiment]:
+    """Every experiment of ``size``, in the order they run (the PbKD section's wall-clock SeqKD row after the
+    variants it is timed against)."""
+    shared = size.overrides
+    out = [Experiment(name, "quality", configs, overrides, shared, size.seeds, size.epochs) for name, configs, overrides in METHODS]
+
+    first_seed = size.seeds[:1]
+    out.append(Experiment("offline", "ablations", BLACKBOX, (), shared, first_seed, max(size.online_iterations),
+                          tags={"table": "online"}))
+    out += [Experiment(f"{n} online", "ablations", BLACKBOX + ("configs/online.yaml",), (), shared, first_seed, n,
+                       tags={"table": "online", "iterations": n}) for n in size.online_iterations]
+    out += [Experiment(f"β = {beta}", "ablations", BLACKBOX, (f"--model.objective.beta={beta}",), shared, first_seed, size.epochs,
+                       tags={"table": "beta", "beta": beta}) for beta in size.betas]
+
+    pbkd = dict(section="pbkd", shared_overrides=shared, seeds=size.seeds, epochs=size.pbkd_epochs)
+    out.append(Experiment("SeqKD, same epochs", configs=("configs/baselines/seqkd.yaml",), overrides=size.pbkd_overrides,
+                          tags={"baseline": True}, **pbkd))
+    for index in size.pbkd_variants:
+        label, configs, overrides = PBKD_VARIANTS[index]
+        out.append(Experiment(label, configs=configs, overrides=size.pbkd_overrides + overrides, **pbkd))
+    # min_epochs: a budget shorter than one epoch still ends with a validation (Lightning stops at its end)
+    out.append(Experiment("SeqKD, same wall-clock as the best PbKD row", configs=("configs/baselines/seqkd.yaml",),
+                          overrides=size.pbkd_overrides + ("--trainer.min_epochs=1",), same_wall_clock_as_best=True,
+                          tags={"baseline": True}, **dict(pbkd, epochs=10 * size.pbkd_epochs)))
+
+    for name, configs, overrides in METHODS:
+        if name in SPEED_METHODS:  # critic_warmup_steps=0: student steps are timed too, from the first batch
+            out.append(Experiment(name, "speed", configs, overrides, shared + ("--model.objective.critic_warmup_steps=0",),
+                                  measure="benchmarks.step_speed:measure", params={"warm": 2, "steps": size.speed_steps}))
+    out.append(Experiment("sampling", "speed", measure="benchmarks.sampling_speed:measure", params=size.sampling))
+    d = size.divergence
+    out += [Experiment(f"divergence, vocabulary {vocab}", "speed", measure="benchmarks.divergence_memory:compare",
+                       params={"batch": d["batch"], "tokens": d["tokens"], "vocab": vocab}) for vocab in d["vocabs"]]
+
+    s = size.scaling
+    out += [Experiment(f"tokens {tokens}", "scaling", measure="benchmarks.divergence_memory:compare",
+                       params={"batch": s["batch"], "tokens": tokens, "vocab": s["vocab"]}, tags={"axis": "tokens", "x": tokens})
+            for tokens in s["tokens"]]
+    out += [Experiment(f"vocabulary {vocab}", "scaling", measure="benchmarks.divergence_memory:compare",
+                       params={"batch": s["batch"], "tokens": s["at_tokens"], "vocab": vocab}, tags={"axis": "vocab", "x": vocab})
+            for vocab in s["vocabs"]]
+    return out

@@ -1,0 +1,226 @@
+"""Runs benchmark experiments, appending one JSON line per finished run to a records file.
+
+A run whose record is already in the file (same mode, section, name, seed, arguments and measure) is skipped, so
+an interrupted ``make bench`` continues where it stopped. Fits go through the CLI in this process, as
+``python -m pbkd_lightning fit`` with the experiment's configs and overrides; measures are plain functions.
+"""
+
+import contextlib
+import datetime
+import glob
+import importlib
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from benchmarks.experiments import Experiment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def quiet_cli(args: list[str], run: bool = True):
+    """The project's CLI with its output captured; a failed run raises with what it printed (a parse error would
+    otherwise end the whole benchmark through a silent ``SystemExit``)."""
+    from pbkd_lightning.cli import build_cli
+
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            return build_cli(args, run=run)
+    except SystemExit as error:
+        raise RuntimeError(f"the run {' '.join(args)} exited ({error.code}):\n{err.getvalue()[-3000:]}") from None
+
+
+_parsed: dict = {}
+
+
+def parsed_config(arguments: tuple[str, ...]) -> dict:
+    """The full config these fit arguments give, as ``--print_config`` prints it: files, overlays and defaults
+    merged by the CLI itself."""
+    import yaml
+
+    from pbkd_lightning.cli import build_cli
+
+    if arguments not in _parsed:
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                build_cli(["fit", *arguments, "--print_config"])
+        except SystemExit as error:
+            if error.code not in (0, None):
+                raise RuntimeError(f"the arguments {' '.join(arguments)} do not parse:\n{err.getvalue()[-3000:]}") from None
+        _parsed[arguments] = yaml.safe_load(out.getvalue())
+    return _parsed[arguments]
+
+
+def has_key(config: dict, override: str) -> bool:
+    """Whether ``--a.b.c=value`` names a key the config has (through a class's ``init_args``, as the CLI reads
+    it); a null section (``model.teacher: null``) has none."""
+    node = config
+    for part in override.removeprefix("--").split("=", 1)[0].split("."):
+        if isinstance(node, dict) and part not in node and isinstance(node.get("init_args"), dict):
+            node = node["init_args"]
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def method_config(experiment: Experiment) -> dict:
+    """The parsed config of the experiment's configs and own overrides: what decides which shared overrides apply."""
+    return parsed_config(tuple(config_args(experiment)) + experiment.overrides)
+
+
+def config_args(experiment: Experiment) -> list[str]:
+    return [arg for config in experiment.configs for arg in ("--config", config)]
+
+
+def fit_args(experiment: Experiment, seed: int, budget_s: int | None = None) -> list[str]:
+    """The fit's arguments that decide its result: configs, the size's overrides whose key the method's config
+    has, the experiment's own overrides, epochs and seed (folders and caches come on top: :func:`folder_args`)."""
+    config = method_config(experiment)
+    args = config_args(experiment) + [o for o in experiment.shared_overrides if has_key(config, o)] + list(experiment.overrides)
+    if budget_s is not None:
+        args.append(f"--trainer.max_time=00:00:{budget_s // 60:02d}:{budget_s % 60:02d}")
+    return args + [f"--trainer.max_epochs={experiment.epochs}", f"--seed_everything={seed}", f"--model.student.init_seed={seed}",
+                   "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--model.num_threads=2"]
+
+
+def folder_args(experiment: Experiment, root: str, cache: str) -> list[str]:
+    """Where the fit writes: its own folder, and the warm-up (and teacher, if it has one) caches all runs share."""
+    args = [f"--trainer.default_root_dir={root}", f"--model.warmup.cache_dir={cache}"]
+    teacher_cache = f"--model.teacher.cache_dir={cache}"
+    return args + ([teacher_cache] if has_key(method_config(experiment), teacher_cache) else [])
+
+
+def fit(args: list[str], root: str) -> dict:
+    """One fit; returns its wall seconds, summary.json and held-out mean score per epoch."""
+    start = time.perf_counter()
+    quiet_cli(["fit", *args])
+    seconds = time.perf_counter() - start
+    with open(os.path.join(root, "summary.json")) as handle:
+        summary = json.load(handle)
+    return {"seconds": seconds, "summary": summary, "curve": curve(root, summary)}
+
+
+def curve(root: str, summary: dict) -> list[float]:
+    """Held-out mean score at the start of fit and after each epoch (from the run's TensorBoard events)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    [events] = glob.glob(os.path.join(root, "tensorboard", "version_*"))
+    accumulator = EventAccumulator(events)
+    accumulator.Reload()
+    tags = [t for t in accumulator.Tags()["scalars"] if t.startswith("eval/") and t.endswith("_score")]
+    per_task = [[e.value for e in accumulator.Scalars(t)] for t in tags]
+    epochs = min(len(v) for v in per_task)
+    return [summary["student_start"]["mean"]] + [statistics.fmean(v[i] for v in per_task) for i in range(epochs)]
+
+
+def measure(experiment: Experiment, args: list[str]) -> dict:
+    """The experiment's measuring function on its params (and, for one that times a method, the fit's arguments)."""
+    module, name = experiment.measure.split(":")
+    function = getattr(importlib.import_module(module), name)
+    start = time.perf_counter()
+    figures = function(args, **experiment.params) if experiment.configs else function(**experiment.params)
+    return {"seconds": time.perf_counter() - start, "figures": figures}
+
+
+def record_key(record: dict) -> str:
+    return json.dumps([record["mode"], record["section"], record["name"], record["seed"], record["args"],
+                       record["measure"], record["params"]], sort_keys=True)
+
+
+def load_records(path: str) -> list[dict]:
+    """The records in ``path`` (none if it does not exist); a line cut off by a kill is ignored."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as handle:
+        for line in handle:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return records
+
+
+def machine() -> dict:
+    import lightning
+    import transformers
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "memory_gib": round(memory, 1), "python": platform.python_version(), "torch": torch.__version__,
+            "lightning": lightning.__version__, "transformers": transformers.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "commit": commit + (" (with uncommitted changes)" if dirty else "")}
+
+
+def forget(records_path: str, mode: str, sections: set[str]) -> None:
+    """Drop the records of these sections (of this mode), so the next run measures them again."""
+    kept = [r for r in load_records(records_path) if r["mode"] != mode or r["section"] not in sections]
+    if os.path.exists(records_path):
+        with open(records_path, "w") as handle:
+            handle.writelines(json.dumps(r) + "\n" for r in kept)
+
+
+def run(experiments: list[Experiment], mode: str, records_path: str, work: str) -> None:
+    """Run every experiment's seeds not yet recorded in ``records_path``, in order; fit folders and the shared
+    caches go under ``work``."""
+    from benchmarks.report import best_pbkd_variant
+
+    records = [r for r in load_records(records_path) if r["mode"] == mode]
+    done = {record_key(r) for r in records}
+    if os.path.exists(records_path) and os.path.getsize(records_path):
+        with open(records_path, "rb+") as handle:
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":  # a kill mid-write left half a line: the next record starts on its own
+                handle.write(b"\n")
+    here = machine()
+    cache = os.path.join(work, "cache")
+    os.makedirs(os.path.dirname(os.path.abspath(records_path)), exist_ok=True)
+    total = sum(len(e.seeds) for e in experiments)
+    skipped = 0
+    with tqdm(total=total, desc=f"bench ({mode})", unit="run", dynamic_ncols=True) as progress:
+        for experiment in experiments:
+            for seed in experiment.seeds:
+                budget_s = None
+                if experiment.same_wall_clock_as_best:
+                    _, seconds = best_pbkd_variant([r for r in records if r["section"] == "pbkd"])
+                    budget_s = max(1, round(seconds))  # never a 0 s budget
+                args = fit_args(experiment, seed, budget_s) if experiment.configs else []
+                record = {"mode": mode, "section": experiment.section, "name": experiment.name, "seed": seed, "args": args,
+                          "measure": experiment.measure, "params": experiment.params, "tags": experiment.tags}
+                if budget_s is not None:
+                    record["max_time_s"] = budget_s
+                if record_key(record) in done:
+                    skipped += 1
+                    progress.update(1)
+                    continue
+                progress.set_postfix_str(f"{experiment.section}: {experiment.name}, seed {seed}")
+                started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+                if args:
+                    slug = "".join(c if c.isalnum() else "-" for c in experiment.name.lower()).strip("-")
+                    root = os.path.join(work, experiment.section, slug, f"seed{seed}")
+                    shutil.rmtree(root, ignore_errors=True)  # a run interrupted before its record left a partial folder
+                    args_with_folders = args + folder_args(experiment, root, cache)
+                    outcome = measure(experiment, args_with_folders) if experiment.measure else fit(args_with_folders, root)
+                else:
+                    outcome = measure(experiment, args)
+                record.update(outcome, started=started, machine=here)
+                with open(records_path, "a") as handle:  # one line per finished run: a kill loses at most the current one
+                    handle.write(json.dumps(record) + "\n")
+                records.append(record)
+                progress.update(1)
+    if skipped:
+        print(f"{skipped} of {total} runs were already recorded in {records_path} and were skipped (--fresh measures them again)")

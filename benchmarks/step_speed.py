@@ -1,0 +1,97 @@
+"""Training steps per second through Lightning against a hand-written loop over the same batches.
+
+    python -m benchmarks.step_speed --steps 20 -- --config configs/blackbox.yaml --model.objective.critic_warmup_steps=0
+
+Both run one method as its CLI arguments build it: the library's ``trainer.fit`` is timed from the end of the
+warm-up steps to the end of the epoch, then a plain loop does the same objective losses, AdamW steps and
+clipping on batches from the same data module (no Lightning, no logging).
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import time
+
+import torch
+
+from pbkd_lightning.objectives.base import Share
+
+
+def measure(cli_args: list[str], warm: int, steps: int) -> dict:
+    """``cli_args``: a fit's arguments (without ``fit``); its epoch is cut to ``warm + steps`` batches, no validation."""
+    from lightning.pytorch import Callback
+
+    from benchmarks.runner import quiet_cli
+
+    class StepClock(Callback):
+        def __init__(self):
+            self.starts = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.starts.append(time.perf_counter())
+
+        def on_train_epoch_end(self, trainer, module):
+            self.starts.append(time.perf_counter())
+
+    cli = quiet_cli([*cli_args, f"--trainer.limit_train_batches={warm + steps}", "--trainer.limit_val_batches=0"], run=False)
+    clock = StepClock()
+    cli.trainer.callbacks.append(clock)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        cli.trainer.fit(cli.model, cli.datamodule)
+    library = steps / (clock.starts[-1] - clock.starts[warm])
+    manual = hand_loop(cli.model, cli.datamodule, warm, steps)
+    return {"library_steps_per_s": library, "manual_steps_per_s": manual, "ratio": library / manual}
+
+
+def hand_loop(module, datamodule, warm: int, steps: int) -> float:
+    """The same objective losses, optimizers (AdamW) and clipping in a plain loop; returns its steps per second."""
+    objective, student, critic, players = module.objective, module.student, module.critic, module.players
+    optimizers = {"student": torch.optim.AdamW([p for p in student.parameters()], lr=1e-4)}
+    if critic is not None:
+        optimizers["critic"] = torch.optim.AdamW([p for p in critic.parameters()], lr=1e-4)
+    loader = datamodule.train_dataloader()
+    paired = isinstance(loader, dict)
+    batches = zip(loader["student"], loader["critic"]) if paired else ((b, b) for b in loader)
+
+    def step(model, other, optimizer, loss_fn):
+        for p in other.parameters() if other is not None else []:
+            p.requires_grad_(False)  # what toggle_optimizer does: no gradient for the other player
+        loss = loss_fn()["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for p in other.parameters() if other is not None else []:
+            p.requires_grad_(True)
+
+    start = None
+    for index, (student_batch, critic_batch) in enumerate(batches):
+        if index == warm:
+            start = time.perf_counter()
+        if index == warm + steps:
+            break
+        if critic is not None:  # `critic_steps` > 1: a list of batches, one critic step each, as the module does
+            for batch in critic_batch if isinstance(critic_batch, list) else [critic_batch]:
+                step(critic, student, optimizers["critic"], lambda: objective.critic_loss(players, batch, Share.whole(batch)))
+        if objective.needs_samples:
+            student.eval()  # as the module: on-policy steps score π_θ with dropout off
+        student_batch = objective.prepare_student_batch(players, student_batch)
+        step(student, critic, optimizers["student"],
+             lambda: objective.student_loss(players, student_batch, Share.whole(student_batch), module.critic_heldout_acc))
+    return steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--warm", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("cli_args", nargs=argparse.REMAINDER, help="after --: the fit's CLI arguments")
+    args = parser.parse_args()
+    cli_args = args.cli_args[1:] if args.cli_args[:1] == ["--"] else args.cli_args
+    print(json.dumps(measure(cli_args, args.warm, args.steps)))
+
+
+if __name__ == "__main__":
+    main()

@@ -91,7 +91,8 @@ def _teacher(objective, config: TeacherModel, student, tokenizer, datamodule, st
     folder = h.get("teacher_cache") if stage == "fit" else None
     written = False
     if folder:
-        sequences = [(r["prompt"], r["teacher"]) for r in datamodule.train_records]
+        sequences = [(r["prompt"], r["teacher"]) if r.get("teacher_ended", True) else (r["prompt"], r["teacher"], False)
+                     for r in datamodule.train_records]
         fingerprint = cache_fingerprint(sequences, h.teacher_cache_k, config.describe())
         written = cache_is_complete(folder, fingerprint)
     teacher = None

@@ -14,7 +14,7 @@ from pbkd_lightning.build import build_players
 from pbkd_lightning.callbacks import FitSummary, SampleTable
 from pbkd_lightning.config import plain
 from pbkd_lightning.data.datamodule import DataConnection
-from pbkd_lightning.data.generation import GenerationConfig, generate
+from pbkd_lightning.data.generation import GenerationConfig, generate, sample_rollouts
 from pbkd_lightning.eval import mean_scores, score_responses
 from pbkd_lightning.eval.diversity import diversity
 from pbkd_lightning.eval.preferences import HeldoutPreferences
@@ -138,10 +138,14 @@ class DistillationModule(LightningModule):
         self.tokenizer, self.critic_tokenizer = self.players.tokenizer, self.players.critic_tokenizer
         self.teacher_tokenizer = built.teacher_tokenizer
         objective, players, h = self.objective, self.players, data.hparams
+
+        def rollout(prompts, k):
+            # under the precision the step runs in (bf16-mixed autocast), so π_old is computed as π_θ will be
+            with self.trainer.precision_plugin.forward_context():
+                return objective.rollout(players, prompts, k, data.generation, h.generation_batch_size, h.max_prompt_tokens)
+
         data.connect(DataConnection(
-            tokenizer=self.tokenizer, critic_tokenizer=self.critic_tokenizer,
-            rollout=lambda prompts, k: objective.rollout(players, prompts, k, data.generation, h.generation_batch_size,
-                                                         h.max_prompt_tokens),
+            tokenizer=self.tokenizer, critic_tokenizer=self.critic_tokenizer, rollout=rollout,
             needs_samples=self.needs_samples, needs_pairs=self.needs_pairs, critic_steps=objective.critic_steps,
             critic_takes_sample_pairs=objective.critic_takes_sample_pairs, teacher_cache=built.teacher_cache,
         ))
@@ -227,7 +231,7 @@ class DistillationModule(LightningModule):
         optimizer.zero_grad(set_to_none=True)
         reduce_sum = lambda tensor: self.trainer.strategy.reduce(tensor, reduce_op="sum")  # noqa: E731
         loss, terms = accumulate_gradients(compute, batch, micro_batch_size, self.manual_backward, reduce_sum,
-                                           self.trainer.world_size)
+                                           self.trainer.world_size, self.objective.term_units())
         params = [p for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else math.inf) if params else loss * 0
         if bool(torch.isfinite(loss) & torch.isfinite(norm)):  # one host sync per step, cheap next to the forwards
@@ -271,12 +275,17 @@ class DistillationModule(LightningModule):
             self.task_scores[task].update(torch.tensor(score, device=self.device))
         # K samples per held-out prompt at the data's generation settings: their diversity, and, with a
         # critic, held-out pairs made exactly as training pairs are (the reward model's generalisation).
-        data = self.trainer.datamodule
-        samples = self.generate_responses(records, data.generation, data.hparams.samples_per_prompt)
+        data, h = self.trainer.datamodule, self.trainer.datamodule.hparams
+        rollouts, _ = sample_rollouts(self.student, self.tokenizer, [r["prompt"] for r in records], data.generation,
+                                      h.samples_per_prompt, h.val_batch_size, h.max_prompt_tokens, self.vocabulary)
+        samples = [[r.text for r in group] for group in rollouts]
         for name, value in diversity(samples).items():
             self.diversity[name].update(torch.tensor(value, device=self.device), weight=len(samples))
         if self.critic is not None and self.objective.critic_ranks_pairs:
-            self.heldout.update(records, samples, data.hparams.labeler, lambda texts: self.score_texts(records, texts))
+            # a sample cut at the length limit is scored without an eos, as in training
+            cut = {(i, r.text.strip()) for i, group in enumerate(rollouts) for r in group if not r.ended}
+            cut |= {(i, r["teacher"]) for i, r in enumerate(records) if not r.get("teacher_ended", True)}
+            self.heldout.update(records, samples, h.labeler, lambda texts: self.score_texts(records, texts, cut))
         return {"responses": responses}
 
     def test_step(self, records: list[dict], batch_idx: int):
@@ -286,10 +295,10 @@ class DistillationModule(LightningModule):
         self.on_validation_epoch_end()
 
     @torch.no_grad()
-    def score_texts(self, records: list[dict], texts: list[tuple[int, str]]) -> Optional[torch.Tensor]:
-        """The critic's reward of each ``(index into records, response)``, in chunks of ``data.val_batch_size``.
-        A sharded critic gathers its parameters in each forward: every rank scores as many chunks (padding with a
-        throw-away one)."""
+    def score_texts(self, records: list[dict], texts: list[tuple[int, str]], cut: frozenset = frozenset()) -> Optional[torch.Tensor]:
+        """The critic's reward of each ``(index into records, response)``, in chunks of ``data.val_batch_size``
+        (``cut``: the pairs among them that stopped at the length limit, scored without eos). A sharded critic gathers
+        its parameters in each forward: every rank scores as many chunks (padding with a throw-away one)."""
         data = self.trainer.datamodule
         encoder, size = data.encoder(self.critic_tokenizer), data.hparams.val_batch_size
         chunks = -(-len(texts) // size)
@@ -298,7 +307,8 @@ class DistillationModule(LightningModule):
         for index in range(total):
             chunk = texts[index * size : (index + 1) * size] if index < chunks else [(0, data.val_records[0]["teacher"])]
             prompts = [records[i]["prompt"] if index < chunks else data.val_records[0]["prompt"] for i, _ in chunk]
-            rewards = self.objective.sequence_reward(self.players, encoder.batch(prompts, [t for _, t in chunk]).to(self.device))
+            ended = [pair not in cut for pair in chunk]
+            rewards = self.objective.sequence_reward(self.players, encoder.batch(prompts, [t for _, t in chunk], ended).to(self.device))
             if index < chunks:
                 scored.append(rewards)
         return torch.cat(scored) if scored else None

@@ -39,6 +39,8 @@ class Rollout:
     distribution it was drawn from (temperature, top-k, top-p, vocabulary)."""
     ended: bool
     """True when the sampler emitted eos; False when it stopped at the length limit."""
+    eos_token_id: Optional[int] = None
+    """The end token it emitted (models may have several); None: the tokenizer's."""
 
 
 @dataclass
@@ -188,28 +190,34 @@ class Encoder:
     def prompt_length(self, prompt: str) -> int:
         return len(self.tokenizer(render_prompt(self.tokenizer, prompt), add_special_tokens=False)["input_ids"])
 
-    def response_ids(self, response: str) -> tuple[list[int], bool]:
-        """``(ids, ended)``: a response longer than the limit keeps its start and does not end."""
+    def response_ids(self, response: str, ended: bool = True) -> tuple[list[int], bool]:
+        """``(ids, ended)``: a response longer than the limit keeps its start and does not end; ``ended=False``: the
+        text itself was cut where it stopped (a teacher that ran out of tokens), so it gets no eos either."""
         ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
         if len(ids) > self.max_response_tokens:
             self.truncated += 1
             return ids[: self.max_response_tokens], False
-        return ids, True
+        return ids, ended
 
-    def encode(self, prompt: str, response: str) -> tuple[list[int], int, bool]:
-        """``(ids, prompt_length, ended)`` of a prompt and a response text."""
-        response_ids, ended = self.response_ids(response)
+    def encode(self, prompt: str, response: str, ended: bool = True) -> tuple[list[int], int, bool]:
+        """``(ids, prompt_length, ended)`` of a prompt and a response text (``ended``: as in :meth:`response_ids`)."""
+        response_ids, ended = self.response_ids(response, ended)
         return self.encode_ids(prompt, response_ids, ended)
 
-    def encode_ids(self, prompt: str, response_ids: list[int], ended: bool) -> tuple[list[int], int, bool]:
-        """The same for response tokens as sampled (no text round trip)."""
+    def encode_ids(self, prompt: str, response_ids: list[int], ended: bool, eos_token_id: Optional[int] = None):
+        """The same for response tokens as sampled (no text round trip), ending with the eos that was sampled."""
         prompt_ids = self.prompt_ids(prompt)
-        return prompt_ids + list(response_ids) + ([self.tokenizer.eos_token_id] if ended else []), len(prompt_ids), ended
+        eos = [self.tokenizer.eos_token_id if eos_token_id is None else eos_token_id] if ended else []
+        return prompt_ids + list(response_ids) + eos, len(prompt_ids), ended
 
-    def batch(self, prompts: list[str], responses: list) -> SequenceBatch:
-        """One sequence per prompt; each response is a text or a :class:`Rollout` (its tokens are used as sampled)."""
-        encoded = [self.encode_ids(p, r.token_ids, r.ended) if isinstance(r, Rollout) else self.encode(p, r)
-                   for p, r in zip(prompts, responses)]
+    def batch(self, prompts: list[str], responses: list, ended: Optional[list[bool]] = None) -> SequenceBatch:
+        """One sequence per prompt; each response is a text or a :class:`Rollout` (its tokens are used as sampled).
+
+        ``ended``: for texts, whether each one really ended (False for a teacher answer cut at its limit); a
+        Rollout's own flag always holds, also when its text is re-tokenised for another tokenizer."""
+        ended = ended if ended is not None else [True] * len(responses)
+        encoded = [self.encode_ids(p, r.token_ids, r.ended, r.eos_token_id) if isinstance(r, Rollout) else self.encode(p, r, e)
+                   for p, r, e in zip(prompts, responses, ended)]
         return self.collate(encoded)
 
     def collate(self, encoded: list[tuple[list[int], int, bool]]) -> SequenceBatch:

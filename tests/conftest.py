@@ -39,16 +39,15 @@ def tiny_args(root, *extra, config="configs/blackbox.yaml"):
 
 
 def run_cli(*args):
-    """Run ``python -m pbkd_lightning`` in this process; returns the CLI object."""
-    from pbkd_lightning.cli import DistillationCLI, PreferenceDataModule, DistillationModule
+    """Run ``python -m pbkd_lightning`` in this process (the CLI exactly as ``main`` builds it); returns the CLI object."""
+    from pbkd_lightning.cli import build_cli
 
-    return DistillationCLI(
-        DistillationModule,
-        PreferenceDataModule,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
-        args=list(args),
-    )
+    return build_cli(list(args))
+
+
+def whitebox_fit(root, *extra, config="configs/whitebox.yaml"):
+    """A white-box fit at toy size with the tiny embedded teacher (trained once into the run's cache)."""
+    return run_cli("fit", *tiny_args(root, *TINY_TEACHER, f"--model.teacher.cache_dir={root}/cache", *extra, config=config))
 
 
 @pytest.fixture

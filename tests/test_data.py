@@ -2,6 +2,7 @@
 the labelers and sample-vs-sample pairs, and the datamodule's held-out split."""
 
 import json
+import warnings
 
 import pytest
 
@@ -11,6 +12,7 @@ from pbkd_lightning.data.labelers import label_pair, sample_pairs
 from pbkd_lightning.data.records import DataError, read_prompts, read_responses, write_jsonl_atomic
 from pbkd_lightning.data.teachers import HFModelTeacher, ResponseFileTeacher, TaskProgramTeacher
 from pbkd_lightning.models.loading import ModelSpec, load_causal_lm
+from pbkd_lightning.models.tokenizer import build_char_tokenizer
 from pbkd_lightning.tasks import get_task
 from pbkd_lightning.tasks.arithmetic import extract_answer
 
@@ -157,3 +159,19 @@ def test_heldout_prompts_are_never_trained_on(tmp_path):
     module, datamodule = tiny_modules(tmp_path)
     datamodule.setup("fit")
     assert not {r["prompt"] for r in datamodule.train_records} & {r["prompt"] for r in datamodule.val_records}
+
+
+def test_teacher_responses_longer_than_the_limit_are_counted_with_one_warning():
+    """data/truncated_responses counts every response cut at `data.generation.max_new_tokens` (it gets no eos), and
+    one warning names the key that raises the limit."""
+    from pbkd_lightning.data import GenerationConfig, PreferenceDataModule
+    from pbkd_lightning.data.datamodule import DataConnection
+
+    data = PreferenceDataModule(train_size=8, val_size=4, generation=GenerationConfig(max_new_tokens=12))
+    data.setup("fit")
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        data.connect(DataConnection(tokenizer=build_char_tokenizer()))
+    expected = sum(len(r["teacher"]) > 12 for r in data.train_records)
+    assert expected > 0 and data.stats["data/truncated_responses"] == expected == data.stats["data/truncated_teacher_responses"]
+    assert len([w for w in warned if "`data.generation.max_new_tokens` (12" in str(w.message)]) == 1

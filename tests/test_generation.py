@@ -115,3 +115,69 @@ def test_teacher_mixed_sampling_at_the_ends_is_each_model_alone():
         logits = student(input_ids=torch.tensor([ids])).logits[0, -len(rollout.token_ids) - 1 : -1]
     expected = logits.log_softmax(-1).gather(-1, torch.tensor(rollout.token_ids)[:, None]).squeeze(-1)
     assert rollout.logprobs[: len(rollout.token_ids)] == pytest.approx(expected.tolist(), abs=1e-4)
+
+
+def test_dropout_off_and_the_shared_vocabulary_keep_the_ratio_at_one():
+    """The minor points of the rollouts issue: π_old is computed with dropout off and on the columns the policy
+    losses crop to (the vocabulary a white-box student shares with its teacher), so a dropout student in eval mode,
+    cropped, scores exactly what was sampled — and never a token outside the shared vocabulary."""
+    from transformers import AutoModelForCausalLM
+
+    base, tokenizer = load_causal_lm(ModelSpec(layers=1, hidden=32, heads=2, init_seed=3))
+    config = base.config
+    config.attention_dropout = 0.3
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(base.state_dict())
+    vocabulary = 60  # fewer columns than the model's 100
+    sampling = GenerationConfig(max_new_tokens=10, temperature=0.8, top_k=30)
+    model.train()  # the sampler must switch dropout off itself
+    torch.manual_seed(1)
+    rollouts, _ = sample_rollouts(model, tokenizer, PROMPTS, sampling, 3, 8, vocabulary=vocabulary)
+    assert model.training  # and put the mode back
+    flat = [r for group in rollouts for r in group]
+    assert all(t < vocabulary for r in flat for t in r.token_ids)
+    players = Players(model, tokenizer, sampling, Encoder(tokenizer, 64, 10), vocabulary=vocabulary)
+    batch = StudentCollate(players.encoder)([{"prompt": p, "teacher": "x", "rollouts": g} for p, g in zip(PROMPTS, rollouts)])
+    mask = batch.samples.scored_positions
+    model.eval()  # as the module's student step for on-policy objectives
+    with torch.no_grad():
+        torch.testing.assert_close(players.policy_logprobs(batch.samples)[mask], batch.old_logprobs[mask], atol=1e-5, rtol=1e-5)
+    model.train()
+    with torch.no_grad():  # with dropout on, the same tokens would score differently: the eval mode matters
+        assert (players.policy_logprobs(batch.samples)[mask] - batch.old_logprobs[mask]).abs().max() > 1e-3
+
+
+def test_every_end_token_of_the_model_ends_a_sample_and_is_the_one_scored():
+    """Instruct models ship several end tokens (end of turn, end of text): each ends a sample, and the eos that is
+    scored is the one sampled, not the tokenizer's."""
+    model, tokenizer = load_causal_lm(ModelSpec(layers=1, hidden=32, heads=2, init_seed=3))
+    sampling = GenerationConfig(max_new_tokens=12)
+    torch.manual_seed(0)
+    [[plain]], _ = sample_rollouts(model, tokenizer, PROMPTS[:1], sampling, 1, 8)
+    ids = plain.token_ids
+    # make the first greedy token not seen before it an end token of the model
+    at = next(j for j in range(1, len(ids)) if ids[j] not in ids[:j])
+    other_end = ids[at]
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, other_end]
+    torch.manual_seed(0)  # the same draws, so the same path until the new end token
+    [[cut]], _ = sample_rollouts(model, tokenizer, PROMPTS[:1], sampling, 1, 8)
+    assert cut.token_ids == ids[:at] and cut.ended and cut.eos_token_id == other_end
+    batch = Encoder(tokenizer, 64, 12).batch(PROMPTS[:1], [cut])
+    assert batch.scored_actions.tolist() == ids[:at] + [other_end]
+
+
+def test_a_model_teacher_answer_cut_at_its_limit_is_marked_as_not_ended(tmp_path):
+    """A model teacher that stops at its token limit must not hand the student a fake eos (its answer is text only,
+    so the flag travels beside it)."""
+    from pbkd_lightning.data.teachers import HFModelTeacher
+
+    model, tokenizer = load_causal_lm(ModelSpec(layers=1, hidden=16, heads=2))
+    model.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    texts, ended = HFModelTeacher(str(tmp_path / "teacher"), max_new_tokens=3).answer([{"prompt": "ab"}, {"prompt": "cd"}])
+    rollouts, _ = sample_rollouts(model, tokenizer, ["ab", "cd"], GenerationConfig(max_new_tokens=3, temperature=0.0), 1, 8)
+    assert ended == [group[0].ended for group in rollouts] and not all(ended)  # a random model rarely says eos
+    batch = Encoder(tokenizer, 16, 3).batch(["ab", "cd"], texts, ended)
+    assert batch.ended.tolist() == ended
+    assert all(tokenizer.eos_token_id not in row[mask].tolist()
+               for row, mask, whole in zip(batch.input_ids[:, 1:], batch.scored_positions, ended) if not whole)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from conftest import ROOT, TINY_TEACHER, checksum, read_jsonl, run_cli, scalars, tiny_args, tiny_modules, tiny_trainer
+from conftest import ROOT, TINY_TEACHER, checksum, read_jsonl, run_cli, scalars, tiny_args, tiny_modules, tiny_trainer, whitebox_fit
 
 from pbkd_lightning.objectives import BlackBoxPbKD, WhiteBoxPbKD
 from pbkd_lightning.objectives.base import Share
@@ -421,10 +421,6 @@ def test_sample_pairs_reach_the_reward_model_and_not_a_q_head(tmp_path):
 
 
 # ---------------------------------------------------------------------------- white-box PbKD (MM PbKD's two players)
-def whitebox_fit(root, *extra, config="configs/whitebox.yaml"):
-    return run_cli("fit", *tiny_args(root, *TINY_TEACHER, f"--model.teacher.cache_dir={root}/cache", *extra, config=config))
-
-
 @pytest.fixture(scope="module")
 def whitebox_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("whitebox")

@@ -157,3 +157,20 @@ def test_xkd_terms_reach_head_and_student():
     assert players.student.get_input_embeddings().weight.grad.abs().sum() > 0
     assert all(p.grad is not None for p in players.critic.parameters())
 
+
+
+def test_logged_terms_are_the_whole_batch_means_under_micro_batching():
+    """A micro-batch with no teacher pair adds nothing to `critic/reward_gap`: each logged term is combined over its
+    own unit (teacher pairs, decided pairs, tokens), so micro-batches of 1 log what the whole batch logs."""
+    from pbkd_lightning.objectives.base import accumulate_gradients
+
+    objective = BlackBoxPbKD()
+    players = tiny_players(objective)
+    batch = pair_batch(players)
+    compute = lambda piece, share: objective.critic_loss(players, piece, share)  # noqa: E731
+    logged = {}
+    for size in (None, 1, 3):
+        _, logged[size] = accumulate_gradients(compute, batch, size, lambda loss: None, term_units=objective.term_units())
+    for name in ("reward_gap", "bt", "l2", "pref_acc"):
+        assert logged[1][name].item() == pytest.approx(logged[None][name].item(), rel=1e-5, abs=1e-7), name
+        assert logged[3][name].item() == pytest.approx(logged[None][name].item(), rel=1e-5, abs=1e-7), name

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import TINY_TEACHER, run_cli, scalars, tiny_args
+from conftest import TINY_TEACHER, run_cli, scalars, tiny_args, whitebox_fit
 
 import pbkd_lightning.data.teacher_cache as cache_code
 from pbkd_lightning.sequences import Encoder
@@ -96,10 +96,6 @@ def test_a_full_vocabulary_cache_gives_the_dense_loss(teacher, tmp_path):
 
 
 # ---------------------------------------------------------------------------- in white-box fits
-def whitebox_fit(root, *extra, config="configs/whitebox.yaml"):
-    return run_cli("fit", *tiny_args(root, *TINY_TEACHER, f"--model.teacher.cache_dir={root}/cache", *extra, config=config))
-
-
 @pytest.mark.slow
 def test_teacher_logit_cache_is_written_once_then_trained_from_without_a_teacher(tmp_path, caplog):
     cache = tmp_path / "topk"

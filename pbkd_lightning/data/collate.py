@@ -30,8 +30,8 @@ class StudentCollate:
 
     def __call__(self, items: list[dict]) -> StudentBatch:
         prompts = [i["prompt"] for i in items]
-        teacher = _attach_cache(self.student.batch(prompts, [i["teacher"] for i in items]), [i.get("row") for i in items],
-                                self.teacher_cache)
+        teacher = self.student.batch(prompts, [i["teacher"] for i in items], [i.get("teacher_ended", True) for i in items])
+        teacher = _attach_cache(teacher, [i.get("row") for i in items], self.teacher_cache)
         batch = StudentBatch(prompts, teacher)
         if "rollouts" in items[0]:
             sample_prompts = [i["prompt"] for i in items for _ in i["rollouts"]]
@@ -40,7 +40,7 @@ class StudentCollate:
             batch.old_logprobs = scatter_logprobs([r.logprobs for r in rollouts], batch.samples)
             batch.group_size = len(items[0]["rollouts"])
             if self.critic is not None:
-                batch.critic_samples = self.critic.batch(sample_prompts, [r.text for r in rollouts])
+                batch.critic_samples = self.critic.batch(sample_prompts, [r.text for r in rollouts], [r.ended for r in rollouts])
         return batch
 
 
@@ -64,16 +64,19 @@ class CriticCollate:
             return [self.batch(items[begin : begin + size]) for begin in range(0, len(items), size)]
         return self.batch(items)
 
-    def _response(self, response):
-        return response.text if isinstance(response, Rollout) and not self.sampled_tokens else response
+    def _side(self, prompts: list[str], responses: list, ended: list[bool]) -> SequenceBatch:
+        if not self.sampled_tokens:  # another tokenizer: the text, re-tokenised, with the rollout's own eos flag
+            ended = [r.ended if isinstance(r, Rollout) else e for r, e in zip(responses, ended)]
+            responses = [r.text if isinstance(r, Rollout) else r for r in responses]
+        return self.critic.batch(prompts, responses, ended)
 
     def batch(self, items: list[dict]) -> PairBatch:
         prompts = [i["prompt"] for i in items]
-        chosen = self.critic.batch(prompts, [self._response(i["chosen"]) for i in items])
+        chosen = self._side(prompts, [i["chosen"] for i in items], [i.get("chosen_ended", True) for i in items])
         chosen = _attach_cache(chosen, [i.get("row") for i in items], self.teacher_cache)
         return PairBatch(
             chosen,
-            self.critic.batch(prompts, [self._response(i["rejected"]) for i in items]),
+            self._side(prompts, [i["rejected"] for i in items], [True] * len(items)),
             torch.tensor([i["preference"] for i in items], dtype=torch.long),
             torch.tensor([bool(i["teacher_pair"]) for i in items], dtype=torch.bool),
         )

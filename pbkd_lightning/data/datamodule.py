@@ -171,28 +171,32 @@ class PreferenceDataModule(LightningDataModule):
         if not val:
             raise DataError("no held-out prompt is left once those seen in training are removed")
         # One request for both splits: a model teacher is loaded once.
-        for record, response in zip(train + val, self._teacher_responses(train + val)):
+        texts, ended = self._teacher_responses(train + val)
+        for record, response, whole in zip(train + val, texts, ended):
             record["teacher"] = response
+            if not whole:
+                record["teacher_ended"] = False  # cut at the teacher's own limit: no eos target
         for row, record in enumerate(train):
             record["row"] = row  # the sequence's place in the teacher-logit cache
         self.train_records, self.val_records = train, val
         if stage == "fit" and self.trainer is not None:
             self._check_online_settings()
 
-    def _teacher_responses(self, records: list[dict]) -> list[str]:
-        """Teacher responses, cached in the run folder for teachers that are expensive to ask."""
+    def _teacher_responses(self, records: list[dict]) -> tuple[list[str], list[bool]]:
+        """Teacher responses and whether each ended, cached in the run folder for teachers that are expensive to ask."""
         if isinstance(self.teacher, TaskProgramTeacher) or self.trainer is None:
-            return self.teacher.respond(records)
+            return self.teacher.answer(records)
         key = hashlib.sha256(
-            json.dumps([self.teacher.describe(), [r["prompt"] for r in records]]).encode()
+            json.dumps([self.teacher.describe(), [r["prompt"] for r in records], "ended"]).encode()
         ).hexdigest()[:16]
         path = os.path.join(self.trainer.default_root_dir, "teacher", f"{key}.jsonl")
         if os.path.exists(path):
-            return [r["teacher"] for r in read_jsonl(path, {"teacher": str})]
+            stored = read_jsonl(path, {"teacher": str, "ended": bool})
+            return [r["teacher"] for r in stored], [r["ended"] for r in stored]
         rank_zero_info(f"data: asking {self.teacher.describe()} for {len(records)} responses")
-        responses = self.teacher.respond(records)
-        write_jsonl_atomic(path, ({"prompt": r["prompt"], "teacher": t} for r, t in zip(records, responses)))
-        return responses
+        responses, ended = self.teacher.answer(records)
+        write_jsonl_atomic(path, ({"prompt": r["prompt"], "teacher": t, "ended": e} for r, t, e in zip(records, responses, ended)))
+        return responses, ended
 
     def _check_online_settings(self) -> None:
         reload_every = self.trainer.reload_dataloaders_every_n_epochs
@@ -224,11 +228,15 @@ class PreferenceDataModule(LightningDataModule):
         response limit."""
         self.connection = connection
         encoder = self.encoder(connection.tokenizer)
+        cut_by_teacher = sum(not r.get("teacher_ended", True) for r in self.train_records)
         for record in self.train_records:
             encoder.response_ids(record["teacher"])
-        self.stats["data/truncated_teacher_responses"] = float(encoder.truncated)
-        self.stats["data/truncated_responses"] = float(encoder.truncated)
+        self.stats["data/truncated_teacher_responses"] = float(encoder.truncated + cut_by_teacher)
+        self.stats["data/truncated_responses"] = float(encoder.truncated + cut_by_teacher)
         self._warn_truncated(encoder.truncated, "teacher responses")
+        if cut_by_teacher:
+            rank_zero_warn(f"{cut_by_teacher} teacher answers stopped at the teacher's own token limit without eos; they "
+                           "are trained on without one (raise the teacher's `max_new_tokens` to get whole answers)")
 
     def _warn_truncated(self, count: int, what: str) -> None:
         if count:
@@ -309,8 +317,8 @@ class PreferenceDataModule(LightningDataModule):
                 for rollout, preference in zip(group["rollouts"], group["preferences"]):
                     if rollout.text.strip() != group["teacher"].strip():
                         pairs.append({"prompt": group["prompt"], "chosen": group["teacher"], "rejected": rollout,
-                                      "preference": preference, "teacher_pair": True, "row": group.get("row"),
-                                      "iteration": iteration})
+                                      "chosen_ended": group.get("teacher_ended", True), "preference": preference,
+                                      "teacher_pair": True, "row": group.get("row"), "iteration": iteration})
                 if self.hparams.sample_pairs:
                     by_text = {r.text.strip(): r for r in group["rollouts"]}
                     pairs += [{"prompt": group["prompt"], "chosen": by_text[better], "rejected": by_text[worse],
@@ -340,7 +348,8 @@ class PreferenceDataModule(LightningDataModule):
             self._check_prompt_lengths(student_encoder)
         iteration = self.trainer.current_epoch if self.hparams.online else 0
         if not connection.needs_samples:
-            items = [{"prompt": r["prompt"], "teacher": r["teacher"], "row": r["row"]} for r in self.train_records]
+            items = [{"prompt": r["prompt"], "teacher": r["teacher"], "row": r["row"], "teacher_ended": r.get("teacher_ended", True)}
+                     for r in self.train_records]
             collate = StudentCollate(student_encoder, teacher_cache=connection.teacher_cache)
             return self._loader(items, self.hparams.batch_size, collate, shuffle=True)
         groups = self._groups_for(iteration)
@@ -408,10 +417,14 @@ def _stored(group: dict) -> dict:
     rollouts = group["rollouts"]
     stored.update(samples=[r.text for r in rollouts], sample_ids=[r.token_ids for r in rollouts],
                   old_logprobs=[r.logprobs for r in rollouts], ended=[r.ended for r in rollouts])
+    if any(r.eos_token_id is not None for r in rollouts):
+        stored["eos"] = [r.eos_token_id for r in rollouts]
     return stored
 
 
 def _restored(stored: dict) -> dict:
-    group = {k: v for k, v in stored.items() if k not in ("samples", "sample_ids", "old_logprobs", "ended")}
-    group["rollouts"] = [Rollout(*fields) for fields in zip(stored["samples"], stored["sample_ids"], stored["old_logprobs"], stored["ended"])]
+    group = {k: v for k, v in stored.items() if k not in ("samples", "sample_ids", "old_logprobs", "ended", "eos")}
+    eos = stored.get("eos", [None] * len(stored["samples"]))
+    group["rollouts"] = [Rollout(*fields) for fields in zip(stored["samples"], stored["sample_ids"], stored["old_logprobs"],
+                                                            stored["ended"], eos)]
     return group

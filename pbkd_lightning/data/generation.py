@@ -60,7 +60,7 @@ def _decoding(tokenizer, *models):
         if config is not None:
             changed = {k: getattr(config, k, None) for k, default in _OWN_PROCESSORS.items()
                        if getattr(config, k, None) not in (default, None)}
-            changed.pop("do_sample", None)
+            changed.pop("do_sample", None)  # end tokens are kept (end_tokens), the rest is set aside
             if changed and id(model) not in _warned_models:
                 _warned_models.add(id(model))
                 logger.warning(f"sampling: the model's own generation_config settings {changed} are switched off; "
@@ -107,16 +107,25 @@ class _SampleAndRecord(transformers.LogitsProcessor):
             self._previous = None
 
 
-def _rollouts(tokens: torch.Tensor, logprobs: torch.Tensor, tokenizer) -> list[Rollout]:
-    """Cut each row of sampled tokens at its first eos; keep the tokens and their log π_old as sampled."""
-    eos = tokenizer.eos_token_id
+def end_tokens(model, tokenizer) -> list[int]:
+    """The tokens that end a response: the tokenizer's eos, then any other the model's own generation_config names
+    (instruct models often ship several, e.g. an end-of-turn token); kept while the rest of that config is set aside."""
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    own = [own] if isinstance(own, int) else list(own or [])
+    return list(dict.fromkeys([tokenizer.eos_token_id, *own]))
+
+
+def _rollouts(tokens: torch.Tensor, logprobs: torch.Tensor, tokenizer, eos_ids: list[int]) -> list[Rollout]:
+    """Cut each row of sampled tokens at its first end token; keep the tokens and their log π_old as sampled."""
+    ends = set(eos_ids)
     out = []
     for row, row_logprobs in zip(tokens.tolist(), logprobs.tolist()):
-        ended = eos in row
-        length = row.index(eos) if ended else len(row)
+        length = next((t for t, token in enumerate(row) if token in ends), len(row))
+        ended = length < len(row)
         ids = row[:length]
+        eos = row[length] if ended and row[length] != tokenizer.eos_token_id else None
         out.append(Rollout(tokenizer.decode(ids, skip_special_tokens=True), ids,
-                           row_logprobs[: length + (1 if ended else 0)], ended))
+                           row_logprobs[: length + (1 if ended else 0)], ended, eos))
     return out
 
 
@@ -144,6 +153,7 @@ def sample_rollouts(
     device = next(model.parameters()).device
     # A sharded model gathers its parameters in every forward: ranks must decode the same number of steps.
     synced = is_sharded(model) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    eos_ids = end_tokens(model, tokenizer)
     rollouts, new_tokens, start = [], 0, time.perf_counter()
     with _decoding(tokenizer, model):
         for begin in range(0, len(prompts), batch_size):
@@ -159,7 +169,7 @@ def sample_rollouts(
                 max_new_tokens=config.max_new_tokens,
                 num_return_sequences=num_samples,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=eos_ids,
                 use_cache=True,
                 synced_gpus=synced,
             )
@@ -167,7 +177,7 @@ def sample_rollouts(
             if generated.shape[1]:
                 recorder.take(generated[:, -1])
             logprobs = torch.stack(recorder.columns, dim=1) if recorder.columns else generated.float()
-            batch = _rollouts(generated.cpu(), logprobs.float().cpu(), tokenizer)
+            batch = _rollouts(generated.cpu(), logprobs.float().cpu(), tokenizer, eos_ids)
             new_tokens += sum(len(r.token_ids) + r.ended for r in batch)
             rollouts.extend(batch[i : i + num_samples] for i in range(0, len(batch), num_samples))
     return rollouts, {"tokens": new_tokens, "seconds": time.perf_counter() - start}
@@ -202,7 +212,7 @@ def sample_mixed_rollouts(
     """
     models = (student, teacher)
     devices = [next(m.parameters()).device for m in models]
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    eos_ids, pad = end_tokens(student, tokenizer), tokenizer.pad_token_id
     rollouts, new_tokens, start = [], 0, time.perf_counter()
     warp = lambda logits: sampling_logits(logits, config.temperature, config.top_k, config.top_p).log_softmax(-1)  # noqa: E731
     with _decoding(tokenizer, *models):
@@ -222,7 +232,7 @@ def sample_mixed_rollouts(
                 token = token.masked_fill(finished, pad)
                 generated.append(token)
                 student_logprobs.append(log_s.gather(-1, token[:, None]).squeeze(-1))
-                finished |= token == eos
+                finished |= torch.isin(token, torch.tensor(eos_ids))
                 if bool(finished.all()):
                     break
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -234,7 +244,7 @@ def sample_mixed_rollouts(
                 ]
             tokens = torch.stack(generated, dim=1) if generated else ids[:, :0]
             logprobs = torch.stack(student_logprobs, dim=1) if student_logprobs else tokens.float()
-            batch = _rollouts(tokens, logprobs, tokenizer)
+            batch = _rollouts(tokens, logprobs, tokenizer, eos_ids)
             new_tokens += sum(len(r.token_ids) + r.ended for r in batch)
             rollouts.extend(batch[i : i + num_samples] for i in range(0, len(batch), num_samples))
     return rollouts, {"tokens": new_tokens, "seconds": time.perf_counter() - start}

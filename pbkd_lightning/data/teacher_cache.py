@@ -88,7 +88,8 @@ def write_teacher_cache(
             chunk = sequences[start : start + shard_size]
             for begin in range(0, len(chunk), batch_size):
                 part = chunk[begin : begin + batch_size]
-                batch = encoder.batch([p for p, _ in part], [r for _, r in part])
+                # (prompt, response) or (prompt, response, ended): a teacher answer cut at its limit has no eos row
+                batch = encoder.batch([q[0] for q in part], [q[1] for q in part], [q[2] if len(q) > 2 else True for q in part])
                 logits = teacher(
                     input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
                 ).logits[:, :-1, :vocabulary]

@@ -4,7 +4,7 @@ from typing import Literal, Optional
 
 import torch
 
-from pbkd_lightning.data.generation import GenerationConfig, generate
+from pbkd_lightning.data.generation import GenerationConfig, sample_rollouts
 from pbkd_lightning.data.records import DataError, read_responses
 from pbkd_lightning.models.loading import ModelSpec, load_frozen_model, load_tokenizer
 
@@ -14,6 +14,12 @@ class Teacher:
 
     def respond(self, records: list[dict]) -> list[str]:
         raise NotImplementedError
+
+    def answer(self, records: list[dict]) -> tuple[list[str], list[bool]]:
+        """``(texts, ended)``: ``ended[i]`` is False when the answer was cut at the teacher's length limit, so it is
+        never trained on with an eos. Text teachers give whole answers."""
+        texts = self.respond(records)
+        return texts, [True] * len(texts)
 
     def describe(self) -> str:
         return type(self).__name__
@@ -87,12 +93,15 @@ class HFModelTeacher(Teacher):
         self.generation = GenerationConfig(max_new_tokens=max_new_tokens, temperature=self.temperature)
 
     def respond(self, records: list[dict]) -> list[str]:
+        return self.answer(records)[0]
+
+    def answer(self, records: list[dict]) -> tuple[list[str], list[bool]]:
         model = load_frozen_model(self.path, self.quantization, self.dtype, self.gguf_file)
         tokenizer = load_tokenizer(ModelSpec(path=self.path, gguf_file=self.gguf_file))
         with torch.inference_mode():
-            texts, _ = generate(model, tokenizer, [r["prompt"] for r in records], self.generation, 1, self.batch_size)
+            rollouts, _ = sample_rollouts(model, tokenizer, [r["prompt"] for r in records], self.generation, 1, self.batch_size)
         del model
-        return [group[0] for group in texts]
+        return [group[0].text for group in rollouts], [group[0].ended for group in rollouts]
 
     def describe(self) -> str:
         return (f"HFModelTeacher({self.path}, {self.generation}, quantization={self.quantization}, dtype={self.dtype}, "

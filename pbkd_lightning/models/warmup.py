@@ -116,7 +116,8 @@ def _train(student, encoder: Encoder, records: list[dict], config: WarmupConfig,
     )
     for _ in progress:
         rows = torch.randint(len(records), (config.batch_size,), generator=generator).tolist()
-        batch = encoder.batch([records[i]["prompt"] for i in rows], [records[i]["teacher"] for i in rows])
+        batch = encoder.batch([records[i]["prompt"] for i in rows], [records[i]["teacher"] for i in rows],
+                              [records[i].get("teacher_ended", True) for i in rows])
         batch = batch.to(device)
         loss = sequence_nll(response_token_logprobs(student, batch.input_ids, batch.attention_mask), batch.loss_mask[:, 1:])
         optimizer.zero_grad(set_to_none=True)

@@ -70,7 +70,7 @@ def micro_batches(batch, size: Optional[int]) -> list:
 
 def accumulate_gradients(
     compute: Callable, batch, micro_batch_size: Optional[int], backward: Callable,
-    reduce_sum: Optional[Callable] = None, world_size: int = 1,
+    reduce_sum: Optional[Callable] = None, world_size: int = 1, term_units: Optional[dict[str, str]] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Forward and backward ``batch`` in micro-batches, each loss weighted by its :class:`Share` of the whole step.
 
@@ -79,14 +79,17 @@ def accumulate_gradients(
         backward: called on each micro-batch's loss (``LightningModule.manual_backward``).
         reduce_sum: sums a tensor over the data-parallel ranks (None: one process).
         world_size: the data-parallel ranks, whose gradients the strategy averages.
+        term_units: the unit each logged term is a mean over (``sum``: a count, summed); others are weighted by items.
 
     Returns:
         ``(loss, terms)``: this rank's summed loss (the whole batch's mean on one process) and every other term
-        averaged over the micro-batches by their number of items.
+        as this rank's mean over its unit (a micro-batch with no teacher pair adds nothing to ``reward_gap``).
     """
     pieces = micro_batches(batch, micro_batch_size)
     counts = [batch_units(piece) for piece in pieces]
     totals = {unit: sum(c[unit] for c in counts) for unit in counts[0]}
+    mine = dict(totals)  # this rank's counts, for the logged means
+    term_units = term_units or {}
     if reduce_sum is not None and world_size > 1:  # one collective for every unit
         names = sorted(totals)
         totals = dict(zip(names, reduce_sum(torch.stack([totals[n] for n in names]))))
@@ -97,8 +100,9 @@ def accumulate_gradients(
         if loss.requires_grad:
             backward(loss)
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-        weight = len(piece) / len(batch)
         for name, value in terms.items():
+            unit = term_units.get(name)
+            weight = 1.0 if unit == "sum" else local[unit] / mine[unit].clamp(min=1.0) if unit else len(piece) / len(batch)
             logged[name] = logged.get(name, 0.0) + weight * value.detach().float()
     return loss_sum, logged
 
@@ -141,6 +145,11 @@ class Objective:
         Default: from the current student."""
         return sample_rollouts(players.student, players.tokenizer, prompts, config, num_samples, batch_size,
                                max_prompt_tokens, players.vocabulary)
+
+    def term_units(self) -> dict[str, str]:
+        """The unit (a key of :func:`batch_units`, or ``sum``) each logged term is a mean over, so terms logged from
+        micro-batches combine into the whole batch's mean. Terms not named are weighted by items."""
+        return {}
 
     def check_sampling(self, config) -> None:
         """Refuse sampling settings this objective's policy losses cannot describe (default: any are fine)."""

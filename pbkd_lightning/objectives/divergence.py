@@ -70,6 +70,10 @@ class DivergenceKD(Objective):
         self._draws = random.Random(self.seed)
         self._on_policy = False
 
+    def term_units(self) -> dict[str, str]:
+        scored = "sample_tokens" if self._on_policy or self.seq_kd else "teacher_tokens"
+        return {"divergence": scored, "scored_tokens": "sum"}
+
     @property
     def needs_teacher_on_samples(self) -> bool:
         return self.on_policy_fraction > 0 or self.seq_kd

@@ -50,6 +50,10 @@ class MiniLLM(Objective):
     def __post_init__(self):
         validate_fields(self, OBJECTIVE_KEY)
 
+    def term_units(self) -> dict[str, str]:
+        return {name: "sample_tokens" for name in ("long_term", "reward_mean", "importance_weight", "clip_frac",
+                                                   "single_step_rkl")} | {"lm_loss": "teacher_tokens"}
+
     @property
     def needs_teacher_on_samples(self) -> bool:
         return True
@@ -59,6 +63,9 @@ class MiniLLM(Objective):
             raise ValueError("MiniLLM samples from a mixture of teacher and student: a token may fall outside the "
                              "student's own top-k / nucleus, where π_old is 0; set `data.generation.top_p: 1` and "
                              "`data.generation.top_k: 0`")
+        if config.temperature not in (0.0, 1.0):
+            raise ValueError("MiniLLM's importance weights π_old / p̃ rebuild the mixture from the teacher at temperature "
+                             f"1; `data.generation.temperature` must be 1 (or 0, greedy), got {config.temperature}")
 
     def rollout(self, players, prompts, num_samples, config, batch_size, max_prompt_tokens):
         return sample_mixed_rollouts(players.student, players.teacher, players.tokenizer, prompts, config, num_samples,

@@ -59,6 +59,11 @@ class BlackBoxPbKD(Objective):
     def __post_init__(self):
         validate_fields(self, OBJECTIVE_KEY)
 
+    def term_units(self) -> dict[str, str]:
+        return {"reward_gap": "teacher_pairs", "bt": "decided_pairs", "pref_acc": "decided_pairs", "l2": "pairs",
+                "pg_loss": "sample_tokens", "clip_frac": "sample_tokens", "kl_ref": "sample_tokens",
+                "nll_teacher": "teacher_tokens"}
+
     def uses_reference(self, critic_kind: str, critic_from_teacher: bool) -> bool:
         return self.kl_coef > 0 or (critic_kind == "implicit" and not critic_from_teacher)
 

@@ -74,6 +74,12 @@ class WhiteBoxPbKD(Objective):
     def __post_init__(self):
         validate_fields(self, OBJECTIVE_KEY)
 
+    def term_units(self) -> dict[str, str]:
+        return {"gap": "chosen_tokens", "gap_off": "chosen_tokens", "gap_on": "rejected_tokens", "bt": "decided_pairs",
+                "pref_acc": "decided_pairs", "l2": "pair_tokens", "policy_value_off": "teacher_tokens",
+                "nll_teacher": "teacher_tokens", "pg_loss": "sample_tokens", "clip_frac": "sample_tokens",
+                "advantage_abs": "sample_tokens"}
+
     @property
     def needs_teacher_on_samples(self) -> bool:
         return self.alpha_on > 0  # the critic's G on student states needs p_T there

@@ -69,6 +69,9 @@ class XKD(Objective):
     def __post_init__(self):
         validate_fields(self, OBJECTIVE_KEY)
 
+    def term_units(self) -> dict[str, str]:
+        return {name: "teacher_tokens" for name in ("kd", "avril", "xkd/kl", "xkd/td_nll", "xkd/mu_mean", "xkd/sigma_mean")}
+
     @property
     def needs_teacher_logits(self) -> bool:
         return self.kd != "nll"

@@ -23,25 +23,37 @@ def test_divergence_memory_benchmark_runs_and_reports_ratios(tmp_path):
     assert "memory ×" in result.stdout
 
 
+PLOTS = {"quality": ("learning_curves", "quality"), "ablations": ("ablations",), "pbkd": ("pbkd",), "scaling": ("scaling",)}
+
+
 def check_bench_output(folder):
-    """RESULTS.md, results.json and the plots exist, and every table figure is the JSON's."""
+    """RESULTS.md, results.json and the plots of every section that ran exist, and every table figure is the JSON's."""
     text = (folder / "RESULTS.md").read_text()
     figures = json.loads((folder / "results.json").read_text())
-    for plot in ("learning_curves", "quality", "ablations", "pbkd", "scaling"):
-        assert (folder / "plots" / f"{plot}.png").stat().st_size > 1000
+    for section, plots in PLOTS.items():
+        for plot in plots if section in figures else ():
+            assert (folder / "plots" / f"{plot}.png").stat().st_size > 1000
     lines = [line for line in text.splitlines() if line.startswith("| ")]
 
     def row_of(name, marker=lambda line: True):
         [line] = [line for line in lines if line.startswith(f"| {name} | ") and marker(line)]
         return line
 
-    for name, row in figures["quality"].items():  # every method, its mean ± std as the JSON has it
+    for name, row in figures.get("quality", {}).items():  # every method, its mean ± std as the JSON has it
         mean, std = row["tasks"]["mean"]
         assert f"{mean:.3f} ± {std:.3f}" in row_of(name, lambda line: "±" in line and line.count("|") > 6)
         assert len(row["curve"]) == figures["size"]["epochs"] + 1
-    for name, row in figures["ablations"].items():
+    for name, row in figures.get("ablations", {}).items():
         assert row_of(name, lambda line: line.count("|") == 5).startswith(f"| {name} | {row['mean']:.3f} | ")
-    pbkd = figures["pbkd"]
+    if "pbkd" in figures:
+        check_pbkd(figures["pbkd"], text, row_of)
+    check_speed_and_scaling(figures, lines, row_of)
+    assert "no CUDA device" in text or figures["machine"]["cuda"]
+    assert figures["machine"]["commit"] and f"`{figures['command']}`" in text
+    return figures
+
+
+def check_pbkd(pbkd, text, row_of):
     seqkd = pbkd["rows"]["SeqKD, same epochs"]["tasks"]["mean"][0]
     assert list(pbkd["rows"])[1:-1] == pbkd["variants"] and pbkd["best"] in pbkd["variants"]
     assert list(pbkd["rows"])[-1] == f"SeqKD, same wall-clock as the best PbKD row ({pbkd['rows'][list(pbkd['rows'])[-1]]['max_time_s']} s)"
@@ -49,21 +61,22 @@ def check_bench_output(folder):
         mean, std = row["tasks"]["mean"]
         assert f"| {mean:.3f} ± {std:.3f} | {mean - seqkd:+.3f} |" in row_of(label)
     assert f"Best PbKD row: **{pbkd['best']}**" in text
-    for name, row in figures["speed"]["steps"].items():  # library, baseline and their ratio from one run
+
+
+def check_speed_and_scaling(figures, lines, row_of):
+    for name, row in figures.get("speed", {}).get("steps", {}).items():  # library, baseline and their ratio from one run
         assert row["ratio"] == row["library_steps_per_s"] / row["manual_steps_per_s"]
         assert f"| {name} | {row['library_steps_per_s']:.2f} | {row['manual_steps_per_s']:.2f} | {row['ratio']:.2f} |" in lines
-    sampling = figures["speed"]["sampling"]
-    assert f"| {sampling['library_tokens_per_s']:.0f} | {sampling['plain_tokens_per_s']:.0f} | {sampling['ratio']:.2f} |" in lines
-    for row in figures["speed"]["divergence"]:
+    if "speed" in figures:
+        sampling = figures["speed"]["sampling"]
+        assert f"| {sampling['library_tokens_per_s']:.0f} | {sampling['plain_tokens_per_s']:.0f} | {sampling['ratio']:.2f} |" in lines
+    for row in figures.get("speed", {}).get("divergence", []):
         assert f"| {row['time_ratio']:.2f} | {row['naive']['peak_extra_mb']:.0f} | {row['chunked']['peak_extra_mb']:.0f} | " \
                f"{row['memory_ratio']:.2f} |" in row_of(f"{row['batch']} × {row['tokens']}", lambda line, v=row["vocab"]: f"| {v:,} |" in line)
-    for axis, rows in figures["scaling"].items():
+    for axis, rows in figures.get("scaling", {}).items():
         for row in rows:
             assert f"| {axis} | {row['x']:,} | {row['naive']['seconds']:.2f} | {row['chunked']['seconds']:.2f} | " \
                    f"{row['naive']['peak_extra_mb']:.0f} | {row['chunked']['peak_extra_mb']:.0f} |" in lines
-    assert "no CUDA device" in text or figures["machine"]["cuda"]
-    assert figures["machine"]["commit"] and f"`{figures['command']}`" in text
-    return figures
 
 
 def test_report_from_recorded_runs(tmp_path):
@@ -146,15 +159,18 @@ def repository_files():
 
 
 @pytest.mark.slow
-def test_bench_quick_writes_only_under_its_folder_and_its_report_agrees_with_the_json(tmp_path):
+@pytest.mark.parametrize("sections", ["quality", "ablations,pbkd", "speed,scaling"])  # three parts: two workers share them
+def test_bench_quick_writes_only_under_its_folder_and_its_report_agrees_with_the_json(tmp_path, sections):
     from benchmarks.experiments import SIZES, experiments
 
     before = repository_files()
-    result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", f"--out={tmp_path}"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", f"--sections={sections}", f"--out={tmp_path}"], cwd=ROOT,
                             capture_output=True, text=True, timeout=1200, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert repository_files() == before
     figures = check_bench_output(tmp_path)
-    assert figures["mode"] == "quick" and "make bench-quick" in (tmp_path / "RESULTS.md").read_text()
+    assert figures["mode"] == "quick" and figures["command"] == f"python -m benchmarks.run --quick --sections {sections}"
+    assert set(sections.split(",")) <= set(figures)  # each section asked for ran and is reported
     records = [json.loads(line) for line in (tmp_path / "work" / "runs.jsonl").read_text().splitlines()]
-    assert len(records) == sum(len(e.seeds) for e in experiments(SIZES["quick"]))  # one line per run
+    expected = [e for e in experiments(SIZES["quick"]) if e.section in sections.split(",")]
+    assert len(records) == sum(len(e.seeds) for e in expected)  # one line per run

@@ -60,13 +60,14 @@ class SampleTable(Callback):
 
     @rank_zero_only
     def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if batch_idx != 0 or self.rows <= 0 or not outputs or not isinstance(trainer.logger, TensorBoardLogger):
+        board = next((each for each in trainer.loggers if isinstance(each, TensorBoardLogger)), None)  # also in a list
+        if batch_idx != 0 or self.rows <= 0 or not outputs or board is None:
             return
         lines = ["| prompt | teacher | student |", "|---|---|---|"]
         for record, response in list(zip(batch, outputs["responses"]))[: self.rows]:
             cells = [record["prompt"], record["teacher"], response]
             lines.append("| " + " | ".join(c.replace("\n", " ⏎ ").replace("|", "\\|") for c in cells) + " |")
-        trainer.logger.experiment.add_text("samples", "\n".join(lines), trainer.global_step)
+        board.experiment.add_text("samples", "\n".join(lines), trainer.global_step)
 
 
 def format_summary(summary: dict) -> str:

@@ -81,10 +81,23 @@ def expand_extends(args) -> list[str]:
     return out
 
 
+def continue_tensorboard_run(logger) -> None:
+    """A resumed fit (``fit --ckpt_path=...``) logs on in the TensorBoard run it continues: a ``TensorBoardLogger``
+    given no ``version`` takes the newest ``version_N`` already under its folder instead of starting ``version_N+1``
+    (TensorBoard joins the event files; the steps go on from the checkpoint's). The checkpoint does not record which
+    run wrote it, so the newest is taken; ``version=`` on the logger picks another. Other loggers are left as they
+    are: a ``CSVLogger`` reusing a version folder would delete that folder's ``metrics.csv``, so it starts a new one."""
+    if isinstance(logger, TensorBoardLogger) and logger._version is None:
+        following = logger._get_next_version()
+        if following > 0:
+            logger._version = following - 1
+
+
 class DistillationCLI(LightningCLI):
     """Checkpoints go to ``<default_root_dir>/checkpoints`` (``last.ckpt`` included) and TensorBoard
-    events to ``<default_root_dir>/tensorboard`` unless the config names its own. Config files may
-    ``# extends:`` others (``expand_extends``)."""
+    events to ``<default_root_dir>/tensorboard`` unless the config names its own loggers (``--trainer.logger``: one or
+    a list, e.g. TensorBoard and CSV); a resumed fit continues the same TensorBoard run (``continue_tensorboard_run``).
+    Config files may ``# extends:`` others (``expand_extends``)."""
 
     def parse_arguments(self, parser, args):
         if args is None:  # the command line: parse the expanded sys.argv here, as handing it to super() as args warns
@@ -103,6 +116,10 @@ class DistillationCLI(LightningCLI):
         config["callbacks"] = callbacks
         if config.get("logger") in (None, True):
             config["logger"] = TensorBoardLogger(root, name="tensorboard", default_hp_metric=False)
+        if self.subcommand == "fit" and self._get(self.config, "ckpt_path") is not None:
+            loggers = config["logger"] if isinstance(config["logger"], (list, tuple)) else [config["logger"]]
+            for each in loggers:
+                continue_tensorboard_run(each)
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         return self._instantiate_trainer(config, extra)
 

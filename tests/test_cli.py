@@ -131,3 +131,76 @@ def test_export_names_a_missing_checkpoint(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pbkd_lightning", "export", f"--ckpt_path={tmp_path}/none.ckpt",
                              f"--out={tmp_path}/out"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+# ---------------------------------------------------------------------------- loggers
+SHORT = ("--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1")
+
+
+def logger_args(root, *names):
+    """``--trainer.logger`` as a list: each of ``names`` (classes of lightning.pytorch.loggers) writing under ``root``."""
+    args = []
+    for name in names:
+        args += [f"--trainer.logger+=lightning.pytorch.loggers.{name}", f"--trainer.logger.save_dir={root}"]
+        args += ["--trainer.logger.name=tensorboard"] if name == "TensorBoardLogger" else []
+    return args
+
+
+def tensorboard_run(folder):
+    """``(steps of critic/loss, tensor tags)`` of one TensorBoard version folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(folder))
+    accumulator.Reload()
+    return [e.step for e in accumulator.Scalars("critic/loss")], accumulator.Tags()["tensors"]
+
+
+def test_a_resumed_fit_takes_the_newest_tensorboard_version_unless_one_is_given(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from pbkd_lightning.cli import continue_tensorboard_run
+
+    first = TensorBoardLogger(tmp_path, name="tensorboard")
+    continue_tensorboard_run(first)
+    assert first.version == 0  # nothing to continue
+    for version in (0, 2):
+        (tmp_path / "tensorboard" / f"version_{version}").mkdir(parents=True)
+    newest, given = TensorBoardLogger(tmp_path, name="tensorboard"), TensorBoardLogger(tmp_path, name="tensorboard", version=0)
+    csv = CSVLogger(tmp_path, name="tensorboard")
+    for each in (newest, given, csv):
+        continue_tensorboard_run(each)
+    assert (newest.version, given.version, csv.version) == (2, 0, 3)  # a CSV logger reusing a folder would delete its metrics
+
+
+@pytest.mark.slow
+def test_a_csv_logger_alone_writes_every_metric(tmp_path):
+    root = tmp_path / "run"
+    run_cli("fit", *tiny_args(root, *SHORT, "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={root}"))
+    with open(root / "lightning_logs" / "version_0" / "metrics.csv") as handle:
+        header, *rows = handle.read().splitlines()
+    assert {"critic/loss", "eval/arithmetic_score"} <= set(header.split(",")) and rows
+    assert not (root / "tensorboard").exists()
+
+
+@pytest.mark.slow
+def test_tensorboard_and_csv_together_and_a_resumed_fit_logs_on_in_the_same_tensorboard_run(tmp_path):
+    root = tmp_path / "run"
+    loggers = logger_args(root, "CSVLogger", "TensorBoardLogger")  # TensorBoard not first
+    run_cli("fit", *tiny_args(root, *SHORT, *loggers))
+    steps, tags = tensorboard_run(root / "tensorboard" / "version_0")
+    assert steps and "samples/text_summary" in tags  # the sample table found the TensorBoard logger in the list
+    run_cli("fit", *tiny_args(root, *SHORT, *loggers, "--trainer.max_epochs=2"), f"--ckpt_path={root}/checkpoints/last.ckpt")
+    assert os.listdir(root / "tensorboard") == ["version_0"]
+    resumed, _ = tensorboard_run(root / "tensorboard" / "version_0")
+    assert resumed[: len(steps)] == steps and len(resumed) > len(steps) and min(resumed[len(steps):]) > max(steps)
+    assert sorted(os.listdir(root / "lightning_logs")) == ["version_0", "version_1"]  # CSV: each fit its own metrics.csv
+
+
+@pytest.mark.slow
+def test_a_resumed_fit_continues_the_default_tensorboard_run(tmp_path):
+    root = tmp_path / "run"
+    run_cli("fit", *tiny_args(root, *SHORT))
+    steps, _ = tensorboard_run(root / "tensorboard" / "version_0")
+    run_cli("fit", *tiny_args(root, *SHORT, "--trainer.max_epochs=2"), f"--ckpt_path={root}/checkpoints/last.ckpt")
+    assert os.listdir(root / "tensorboard") == ["version_0"]
+    assert len(tensorboard_run(root / "tensorboard" / "version_0")[0]) > len(steps)

@@ -104,3 +104,83 @@ def test_reward_model_initialised_from_the_teacher_model(tmp_path):
     assert not any(p.requires_grad for p in module.teacher.parameters())
     with pytest.raises(ValueError, match="critic.init: teacher"):  # no teacher model to start from
         run_cli("fit", *tiny_args(tmp_path / "none", "--model.critic.init=teacher"))
+
+
+# ---------------------------------------------------------------------------- tokenizers
+WORDS = ["<pad>", "<eos>", "<unk>", *"the cat sat on a mat and dog ran far".split()]
+TEXT = "the cat sat on a mat and the dog ran far"
+
+
+def wordlevel_qwen2_folder(folder):
+    """A WordLevel tokenizer saved next to a tiny Qwen2 model: transformers 5 loads such a folder's tokenizer as a BPE
+    ``Qwen2Tokenizer`` (it overrides the class for model type qwen2), which turns every word into unknown pieces."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>").save_pretrained(folder)
+    config = Qwen2Config(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=64)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_wordlevel_tokenizer_in_a_qwen2_folder_tokenizes_as_its_tokenizer_json(tmp_path, caplog):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from pbkd_lightning.models.loading import load_tokenizer
+
+    folder = wordlevel_qwen2_folder(tmp_path / "qwen2")
+    expected = Tokenizer.from_file(str(tmp_path / "qwen2" / "tokenizer.json")).encode(TEXT).ids
+    assert 2 not in expected  # every word is in the vocabulary
+    assert AutoTokenizer.from_pretrained(folder)(TEXT)["input_ids"] != expected  # the silent loss this guards against
+    tokenizer = load_tokenizer(ModelSpec(path=folder))
+    assert tokenizer(TEXT)["input_ids"] == expected
+    assert (tokenizer.pad_token, tokenizer.eos_token, tokenizer.unk_token) == ("<pad>", "<eos>", "<unk>")
+    assert "tokenizer.json describes a WordLevel model" in caplog.text
+    model, loaded = load_causal_lm(ModelSpec(path=folder))
+    assert type(model).__name__ == "Qwen2ForCausalLM" and loaded(TEXT)["input_ids"] == expected
+    teacher = HFModelTeacher(folder, max_new_tokens=2)  # the black-box teacher model loads its tokenizer the same way
+    assert all(isinstance(r, str) for r in teacher.respond([{"prompt": "the cat"}]))
+
+
+def test_a_tokenizer_that_cannot_be_loaded_as_its_file_describes_stops_the_run(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from pbkd_lightning.models import loading
+    from pbkd_lightning.models.loading import load_tokenizer
+
+    folder = wordlevel_qwen2_folder(tmp_path / "qwen2")
+
+    class Overridden:  # as if the generic class rebuilt the tokenizer wrongly too
+        from_pretrained = staticmethod(AutoTokenizer.from_pretrained)
+
+    monkeypatch.setattr(loading, "PreTrainedTokenizerFast", Overridden)
+    with pytest.raises(ValueError, match=r"transformers loaded Qwen2Tokenizer \(BPE model.*describes a WordLevel model"
+                                         r".*without config.json.*model\.student\.tokenizer"):
+        load_tokenizer(ModelSpec(path=folder))
+
+
+def test_the_tokenizer_setting_loads_another_folders_tokenizer_for_student_and_teacher(tmp_path):
+    from tokenizers import Tokenizer
+
+    from pbkd_lightning.models.teacher import TeacherModel, teacher_vocabulary
+
+    folder = wordlevel_qwen2_folder(tmp_path / "words")
+    expected = Tokenizer.from_file(str(tmp_path / "words" / "tokenizer.json")).encode(TEXT).ids
+    model, chars = load_causal_lm(ModelSpec(layers=1, hidden=32, heads=2))
+    model.save_pretrained(tmp_path / "chars")
+    chars.save_pretrained(tmp_path / "chars")
+    _, tokenizer = load_causal_lm(ModelSpec(path=str(tmp_path / "chars"), tokenizer=folder))  # a model, another's tokenizer
+    assert tokenizer(TEXT)["input_ids"] == expected
+    tiny, tokenizer = load_causal_lm(ModelSpec(layers=1, hidden=32, heads=2, tokenizer=folder))  # the tiny model, sized to it
+    assert tiny.config.vocab_size == len(WORDS) and tokenizer(TEXT)["input_ids"] == expected
+    tokenizer, rows = teacher_vocabulary(TeacherModel(path=str(tmp_path / "chars"), tokenizer=folder))
+    assert tokenizer(TEXT)["input_ids"] == expected and rows == len(chars)
+    tokenizer, rows = teacher_vocabulary(TeacherModel(tokenizer=folder))
+    assert tokenizer(TEXT)["input_ids"] == expected and rows == len(WORDS)
+    assert "tokenizer" in TeacherModel(tokenizer=folder).describe() and "tokenizer" not in TeacherModel().describe()
+    with pytest.raises(FileNotFoundError, match="tokenizer directory"):
+        load_causal_lm(ModelSpec(tokenizer=str(tmp_path / "none")))

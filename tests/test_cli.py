@@ -100,6 +100,33 @@ def test_bad_jsonl_exits_nonzero_naming_file_line_and_field_before_models_load(t
     assert not (tmp_path / "run" / "cache").exists()  # the student was never loaded or warmed up
 
 
+def test_broken_files_are_one_error_line_with_exit_code_2_and_nothing_written(tmp_path):
+    """Issue 17's corpus through the CLI (the rest of it is in test_data.py): a UTF-16 file as Windows tools write it,
+    binary junk and an empty prompt each stop the run with one ``error:`` line naming the file, before the trainer
+    or its logger writes anything."""
+    val = tmp_path / "val.jsonl"
+    val.write_text('{"prompt": "2+2?", "reference": "#### 4"}\n')
+    broken = {
+        "utf16.jsonl": ('{"prompt": "1+1?", "reference": "#### 2"}\r\n'.encode("utf-16"), ": not UTF-8 text"),
+        "junk.jsonl": (bytes(range(256)) * 4, ":1: not UTF-8 text"),
+        "empty.jsonl": (b'\xef\xbb\xbf{"prompt": "1+1?", "reference": "#### 2"}\r\n{"prompt": " ", "reference": "#### 3"}\r\n',
+                        ":2: field 'prompt' is empty"),
+    }
+    for name, (content, expected) in broken.items():
+        train, run = tmp_path / name, tmp_path / f"run-{name}"
+        train.write_bytes(content)
+        result = subprocess.run(
+            [sys.executable, "-m", "pbkd_lightning", "fit", *tiny_args(run), f"--data.train_file={train}",
+             f"--data.val_file={val}"],
+            capture_output=True, text=True, cwd=ROOT, timeout=300,
+        )
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2, (name, result.stderr[-2000:])
+        assert len(errors) == 1 and errors[0].startswith(f"error: {train}") and expected in errors[0], (name, result.stderr)
+        assert "Traceback" not in result.stderr
+        assert not run.exists() or not any(run.iterdir()), (name, sorted(map(str, run.rglob("*"))))
+
+
 def test_export_writes_a_student_that_plain_transformers_loads_and_generates_the_same(tiny_fit, tmp_path):
     tiny_fit("--model.objective.critic_warmup_steps=0")
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"

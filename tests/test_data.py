@@ -71,6 +71,219 @@ def test_atomic_write_leaves_no_partial_file_on_error(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
 
 
+# A corpus of broken and odd files, as users have them. Each broken one is a single line naming the file, the line
+# (when there is one) and the field; each odd but well-formed one is read as if it were plain.
+GOOD = '{"prompt": "1+1?", "reference": "#### 2"}\n{"prompt": "Reverse: ça 日本 🐍\\n", "reference": "🐍 日本 ça"}\n'
+BROKEN_PROMPTS = {
+    "utf16_with_bom": (GOOD.encode("utf-16"), ": not UTF-8 text: the file is UTF-16"),
+    "utf16_big_endian": (b"\xfe\xff" + GOOD.encode("utf-16-be"), ": not UTF-8 text: the file is UTF-16"),
+    "utf16_without_bom": (GOOD.encode("utf-16-le"), ":1: not UTF-8 text (a NUL byte"),
+    "latin1": ('{"prompt": "café", "reference": "x"}\n'.encode("latin-1"), ":1: not UTF-8 text (byte 0xe9 at column 16)"),
+    "latin1_second_line": (b'{"prompt": "a", "reference": "x"}\n{"prompt": "caf\xe9"}\n', ":2: not UTF-8 text"),
+    "binary_junk": (bytes(range(256)) * 8, ":1: not UTF-8 text"),
+    "binary_no_nul": (bytes(range(128, 256)) * 8, ":1: not UTF-8 text (byte 0x80"),
+    "gzip": (b"\x1f\x8b\x08\x00" + bytes(range(1, 64)), ": not UTF-8 text: the file is gzip-compressed"),
+    "empty_prompt": (b'{"prompt": "a", "reference": "x"}\n{"prompt": "", "reference": "x"}\n', ":2: field 'prompt' is empty"),
+    "whitespace_prompt": (b'{"prompt": " \\t\\n\\r ", "reference": "x"}\n', ":1: field 'prompt' is empty"),
+    "empty_reference": (b'{"prompt": "a", "reference": "  "}\n', ":1: field 'reference' is empty"),
+    "gsm8k_empty_question": (b'{"question": "", "answer": "#### 1"}\n', ":1: field 'question' is empty"),
+    "gsm8k_empty_answer": (b'{"question": "1+0?", "answer": "#### 1"}\n{"question": "2?", "answer": "\\n"}\n',
+                           ":2: field 'answer' is empty"),
+    "gsm8k_utf16": ('{"question": "1+0?", "answer": "#### 1"}\n'.encode("utf-16"), ": not UTF-8 text"),
+    "null_prompt": (b'{"prompt": null}\n', ":1: field 'prompt' must be str, got null"),
+    "lone_surrogate": (b'{"prompt": "a\\ud800b"}\n', ":1: field 'prompt' holds an unpaired surrogate escape"),
+    "truncated_last_line": (b'{"prompt": "a"}\n{"prompt": "b', ":2: invalid JSON"),
+    "nested_too_deeply": (b"[" * 100_000 + b"\n", ":1: invalid JSON"),
+    "huge_integer": (b'{"prompt": ' + b"9" * 5000 + b"}\n", ":1: invalid JSON"),
+    "bom_only": (b"\xef\xbb\xbf\r\n", ": no records (the file is empty)"),
+    "blank_lines_only": (b"\n \r\n\t\n", ": no records (the file is empty)"),
+}
+ODD_PROMPTS = {
+    "bom": b"\xef\xbb\xbf" + GOOD.encode(),
+    "crlf": GOOD.replace("\n", "\r\n").encode(),
+    "bom_and_crlf": b"\xef\xbb\xbf" + GOOD.replace("\n", "\r\n").encode(),
+    "old_mac_cr": GOOD.replace("\n", "\r").encode(),
+    "blank_and_whitespace_lines": ("\n  \n" + GOOD.replace("\n", "\n\t \r\n\n") + "\n\n").encode(),
+    "no_final_newline": GOOD.rstrip("\n").encode(),
+    "escaped_unicode": GOOD.replace("ça", "\\u00e7a").replace("🐍", "\\ud83d\\udc0d").encode(),
+}
+
+
+@pytest.mark.parametrize("content, expected", BROKEN_PROMPTS.values(), ids=BROKEN_PROMPTS.keys())
+def test_broken_prompt_files_are_one_line_naming_file_line_and_field(tmp_path, content, expected):
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as error:
+        read_prompts(str(path))
+    message = str(error.value)
+    assert message.startswith(str(path)) and expected in message and "\n" not in message
+
+
+@pytest.mark.parametrize("content", ODD_PROMPTS.values(), ids=ODD_PROMPTS.keys())
+def test_odd_but_well_formed_prompt_files_are_read_as_plain_ones(tmp_path, content):
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(content)
+    plain = [{"prompt": "1+1?", "reference": "#### 2", "task": "text"},
+             {"prompt": "Reverse: ça 日本 🐍\n", "reference": "🐍 日本 ça", "task": "text"}]
+    assert read_prompts(str(path)) == plain
+
+
+def test_gsm8k_file_with_a_bom_and_crlf_is_read(tmp_path):
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\r\n").encode())
+    assert read_prompts(str(path)) == [{"prompt": "1+1?\n", "reference": "#### 2", "task": "arithmetic"}]
+
+
+def test_a_folder_or_an_unreadable_file_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="a folder, not a JSONL file"):
+        read_prompts(str(tmp_path))
+
+
+BROKEN_RESPONSES = {
+    "conflicting_duplicate": ('{"prompt": "a", "teacher": "x"}\n{"prompt": "b", "teacher": "y"}\n{"prompt": "a", "teacher": "z"}\n',
+                              ":3: field 'prompt': 'a' already has a different teacher response at {path}:1"),
+    "empty_teacher": ('{"prompt": "a", "teacher": "x"}\n{"prompt": "b", "teacher": ""}\n', ":2: field 'teacher' is empty"),
+    "whitespace_response": ('{"prompt": "a", "response": " \\n"}\n', ":1: field 'response' is empty"),
+    "empty_prompt": ('{"prompt": "", "teacher": "x"}\n', ":1: field 'prompt' is empty"),
+    "no_response_field": ('{"prompt": "a", "teacher": "x"}\n{"prompt": "b"}\n', ":2: missing field 'teacher'"),
+    "teacher_and_response_differ": ('{"prompt": "a", "teacher": "x", "response": "y"}\n', ":1: fields 'teacher' and 'response' differ"),
+    "wrong_type": ('{"prompt": "a", "teacher": ["x"]}\n', ":1: field 'teacher' must be str, got list"),
+}
+
+
+@pytest.mark.parametrize("content, expected", BROKEN_RESPONSES.values(), ids=BROKEN_RESPONSES.keys())
+def test_broken_teacher_response_files_name_file_line_and_field(tmp_path, content, expected):
+    path = write(tmp_path / "responses.jsonl", content)
+    with pytest.raises(DataError) as error:
+        ResponseFileTeacher(path).respond([{"prompt": "a"}])
+    message = str(error.value)
+    assert message.startswith(path) and expected.format(path=path) in message and "\n" not in message
+
+
+def test_teacher_response_files_in_utf16_or_binary_are_data_errors(tmp_path):
+    for content in ('{"prompt": "a", "teacher": "x"}\n'.encode("utf-16"), bytes(range(256))):
+        path = tmp_path / "responses.jsonl"
+        path.write_bytes(content)
+        with pytest.raises(DataError, match=r"responses\.jsonl(:1)?: not UTF-8 text"):
+            read_responses(str(path))
+
+
+def test_odd_teacher_response_files_are_read(tmp_path):
+    path = tmp_path / "responses.jsonl"
+    text = '{"prompt": "a", "teacher": "x"}\r\n\r\n{"prompt": "日本 🐍", "response": "ça"}\r\n{"prompt": "a", "teacher": "x"}\r\n'
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert read_responses(str(path)) == {"a": "x", "日本 🐍": "ça"}  # the same response twice is kept once
+
+
+# ---------------------------------------------------------------------------- the datamodule's reading (no model)
+def data_files(tmp_path, train, val='{"prompt": "q", "reference": "r"}\n'):
+    return write(tmp_path / "train.jsonl", train), write(tmp_path / "val.jsonl", val)
+
+
+def test_bad_files_stop_the_data_module_when_it_is_built(tmp_path):
+    """Read in the constructor, before the trainer (and its logger) writes anything."""
+    from pbkd_lightning.data import PreferenceDataModule
+
+    train, val = data_files(tmp_path, '{"prompt": "a", "reference": "x"}\n{"prompt": "\\t", "reference": "y"}\n')
+    with pytest.raises(DataError, match=r"train\.jsonl:2: field 'prompt' is empty; .*`data.empty: drop`"):
+        PreferenceDataModule(train_file=train, val_file=val)
+    train, val = data_files(tmp_path, '{"prompt": "a", "reference": "x"}\n{"prompt": "b"}\n')
+    with pytest.raises(DataError, match=r"train\.jsonl:2: missing field 'reference' \(the default teacher"):
+        PreferenceDataModule(train_file=train, val_file=val)
+    train, val = data_files(tmp_path, '{"prompt": "q", "reference": "r"}\n')
+    with pytest.raises(DataError, match=r"val\.jsonl: no held-out prompt is left"):
+        PreferenceDataModule(train_file=train, val_file=val)
+    responses = write(tmp_path / "responses.jsonl", '{"prompt": "a", "teacher": "x"}\n{"prompt": "q", "teacher": "r"}\n')
+    train, val = data_files(tmp_path, '{"prompt": "a"}\n\n{"prompt": "b"}\n')
+    with pytest.raises(DataError, match=r"train\.jsonl:3: no teacher response for this prompt \('b'\) in .*responses\.jsonl"):
+        PreferenceDataModule(train_file=train, val_file=val, teacher=ResponseFileTeacher(responses))
+    responses = write(tmp_path / "responses.jsonl", '{"prompt": "a", "teacher": "x"}\n{"prompt": "a", "teacher": "y"}\n')
+    with pytest.raises(DataError, match=r"responses\.jsonl:2: .* different teacher response at .*responses\.jsonl:1"):
+        PreferenceDataModule(train_file=train, val_file=val, teacher=ResponseFileTeacher(responses))
+
+
+def test_empty_drop_leaves_out_empty_records_and_their_prompts_with_one_warning(tmp_path):
+    from pbkd_lightning.data import PreferenceDataModule
+
+    train, val = data_files(tmp_path, '{"prompt": "a"}\n{"prompt": " "}\n{"prompt": "b"}\n{"prompt": "c"}\n',
+                            '{"prompt": "q"}\n{"prompt": ""}\n')
+    responses = write(tmp_path / "responses.jsonl",
+                      '{"prompt": "a", "teacher": "x"}\n{"prompt": "b", "teacher": "\\n"}\n{"prompt": "c", "teacher": "z"}\n'
+                      '{"prompt": "q", "teacher": "r"}\n{"prompt": "", "teacher": "r"}\n')
+    with pytest.raises(DataError, match=r"responses\.jsonl:2: field 'teacher' is empty"):
+        PreferenceDataModule(train_file=train, val_file=val, teacher=ResponseFileTeacher(responses))
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        data = PreferenceDataModule(train_file=train, val_file=val, teacher=ResponseFileTeacher(responses), empty="drop")
+    [warning] = [w for w in warned if "dropped" in str(w.message)]
+    assert "dropped 5 records" in str(warning.message) and "`data.empty: drop`" in str(warning.message)
+    assert sorted(d.rsplit("/", 1)[1] for d in data.dropped) == [
+        "responses.jsonl:2:teacher", "responses.jsonl:5:prompt", "train.jsonl:2:prompt", "train.jsonl:3:prompt",
+        "val.jsonl:2:prompt"]
+    data.setup("fit")
+    assert [(r["prompt"], r["teacher"]) for r in data.train_records] == [("a", "x"), ("c", "z")]
+    assert [r["prompt"] for r in data.val_records] == ["q"]
+    only_empty = write(tmp_path / "train.jsonl", '{"prompt": " ", "reference": "x"}\n')
+    with pytest.raises(DataError, match=r"train\.jsonl: no records left: all 1 have an empty field"):
+        PreferenceDataModule(train_file=only_empty, val_file=val, empty="drop")
+
+
+def buffer_line(**changes):
+    line = {"prompt": "p", "teacher": "t", "reference": "t", "task": "text", "row": 0, "iteration": 0,
+            "samples": ["ab", "abc"], "sample_ids": [[1, 2], [1, 2, 3]], "old_logprobs": [[-0.1, -0.2, -0.3], [-1.0, -1.0, -1.0]],
+            "ended": [True, False], "preferences": [1, 0]}
+    line.update(changes)
+    return json.dumps(line, ensure_ascii=False) + "\n"
+
+
+BROKEN_BUFFERS = {
+    "half_written_line": (buffer_line() + buffer_line()[:40], ":2: invalid JSON"),
+    "not_utf8": ((buffer_line() + "\udcff").encode("utf-8", "surrogateescape"), ":2: not UTF-8 text"),
+    "nul_bytes": (buffer_line() + "\x00" * 32, ":2: not UTF-8 text"),
+    "missing_field": (buffer_line().replace('"old_logprobs"', '"old"'), ":1: missing field 'old_logprobs'"),
+    "wrong_type": (buffer_line(samples="ab"), ":1: field 'samples' must be list, got str"),
+    "lengths_disagree": (buffer_line(ended=[True]), ":1: field 'ended' has 1 entries for 2 samples"),
+    "bad_token_ids": (buffer_line(sample_ids=[[1, "x"], [1, 2, 3]]), ":1: field 'sample_ids' entry 0 must be a list of token ids"),
+    "logprobs_per_token": (buffer_line(old_logprobs=[[-0.1], [-1.0, -1.0, -1.0]]), ":1: field 'old_logprobs' entry 0 must be a list of 3"),
+    "bad_preference": (buffer_line(preferences=[1, 2]), ":1: field 'preferences' entry 1 must be -1, 0 or 1, got 2"),
+    "bad_ended": (buffer_line(ended=[True, "no"]), ":1: field 'ended' entry 1 must be bool, got str"),
+    "empty_file": ("", ": no records (the file is empty)"),
+}
+
+
+@pytest.mark.parametrize("content, expected", BROKEN_BUFFERS.values(), ids=BROKEN_BUFFERS.keys())
+def test_a_corrupt_buffer_file_read_back_on_resume_names_file_and_line(tmp_path, content, expected):
+    from types import SimpleNamespace
+
+    from pbkd_lightning.data import PreferenceDataModule
+
+    data = PreferenceDataModule()
+    data.trainer = SimpleNamespace(default_root_dir=str(tmp_path))  # all the buffer needs of the trainer
+    path = tmp_path / "buffer" / "iter_0003.jsonl"
+    path.parent.mkdir()
+    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    with pytest.raises(DataError) as error:
+        data._load_iteration(3)
+    message = str(error.value)
+    assert message.startswith(str(path)) and expected in message and "\n" not in message
+
+
+def test_a_well_formed_buffer_file_reads_back_as_written(tmp_path):
+    from types import SimpleNamespace
+
+    from pbkd_lightning.data import PreferenceDataModule
+
+    data = PreferenceDataModule()
+    data.trainer = SimpleNamespace(default_root_dir=str(tmp_path))
+    path = tmp_path / "buffer" / "iter_0000.jsonl"
+    path.parent.mkdir()
+    path.write_bytes((buffer_line(samples=["日本 🐍", "abc"], eos=[7, None]) + "\n").replace("\n", "\r\n").encode())
+    [group] = data._load_iteration(0)
+    assert [(r.text, r.token_ids, r.ended, r.eos_token_id) for r in group["rollouts"]] == [
+        ("日本 🐍", [1, 2], True, 7), ("abc", [1, 2, 3], False, None)]
+    assert group["preferences"] == [1, 0] and group["teacher"] == "t"
+
+
 # ---------------------------------------------------------------------------- tasks
 def test_tasks_are_deterministic_and_the_teacher_scores_perfectly():
     for name in ("arithmetic", "reversal"):
@@ -175,3 +388,23 @@ def test_teacher_responses_longer_than_the_limit_are_counted_with_one_warning():
     expected = sum(len(r["teacher"]) > 12 for r in data.train_records)
     assert expected > 0 and data.stats["data/truncated_responses"] == expected == data.stats["data/truncated_teacher_responses"]
     assert len([w for w in warned if "`data.generation.max_new_tokens` (12" in str(w.message)]) == 1
+
+
+def test_a_corrupt_teacher_response_cache_in_the_run_folder_names_file_and_line(tmp_path):
+    from types import SimpleNamespace
+
+    from pbkd_lightning.data import PreferenceDataModule
+
+    responses = write(tmp_path / "responses.jsonl", '{"prompt": "a", "teacher": "x"}\n{"prompt": "b", "teacher": "y"}\n')
+    data = PreferenceDataModule(teacher=ResponseFileTeacher(responses))
+    data.trainer = SimpleNamespace(default_root_dir=str(tmp_path / "run"))
+    records = [{"prompt": "a"}, {"prompt": "b"}]
+    assert data._teacher_responses(records) == (["x", "y"], [True, True])
+    [cache] = (tmp_path / "run" / "teacher").iterdir()
+    lines = cache.read_text().splitlines(keepends=True)
+    cache.write_text(lines[0] + lines[1][:10])
+    with pytest.raises(DataError, match=rf"^{cache}:2: invalid JSON"):
+        data._teacher_responses(records)
+    cache.write_text(lines[0])
+    with pytest.raises(DataError, match=rf"^{cache}: 1 cached teacher responses for 2 prompts; remove the file"):
+        data._teacher_responses(records)

@@ -20,7 +20,7 @@ from pbkd_lightning.data.collate import CriticCollate, StudentCollate, collate_r
 from pbkd_lightning.data.generation import GenerationConfig
 from pbkd_lightning.data.labelers import label_pair, sample_pairs
 from pbkd_lightning.data.records import DataError, read_jsonl, read_prompts, write_jsonl_atomic
-from pbkd_lightning.data.teachers import TaskProgramTeacher, Teacher
+from pbkd_lightning.data.teachers import ResponseFileTeacher, TaskProgramTeacher, Teacher
 from pbkd_lightning.sequences import Encoder, Rollout
 from pbkd_lightning.tasks import get_task
 
@@ -80,6 +80,7 @@ class PreferenceDataModule(LightningDataModule):
         generation_batch_size: PositiveInt = 64,
         max_prompt_tokens: PositiveInt = 96,
         truncation: Literal["truncate", "error"] = "truncate",
+        empty: Literal["error", "drop"] = "error",
         buffer_iterations: Optional[PositiveInt] = None,
         buffer_decay: float = 1.0,
         num_workers: NonNegativeInt = 0,
@@ -110,6 +111,9 @@ class PreferenceDataModule(LightningDataModule):
             generation_batch_size: prompts per ``generate`` call when sampling.
             max_prompt_tokens: longer prompts keep their last tokens (``truncate``) or stop the run (``error``).
             truncation: what to do with a prompt longer than ``max_prompt_tokens``.
+            empty: a record whose prompt, reference or teacher response is empty or whitespace, in ``train_file``,
+                ``val_file`` or a ``ResponseFileTeacher``'s file: ``error`` (naming file:line:field) or ``drop`` it
+                (with its prompt), counted in one warning.
             buffer_iterations: the critic trains on the pairs of the last this-many iterations; None: all.
             buffer_decay: a pair made n iterations ago is drawn with weight ``buffer_decay ** n``, in (0, 1].
             num_workers: DataLoader workers.
@@ -146,14 +150,22 @@ class PreferenceDataModule(LightningDataModule):
         self._groups: list[dict] = []
         self._groups_iteration: Optional[int] = None
         self._buffer_checked = False
+        # The files are read here, before the trainer (and its logger) writes anything: a bad one stops the run at once.
+        self.dropped: list[str] = []  # ``file:line:field`` of each record left out for an empty field (``empty: drop``)
+        if isinstance(self.teacher, ResponseFileTeacher):
+            self.teacher.load(empty, self.dropped)
+        self._file_prompts = self._read_prompt_files() if train_file is not None else None
+        if self.dropped:
+            rank_zero_warn(f"data: dropped {len(self.dropped)} records with an empty prompt, reference or teacher response "
+                           f"(`data.empty: drop`): {', '.join(self.dropped[:3])}{', ...' if len(self.dropped) > 3 else ''}")
 
     # ------------------------------------------------------------------ setup (no model needed)
     def setup(self, stage: str) -> None:
         if self.train_records and self.val_records:
             return
         h = self.hparams
-        if h.train_file is not None:
-            train, val = read_prompts(h.train_file), read_prompts(h.val_file)
+        if self._file_prompts is not None:
+            train, val = ([dict(r) for r in split] for split in self._file_prompts)  # held-out split already checked
         else:
             per_task = [
                 (get_task(name).generate(h.train_size, seed=h.seed + 1000 * offset),
@@ -162,14 +174,7 @@ class PreferenceDataModule(LightningDataModule):
             ]
             # Interleaved, so every batch (and the dashboard's sample panel) mixes the tasks.
             train = [r for group in zip(*(t for t, _ in per_task)) for r in group]
-            val = [r for group in zip(*(v for _, v in per_task)) for r in group]
-        train_prompts = {r["prompt"] for r in train}
-        dropped = sum(r["prompt"] in train_prompts for r in val)
-        val = [r for r in val if r["prompt"] not in train_prompts]
-        if dropped:
-            rank_zero_info(f"data: dropped {dropped} held-out prompts that also occur in the training prompts")
-        if not val:
-            raise DataError("no held-out prompt is left once those seen in training are removed")
+            val = _held_out(train, [r for group in zip(*(v for _, v in per_task)) for r in group], None)
         # One request for both splits: a model teacher is loaded once.
         texts, ended = self._teacher_responses(train + val)
         for record, response, whole in zip(train + val, texts, ended):
@@ -182,6 +187,30 @@ class PreferenceDataModule(LightningDataModule):
         if stage == "fit" and self.trainer is not None:
             self._check_online_settings()
 
+    def _read_prompt_files(self) -> tuple[list[dict], list[dict]]:
+        """``train_file`` and ``val_file``, checked (file:line:field) against the teacher: the task program needs a
+        reference on every prompt, a response file a response to every prompt."""
+        h, splits = self.hparams, []
+        for path in (h.train_file, h.val_file):
+            records = []
+            for line_no, record in read_prompts(path, h.empty, self.dropped, with_lines=True):
+                where = f"{path}:{line_no}"
+                if isinstance(self.teacher, TaskProgramTeacher) and record["reference"] is None:
+                    raise DataError(f"{where}: missing field 'reference' (the default teacher, TaskProgramTeacher, "
+                                    "answers with it; give one or set `data.teacher`)")
+                if isinstance(self.teacher, ResponseFileTeacher) and not self.teacher.has_response(record["prompt"]):
+                    if h.empty == "drop" and record["prompt"] in self.teacher.empty_prompts:
+                        self.dropped.append(f"{where}:prompt")  # its teacher response was empty
+                        continue
+                    raise DataError(f"{where}: no teacher response for this prompt ({record['prompt'][:60]!r}) in "
+                                    f"{self.teacher.path}")
+                records.append(record)
+            if not records:
+                raise DataError(f"{path}: no records left once those with an empty teacher response are dropped "
+                                "(`data.empty: drop`)")
+            splits.append(records)
+        return splits[0], _held_out(*splits, h.val_file)
+
     def _teacher_responses(self, records: list[dict]) -> tuple[list[str], list[bool]]:
         """Teacher responses and whether each ended, cached in the run folder for teachers that are expensive to ask."""
         if isinstance(self.teacher, TaskProgramTeacher) or self.trainer is None:
@@ -192,6 +221,9 @@ class PreferenceDataModule(LightningDataModule):
         path = os.path.join(self.trainer.default_root_dir, "teacher", f"{key}.jsonl")
         if os.path.exists(path):
             stored = read_jsonl(path, {"teacher": str, "ended": bool})
+            if len(stored) != len(records):
+                raise DataError(f"{path}: {len(stored)} cached teacher responses for {len(records)} prompts; remove the "
+                                "file to ask the teacher again")
             return [r["teacher"] for r in stored], [r["ended"] for r in stored]
         rank_zero_info(f"data: asking {self.teacher.describe()} for {len(records)} responses")
         responses, ended = self.teacher.answer(records)
@@ -220,7 +252,7 @@ class PreferenceDataModule(LightningDataModule):
         path = self._iteration_path(iteration)
         fields = {"prompt": str, "teacher": str, "samples": list, "sample_ids": list, "old_logprobs": list, "ended": list,
                   "preferences": list}
-        return [_restored(g) for g in read_jsonl(path, fields)]
+        return [_restored(g) for g in read_jsonl(path, fields, {"eos": list}, check=_buffer_problem)]
 
     def connect(self, connection: DataConnection) -> None:
         """Late settings from the module (tokenizers, the rollout function, what the objective needs), called once
@@ -409,6 +441,44 @@ class PreferenceDataModule(LightningDataModule):
         return DataLoader(
             items, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, num_workers=self.hparams.num_workers
         )
+
+
+def _held_out(train: list[dict], val: list[dict], val_file: Optional[str]) -> list[dict]:
+    """``val`` without the prompts that also occur in ``train``."""
+    train_prompts = {r["prompt"] for r in train}
+    kept = [r for r in val if r["prompt"] not in train_prompts]
+    if len(kept) < len(val):
+        rank_zero_info(f"data: dropped {len(val) - len(kept)} held-out prompts that also occur in the training prompts")
+    if not kept:
+        raise DataError(f"{val_file + ': ' if val_file else ''}no held-out prompt is left once those seen in training "
+                        "are removed")
+    return kept
+
+
+def _buffer_problem(stored: dict) -> Optional[str]:
+    """What is wrong with a buffer line (one prompt's samples), or None: the per-sample lists must agree."""
+    count = len(stored["samples"])
+    for field in ("sample_ids", "old_logprobs", "ended", "preferences", "eos"):
+        if field in stored and len(stored[field]) != count:
+            return f"field {field!r} has {len(stored[field])} entries for {count} samples"
+    for i in range(count):
+        ids, logprobs, ended = stored["sample_ids"][i], stored["old_logprobs"][i], stored["ended"][i]
+        if not isinstance(stored["samples"][i], str):
+            return f"field 'samples' entry {i} must be str, got {type(stored['samples'][i]).__name__}"
+        if not isinstance(ended, bool):
+            return f"field 'ended' entry {i} must be bool, got {type(ended).__name__}"
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+            return f"field 'sample_ids' entry {i} must be a list of token ids"
+        scored = len(ids) + ended  # the response tokens, then the eos when it ended
+        if not isinstance(logprobs, list) or len(logprobs) != scored or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in logprobs):
+            return f"field 'old_logprobs' entry {i} must be a list of {scored} numbers (one per scored token)"
+        if stored["preferences"][i] not in (-1, 0, 1) or isinstance(stored["preferences"][i], bool):
+            return f"field 'preferences' entry {i} must be -1, 0 or 1, got {stored['preferences'][i]!r}"
+        eos = stored.get("eos", [None] * count)[i]
+        if eos is not None and (not isinstance(eos, int) or isinstance(eos, bool)):
+            return f"field 'eos' entry {i} must be a token id or null, got {eos!r}"
+    return None
 
 
 def _stored(group: dict) -> dict:

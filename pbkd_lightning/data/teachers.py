@@ -36,19 +36,28 @@ class TaskProgramTeacher(Teacher):
 
 
 class ResponseFileTeacher(Teacher):
-    """Responses read from a JSONL file of ``{"prompt", "teacher"}`` records."""
+    """Responses read from a JSONL file of ``{"prompt", "teacher"}`` records (``"response"`` also accepted).
+
+    Read once, on the first :meth:`load` (the data module calls it before any model loads, so a bad file stops the
+    run at once). A prompt given twice with different responses is an error naming both lines.
+    """
 
     def __init__(self, path: str):
         self.path = path
         self._responses: Optional[dict[str, str]] = None
+        self.empty_prompts: set = set()  # prompts whose only responses were empty (dropped: ``data.empty: drop``)
 
-    def load(self) -> None:
+    def load(self, empty: Literal["error", "drop"] = "error", dropped: Optional[list] = None) -> None:
+        """Read the file; ``empty``, ``dropped``: as in :func:`~pbkd_lightning.data.records.read_responses`."""
         if self._responses is None:
-            self._responses = read_responses(self.path)
+            self._responses = read_responses(self.path, empty, dropped, self.empty_prompts)
+
+    def has_response(self, prompt: str) -> bool:
+        self.load()
+        return prompt in self._responses
 
     def respond(self, records: list[dict]) -> list[str]:
-        self.load()
-        missing = [r["prompt"] for r in records if r["prompt"] not in self._responses]
+        missing = [r["prompt"] for r in records if not self.has_response(r["prompt"])]
         if missing:
             raise DataError(f"{self.path}: no teacher response for prompt {missing[0]!r} ({len(missing)} missing)")
         return [self._responses[r["prompt"]] for r in records]

@@ -104,3 +104,4 @@ def read_jsonl(path):
 
 def checksum(model):
     return sum(p.detach().double().sum().item() for p in model.parameters())
+

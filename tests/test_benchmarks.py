@@ -159,7 +159,9 @@ def repository_files():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sections", ["quality", "ablations,pbkd", "speed,scaling"])  # three parts: two workers share them
+# Three parts, so two workers share them. The scaling section is the divergence-memory script at a few sizes: it runs
+# in test_divergence_memory_benchmark_runs_and_reports_ratios, and its table in test_report_from_recorded_runs.
+@pytest.mark.parametrize("sections", ["quality", "ablations,pbkd", "speed"])
 def test_bench_quick_writes_only_under_its_folder_and_its_report_agrees_with_the_json(tmp_path, sections):
     from benchmarks.experiments import SIZES, experiments
 

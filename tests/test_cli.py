@@ -100,7 +100,7 @@ def test_bad_jsonl_exits_nonzero_naming_file_line_and_field_before_models_load(t
     assert not (tmp_path / "run" / "cache").exists()  # the student was never loaded or warmed up
 
 
-def test_broken_files_are_one_error_line_with_exit_code_2_and_nothing_written(tmp_path):
+def test_broken_files_are_one_error_line_with_exit_code_2_and_nothing_written(tmp_path, capsys):
     """Issue 17's corpus through the CLI (the rest of it is in test_data.py): a UTF-16 file as Windows tools write it,
     binary junk and an empty prompt each stop the run with one ``error:`` line naming the file, before the trainer
     or its logger writes anything."""
@@ -112,18 +112,24 @@ def test_broken_files_are_one_error_line_with_exit_code_2_and_nothing_written(tm
         "empty.jsonl": (b'\xef\xbb\xbf{"prompt": "1+1?", "reference": "#### 2"}\r\n{"prompt": " ", "reference": "#### 3"}\r\n',
                         ":2: field 'prompt' is empty"),
     }
-    for name, (content, expected) in broken.items():
+    from pbkd_lightning.cli import main
+
+    for index, (name, (content, expected)) in enumerate(broken.items()):
         train, run = tmp_path / name, tmp_path / f"run-{name}"
         train.write_bytes(content)
-        result = subprocess.run(
-            [sys.executable, "-m", "pbkd_lightning", "fit", *tiny_args(run), f"--data.train_file={train}",
-             f"--data.val_file={val}"],
-            capture_output=True, text=True, cwd=ROOT, timeout=300,
-        )
-        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert result.returncode == 2, (name, result.stderr[-2000:])
-        assert len(errors) == 1 and errors[0].startswith(f"error: {train}") and expected in errors[0], (name, result.stderr)
-        assert "Traceback" not in result.stderr
+        args = ["fit", *tiny_args(run), f"--data.train_file={train}", f"--data.val_file={val}"]
+        if index == 0:  # a real `python -m pbkd_lightning` process once; main() in this process for the others
+            result = subprocess.run([sys.executable, "-m", "pbkd_lightning", *args], capture_output=True, text=True,
+                                    cwd=ROOT, timeout=300)
+            code, stderr = result.returncode, result.stderr
+        else:
+            with pytest.raises(SystemExit) as done:
+                main(args)
+            code, stderr = done.value.code, capsys.readouterr().err
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert code == 2, (name, stderr[-2000:])
+        assert len(errors) == 1 and errors[0].startswith(f"error: {train}") and expected in errors[0], (name, stderr)
+        assert "Traceback" not in stderr
         assert not run.exists() or not any(run.iterdir()), (name, sorted(map(str, run.rglob("*"))))
 
 

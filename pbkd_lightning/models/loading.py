@@ -1,5 +1,7 @@
 """Loading a causal LM and its tokenizer: a local Hugging Face directory, or an embedded tiny Llama."""
 
+import copy
+import functools
 import importlib.util
 import json
 import logging
@@ -9,7 +11,7 @@ from typing import Literal, Optional
 
 import torch
 from jsonargparse.typing import PositiveInt
-from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM,
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast)
 
 from pbkd_lightning.config import validate_fields
@@ -152,12 +154,25 @@ def load_tokenizer(spec: ModelSpec):
     elif spec.path is None:
         return build_char_tokenizer()
     elif spec.gguf_file:
-        tokenizer = AutoTokenizer.from_pretrained(_require_folder(spec.path), gguf_file=spec.gguf_file)
+        tokenizer = copy.deepcopy(_gguf_tokenizer(_require_folder(spec.path), spec.gguf_file))
     else:
         tokenizer = _tokenizer_from_folder(_require_folder(spec.path))
     if tokenizer.pad_token is None:  # many causal LMs ship without one; eos is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_tokenizer(folder: str, gguf_file: str):
+    """A GGUF file's tokenizer, built once per process: transformers parses the whole file's metadata (its full
+    vocabulary and merges, several seconds) for it, and a run asks for it again (teacher, student, their copies)."""
+    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_config(folder: str, gguf_file: str):
+    """A GGUF file's model config, read once per process (another pass over the whole file's metadata)."""
+    return AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
 
 
 def _backend_model(tokenizer) -> tuple[Optional[str], Optional[int]]:
@@ -228,7 +243,9 @@ def _load_causal_lm(spec: ModelSpec, tokenizer=None):
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     dtype = _DTYPES[spec.dtype]
     if spec.path is not None:
-        model = AutoModelForCausalLM.from_pretrained(_require_folder(spec.path), dtype=dtype, gguf_file=spec.gguf_file)
+        folder = _require_folder(spec.path)
+        config = copy.deepcopy(_gguf_config(folder, spec.gguf_file)) if spec.gguf_file else None
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, gguf_file=spec.gguf_file, config=config)
         if spec.gguf_file:
             _forget_gguf(model)
         return (_keep_first_layers(model, spec.keep_layers) if spec.keep_layers else model), tokenizer
@@ -268,8 +285,9 @@ def load_frozen_model(path: str, quantization: Optional[str] = None, dtype: str 
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
     elif quantization == "int8":
         config = BitsAndBytesConfig(load_in_8bit=True)
+    model_config = copy.deepcopy(_gguf_config(folder, gguf_file)) if gguf_file else None
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=_DTYPES[dtype], quantization_config=config, device_map=device,
-                                                 gguf_file=gguf_file)
+                                                 gguf_file=gguf_file, config=model_config)
     return model.eval().requires_grad_(False)
 
 

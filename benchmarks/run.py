@@ -12,6 +12,7 @@ RESULTS.md, results.json and plots/ from every recorded run of the mode.
 """
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -42,6 +43,9 @@ def main(argv=None) -> None:
                         help=f"comma-separated subset of {','.join(SECTIONS)} to run; the report still shows every "
                              "recorded section")
     parser.add_argument("--fresh", action="store_true", help="forget the selected sections' records and measure them again")
+    parser.add_argument("--seeds", type=int, help="run only each experiment's first N seeds (a smoke run; the report's "
+                                                   "± is then over fewer seeds, 0 for one)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2, this machine's cores)")
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
     sections = [name for name in args.sections.split(",") if name]
@@ -55,16 +59,20 @@ def main(argv=None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric", "pbkd_lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)  # the runs' own logs would bury the progress bar
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     if args.fresh:
         runner.forget(records_path, mode, set(sections))
     size = SIZES[mode]
-    runner.run([e for e in experiments(size) if e.section in sections], mode, records_path, work)
+    chosen = [e for e in experiments(size) if e.section in sections]
+    if args.seeds:
+        chosen = [dataclasses.replace(e, seeds=e.seeds[: args.seeds]) for e in chosen]
+    runner.run(chosen, mode, records_path, work)
 
     command = "make bench-quick" if args.quick else "make bench"
-    if set(sections) != set(SECTIONS):
+    if set(sections) != set(SECTIONS) or args.seeds:
         command = f"python -m benchmarks.run{' --quick' if args.quick else ''} --sections {','.join(sections)}"
+        command += f" --seeds {args.seeds}" if args.seeds else ""
     records = [r for r in runner.load_records(records_path) if r["mode"] == mode]
     print(report.write(records, size, command, out))
 

@@ -19,7 +19,7 @@ from dataclasses import MISSING, fields, is_dataclass
 import pytest
 import yaml
 
-from conftest import ROOT, TINY_TEACHER, run_cli, tiny_args
+from conftest import ROOT, TINY_TEACHER, run_cli, scalars, tiny_args
 
 CONFIGS = os.path.join(ROOT, "configs")
 # Add-on overlays: used on top of a method's config, so checked on top of configs/blackbox.yaml.
@@ -238,3 +238,8 @@ def test_method_config_trains_two_steps_at_toy_size(tmp_path, shared_cache, name
                                     "--trainer.max_steps=2", "--trainer.limit_val_batches=0", config=f"configs/{name}"))
     assert cli.trainer.global_step >= 2  # optimizer steps: black-box PbKD takes 4 critic steps on its first batch
     assert all(n == 0 for n in cli.model.nonfinite_skips.values())
+    logged = scalars(tmp_path / "run")
+    if "DivergenceKD" in repr(cli.model.objective):  # a divergence baseline: its loss, per step, never negative
+        assert len(logged["student/divergence"]) == 2 and all(v >= 0 for v in logged["student/divergence"])
+        if name.endswith("gkd.yaml"):  # λ = 0.5: the draws are logged, each batch either on- or off-policy
+            assert set(logged["student/on_policy"]) <= {0.0, 1.0}

@@ -507,17 +507,7 @@ def test_whitebox_online_iterations_resample_and_grow_the_buffer(tmp_path):
 
 
 # ---------------------------------------------------------------------------- divergence baselines
-@pytest.mark.parametrize("name", ["fkl", "rkl", "gkd", "skew_kl", "skew_rkl", "tvd"])
-def test_each_divergence_baseline_config_trains_two_steps(tmp_path, name):
-    root = tmp_path / name
-    whitebox_fit(root, "--trainer.limit_train_batches=2", config=f"configs/baselines/{name}.yaml")
-    logged = scalars(root)
-    assert len(logged["student/divergence"]) == 2 and all(v >= 0 for v in logged["student/divergence"])
-    assert "eval/arithmetic_score" in logged
-    if name == "gkd":  # λ = 0.5: the draws are logged, each batch either on- or off-policy
-        assert set(logged["student/on_policy"]) <= {0.0, 1.0}
-
-
+# (each baseline config's two-step fit and its logged divergence: tests/test_configs.py)
 def test_on_policy_batches_are_sampled_from_the_current_student(tmp_path, monkeypatch):
     from pbkd_lightning.players import Players
 

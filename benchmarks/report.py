@@ -3,20 +3,20 @@
     python -m benchmarks.report [--quick] [--out DIR] [--records FILE]   # rewrite them from the records alone
 
 Every figure in RESULTS.md is one of results.json's, and each of those is computed here from the records:
-a row is the mean ± std over its seeds' runs. When a run was recorded more than once, the last record counts.
+a row is the mean and 95% confidence interval over its seeds' runs, and its difference to SeqKD is paired over
+the seeds both ran (benchmarks/stats.py). When a run was recorded more than once, the last record counts.
 """
 
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
+from typing import Optional
 
-from benchmarks.experiments import SECTIONS, SIZES, Size, experiments
-
-
-def mean_std(values: list[float]) -> list[float]:
-    return [statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
+from benchmarks.experiments import BASELINE, HEADLINE, SECTIONS, SIZES, WALL_CLOCK_OF, Size, experiments
+from benchmarks.stats import mean_ci, paired_difference
 
 
 def by_row(records: list[dict], size: Size, section: str) -> dict[str, list[dict]]:
@@ -33,23 +33,30 @@ def by_row(records: list[dict], size: Size, section: str) -> dict[str, list[dict
 
 
 def fit_row(runs: list[dict]) -> dict:
-    """Mean ± std over the seeds of a fit's held-out scores, diversity, reward-model accuracy and wall time."""
+    """Mean and 95% interval over the seeds of a fit's held-out scores, diversity, reward-model accuracy and wall
+    time; ``by_seed`` keeps each seed's final mean for the paired differences."""
     summaries = [r["summary"] for r in runs]
     finals = [s["student_final"] for s in summaries]
     tasks = sorted(t for t in finals[0] if t != "mean") + ["mean"]
-    row = {"tasks": {t: mean_std([f[t] for f in finals]) for t in tasks}, "seconds": mean_std([r["seconds"] for r in runs]),
-           "start": mean_std([s["student_start"]["mean"] for s in summaries]),
-           "untrained": mean_std([s.get("student_before_warmup", {}).get("mean", float("nan")) for s in summaries]),
-           "curve": [statistics.fmean(c) for c in zip(*[r["curve"] for r in runs])],
+    points = min(len(r["curve"]) for r in runs)
+    row = {"tasks": {t: mean_ci([f[t] for f in finals]) for t in tasks}, "seconds": mean_ci([r["seconds"] for r in runs]),
+           "by_seed": {str(r["seed"]): r["summary"]["student_final"]["mean"] for r in runs},
+           "start": mean_ci([s["student_start"]["mean"] for s in summaries]),
+           "untrained": mean_ci([s.get("student_before_warmup", {}).get("mean", float("nan")) for s in summaries]),
+           "curve": [statistics.fmean(r["curve"][i] for r in runs) for i in range(points)],
            "teacher": summaries[0]["teacher"], "args": runs[0]["args"], "seeds": [r["seed"] for r in runs]}
+    if all("curve_steps" in r for r in runs):
+        row["curve_steps"] = [statistics.fmean(r["curve_steps"][i] for r in runs) for i in range(points)]
+        row["curve_seconds"] = [statistics.fmean(r["curve_seconds"][i] for r in runs) for i in range(points)]
+        row["student_steps"] = row["curve_steps"][-1]
     diversity = [s.get("student_final_diversity") for s in summaries]
     if all(diversity):
-        row["diversity"] = {k: mean_std([d[k] for d in diversity]) for k in diversity[0]}
+        row["diversity"] = {k: mean_ci([d[k] for d in diversity]) for k in diversity[0]}
     history = [s.get("heldout_pref_acc_per_epoch") or [] for s in summaries]
     for key, name in (("all", "reward_acc_per_epoch"), ("sample_ranking", "ranking_acc_per_epoch")):
         epochs = min(map(len, history))
         if epochs and all(key in h[i] for h in history for i in range(epochs)):
-            row[name] = [mean_std([h[i][key] for h in history]) for i in range(epochs)]
+            row[name] = [mean_ci([h[i][key] for h in history]) for i in range(epochs)]
     if "teacher_model" in summaries[0]:
         row["teacher_model"] = summaries[0]["teacher_model"]
     if "max_time_s" in runs[0]:
@@ -57,38 +64,37 @@ def fit_row(runs: list[dict]) -> dict:
     return row
 
 
-def best_pbkd_variant(records: list[dict]) -> tuple[str, float]:
-    """The PbKD section's best variant (highest held-out mean over its seeds, SeqKD rows aside) and its mean
-    wall seconds: the budget of the same-wall-clock SeqKD row."""
-    runs = {}
-    for r in records:
-        if r["section"] == "pbkd" and not r["tags"].get("baseline"):
-            runs.setdefault(r["name"], {})[r["seed"]] = r  # the last record of a seed counts
-    if not runs:
-        raise ValueError("no PbKD variant has been run yet")
-    name = max(runs, key=lambda n: statistics.fmean(r["summary"]["student_final"]["mean"] for r in runs[n].values()))
-    return name, statistics.fmean(r["seconds"] for r in runs[name].values())
+def with_deltas(rows: dict, baseline: Optional[dict]) -> dict:
+    """Each row with ``delta``: its paired difference to ``baseline`` over the seeds both ran (mean, 95% half-width)."""
+    for row in rows.values():
+        row["delta"] = paired_difference(row["by_seed"], baseline["by_seed"]) if baseline else [float("nan")] * 2
+    return rows
 
 
 def results(records: list[dict], size: Size, command: str) -> dict:
     """results.json: every figure the report shows, per section; sections without records are left out."""
     grouped = {section: by_row(records, size, section) for section in SECTIONS}
     out = {"mode": size.name, "command": command, "size": dataclasses.asdict(size)}
-    if grouped["quality"]:
-        out["quality"] = {name: fit_row(runs) for name, runs in grouped["quality"].items()}
-    if grouped["ablations"]:
-        out["ablations"] = {name: {**run["tags"], "mean": run["summary"]["student_final"]["mean"], "curve": run["curve"],
-                                   "reward_acc": [h["all"] for h in run["summary"].get("heldout_pref_acc_per_epoch", [])],
-                                   "seconds": run["seconds"], "args": run["args"]}
-                            for name, [run] in grouped["ablations"].items()}
+    quality = {name: fit_row(runs) for name, runs in grouped["quality"].items()}
+    baseline = quality.get(BASELINE)
+    if quality:
+        out["quality"] = with_deltas(quality, baseline)
+        out["headline"] = {name: quality[name]["delta"] + [len(quality[name]["by_seed"])] for name in HEADLINE[1:] if name in quality}
     if grouped["pbkd"]:
         rows = {}
         for name, runs in grouped["pbkd"].items():
             row = dict(fit_row(runs), baseline=bool(runs[0]["tags"].get("baseline")))
             rows[f"{name} ({row['max_time_s']} s)" if "max_time_s" in row else name] = row
-        variants = [label for label, row in rows.items() if not row["baseline"]]
-        out["pbkd"] = {"rows": rows, "variants": variants, "epochs": size.pbkd_epochs, "overrides": list(size.pbkd_overrides),
-                       "best": max(variants, key=lambda label: rows[label]["tasks"]["mean"][0]) if variants else None}
+        out["pbkd"] = {"rows": with_deltas(rows, baseline)}
+        timed = [(label, row) for label, row in rows.items() if "max_time_s" in row]
+        measured = quality.get(WALL_CLOCK_OF.split("/", 1)[1])
+        if timed and measured:  # the PbKD row against SeqKD given the same seconds, seed by seed
+            label, row = timed[0]
+            out["pbkd"]["same_wall_clock"] = {"row": label, "of": WALL_CLOCK_OF.split("/", 1)[1],
+                                              "delta": paired_difference(measured["by_seed"], row["by_seed"])}
+    if grouped["iterations"]:
+        out["iterations"] = {name: dict(fit_row(runs), iterations=runs[0]["tags"]["iterations"])
+                             for name, runs in grouped["iterations"].items()}
     if grouped["speed"]:
         speed = out["speed"] = {"steps": {}, "sampling": None, "divergence": []}
         for name, [run] in grouped["speed"].items():
@@ -112,7 +118,17 @@ def results(records: list[dict], size: Size, command: str) -> dict:
 
 
 def pm(pair, digits=3) -> str:
-    return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+    """``mean ± half-width``; a single seed has no interval (``±  –``)."""
+    half = "–" if math.isnan(pair[1]) else f"{pair[1]:.{digits}f}"
+    return f"{pair[0]:.{digits}f} ± {half}"
+
+
+def signed(pair) -> str:
+    """A paired difference in points: ``+3.1 ± 1.2``."""
+    if math.isnan(pair[0]):
+        return "–"
+    half = "–" if math.isnan(pair[1]) else f"{pair[1] * 100:.1f}"
+    return f"{pair[0] * 100:+.1f} ± {half}"
 
 
 def per_epoch(pairs) -> str:
@@ -121,8 +137,9 @@ def per_epoch(pairs) -> str:
 
 def markdown(r: dict) -> str:
     lines = header(r)
-    for section, render in (("quality", quality_table), ("ablations", ablation_table), ("pbkd", pbkd_table),
-                            ("quality", diversity_table), ("speed", speed_tables), ("scaling", scaling_table)):
+    for section, render in (("quality", quality_table), ("headline", headline), ("pbkd", pbkd_table),
+                            ("iterations", iterations_table), ("quality", diversity_table), ("speed", speed_tables),
+                            ("scaling", scaling_table)):
         if section in r:
             lines += render(r)
     lines += gpu(r) + commands(r)
@@ -133,7 +150,9 @@ def header(r: dict) -> list[str]:
     m, sections = r["machine"], r["sections"]
     lines = [f"# Benchmark results ({r['mode']})", "",
              f"Written by `{r['command']}` from the runs' records (one JSON line per run); every figure below comes from "
-             "those runs (also in `results.json` next to this file)."]
+             "those runs (also in `results.json` next to this file). `a ± b`: the mean over seeds and the half-width of "
+             "its 95% confidence interval (Student's t); `Δ vs SeqKD`: the difference to SeqKD seed by seed (same "
+             "initialisation, warm-up and data order), in points, with its 95% interval."]
     if m:
         lines += ["", f"Machine: {m['platform']}, {m['processor']}, {m['cpus']} CPUs, {m['memory_gib']} GiB. "
                   f"Python {m['python']}, torch {m['torch']}, lightning {m['lightning']}, transformers {m['transformers']}. "
@@ -148,88 +167,98 @@ def header(r: dict) -> list[str]:
     return lines
 
 
+def _steps(row: dict) -> str:
+    return f"{row['student_steps']:.0f}" if "student_steps" in row else "–"
+
+
 def quality_table(r: dict) -> list[str]:
     q, size = r["quality"], r["size"]
     first = next(iter(q.values()))
     tasks = list(first["tasks"])
     lines = ["", "## Quality", "",
-             f"Held-out scores after {size['epochs']} epoch(s) from the same warmed-up student, mean ± std over "
-             f"seeds {size['seeds']} (seed of the run and of the student's initialisation; same data and teacher). "
-             "Best per column in **bold**.", "",
-             "| method | " + " | ".join(tasks) + " | distinct-2 | self-BLEU | wall s / run |", "|---" * (len(tasks) + 4) + "|",
-             "| task program (teacher responses) | " + " | ".join(f"{first['teacher'].get(t, float('nan')):.3f}" for t in tasks) + " | | | |"]
+             f"Held-out scores after {size['epochs']} epoch(s) from the same warmed-up student (seeds {size['seeds']}; "
+             f"{', '.join(HEADLINE)}: seeds {size['headline_seeds']}). Best mean per column in **bold**.", "",
+             "| method | " + " | ".join(tasks) + " | Δ vs SeqKD | student steps | distinct-2 | self-BLEU | wall s / run |",
+             "|---" * (len(tasks) + 6) + "|",
+             "| task program (teacher responses) | " + " | ".join(f"{first['teacher'].get(t, float('nan')):.3f}" for t in tasks) + " | | | | | |"]
     white_box = next((row for row in q.values() if "teacher_model" in row), None)
     if white_box:
         lines.append("| teacher model (white-box methods), greedy | "
-                     + " | ".join(f"{white_box['teacher_model'].get(t, float('nan')):.3f}" for t in tasks) + " | | | |")
+                     + " | ".join(f"{white_box['teacher_model'].get(t, float('nan')):.3f}" for t in tasks) + " | | | | | |")
     blank = " | ".join("" for _ in tasks[:-1])
-    lines += [f"| student, untrained | {blank} | {pm(first['untrained'])} | | | |",
-              f"| student, after warm-up (start of every method) | {blank} | {pm(first['start'])} | | | |"]
+    lines += [f"| student, untrained | {blank} | {pm(first['untrained'])} | | | | | |",
+              f"| student, after warm-up (start of every method) | {blank} | {pm(first['start'])} | | | | | |"]
     best = {t: max(row["tasks"][t][0] for row in q.values()) for t in tasks}
     for name, row in q.items():
         cells = [f"**{pm(row['tasks'][t])}**" if row["tasks"][t][0] == best[t] else pm(row["tasks"][t]) for t in tasks]
         div = row.get("diversity", {})
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {pm(div['distinct_2']) if div else ''} | "
-                     f"{pm(div['self_bleu']) if div else ''} | {row['seconds'][0]:.0f} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {signed(row['delta']) if name != BASELINE else 'baseline'} | "
+                     f"{_steps(row)} | {pm(div['distinct_2']) if div else ''} | {pm(div['self_bleu']) if div else ''} | "
+                     f"{row['seconds'][0]:.0f} |")
     return lines
 
 
-def ablation_table(r: dict) -> list[str]:
-    a = r["ablations"]
-    lines = ["", "## Ablations (black-box PbKD, one seed)", "",
-             "| variant | held-out mean | reward model held-out accuracy per epoch / iteration | wall s |", "|---|---|---|---|"]
-    for table in ("online", "beta"):
-        for label, row in a.items():
-            if row["table"] == table:
-                lines.append(f"| {label} | {row['mean']:.3f} | {', '.join(f'{x:.3f}' for x in row['reward_acc'])} | {row['seconds']:.0f} |")
-    accs = [x for row in a.values() if row["table"] == "online" for x in row["reward_acc"]]
-    if accs:
-        lines.append(f"\nReward model at or above 90% in {sum(x >= 0.9 for x in accs)} of {len(accs)} epochs/iterations above (the goal is all).")
+def headline(r: dict) -> list[str]:
+    """The mission's question in one paragraph: black-box PbKD against SeqKD, same steps and same wall-clock."""
+    lines = ["", "### Does black-box PbKD beat SeqKD?", ""]
+    for name, (mean, half, seeds) in r["headline"].items():
+        lines.append(f"- {name} − SeqKD, same student steps: **{signed([mean, half])} points** (95% interval, {seeds} paired seeds).")
+    same = r.get("pbkd", {}).get("same_wall_clock")
+    if same:
+        lines.append(f"- {same['of']} − {same['row']}: **{signed(same['delta'])} points** (same wall-clock).")
     return lines
 
 
 def pbkd_table(r: dict) -> list[str]:
-    """Issue 8's table: every black-box PbKD variant against SeqKD from the same checkpoint (docs/pbkd-quality.md)."""
-    t = r["pbkd"]
-    rows = t["rows"]
-    seqkd = rows.get("SeqKD, same epochs")
+    """Black-box PbKD variants against SeqKD from the same checkpoint (docs/pbkd-quality.md)."""
+    rows = dict(r["pbkd"]["rows"])
+    for name in HEADLINE[1:]:  # the recommended settings' rows are the quality table's
+        if name in r.get("quality", {}):
+            rows[f"recommended: {name}"] = r["quality"][name]
     tasks = [task for task in next(iter(rows.values()))["tasks"] if task != "mean"]
-    lines = ["", "## Black-box PbKD against SeqKD (issue 8)", "",
-             f"From the same warmed-up student as every method, {t['epochs']} epoch(s) (online: one iteration per epoch), "
-             + (f"overrides `{' '.join(t['overrides'])}` on top of the quality section's" if t["overrides"] else "the quality section's overrides")
-             + f"; mean ± std over seeds {r['size']['seeds']}. "
+    lines = ["", "## Black-box PbKD variants", "",
+             f"From the same warmed-up student as every method, {r['size']['epochs']} epoch(s) (online: one iteration per epoch). "
              "Reward model: held-out preference accuracy (teacher vs the current student's samples, as the labeler decides) "
              "and ranking accuracy (does it order a held-out prompt's samples as the task's verifier does: what the "
              "student's group advantages rely on), each the mean over seeds at each epoch's end. Variants: "
-             "`configs/blackbox.yaml` plus the overrides listed under Exact commands.", "",
+             "`configs/blackbox.yaml` plus the overrides listed under Exact commands; the SeqKD row with a time budget "
+             "stops at the recommended offline row's mean wall time.", "",
              "| variant | " + " | ".join(tasks) + " | mean | Δ vs SeqKD | reward model pref. acc per epoch | "
-             "ranking acc per epoch | wall s |", "|---" * (len(tasks) + 6) + "|"]
+             "ranking acc per epoch | student steps | wall s |", "|---" * (len(tasks) + 7) + "|"]
     for label, row in rows.items():
-        delta = f"{row['tasks']['mean'][0] - seqkd['tasks']['mean'][0]:+.3f}" if seqkd else "–"
         lines.append(f"| {label} | " + " | ".join(pm(row["tasks"][task]) for task in tasks) + f" | {pm(row['tasks']['mean'])} | "
-                     f"{delta} | {per_epoch(row.get('reward_acc_per_epoch'))} | {per_epoch(row.get('ranking_acc_per_epoch'))} | "
-                     f"{row['seconds'][0]:.0f} |")
-    if t["best"] and seqkd:
-        best = rows[t["best"]]
-        seqkd_means = [row["tasks"]["mean"][0] for row in rows.values() if row["baseline"]]
-        accs = [m for m, _ in best.get("reward_acc_per_epoch", [])]
-        gap = best["tasks"]["mean"][0] - max(seqkd_means)
-        met = gap >= 0.03 and accs and min(accs) >= 0.9
-        lines += ["", f"Best PbKD row: **{t['best']}**, {gap * 100:+.1f} points over the better SeqKD row; its reward model's "
-                  f"held-out accuracy {', '.join(f'{a:.2f}' for a in accs) or '–'} per epoch. Goal (≥ SeqKD + 3 points with the "
-                  f"reward model ≥ 0.90 at every epoch): **{'met' if met else 'not met'}** — see docs/pbkd-quality.md."]
+                     f"{signed(row['delta'])} | {per_epoch(row.get('reward_acc_per_epoch'))} | "
+                     f"{per_epoch(row.get('ranking_acc_per_epoch'))} | {_steps(row)} | {row['seconds'][0]:.0f} |")
+    return lines
+
+
+def iterations_table(r: dict) -> list[str]:
+    rows = r["iterations"]
+    lines = ["", "## Offline against online iterations (black-box PbKD, recommended settings)", "",
+             "| run | held-out mean | reward model held-out accuracy per epoch / iteration | student steps | wall s |",
+             "|---|---|---|---|---|"]
+    for label, row in rows.items():
+        lines.append(f"| {label} | {pm(row['tasks']['mean'])} | {per_epoch(row.get('reward_acc_per_epoch'))} | "
+                     f"{_steps(row)} | {row['seconds'][0]:.0f} |")
+    accs = [m for row in rows.values() for m, _ in row.get("reward_acc_per_epoch", [])]
+    if accs:
+        lines.append(f"\nReward model at or above 90% in {sum(x >= 0.9 for x in accs)} of {len(accs)} epochs/iterations above.")
     return lines
 
 
 def diversity_table(r: dict) -> list[str]:
     q = r["quality"]
-    names = [n for n in ("X-KD, sequence-level", "X-KD, divergence-based", "GKD", "SeqKD") if "diversity" in q.get(n, {})]
+    names = [n for n in q if "diversity" in q[n]]
     if not names:
         return []
-    lines = ["", "Diversity against score (quality table, same runs):", "", "| method | held-out mean | distinct-2 | self-BLEU |", "|---|---|---|---|"]
+    lines = ["", "## Quality against diversity", "", "K samples per held-out prompt at the sampling temperature; "
+             "distinct-2 higher and self-BLEU lower = more varied (the `distinct` task has many right answers).", "",
+             "| method | held-out mean | distinct score | distinct-2 | self-BLEU |", "|---|---|---|---|---|"]
     for name in names:
         row = q[name]
-        lines.append(f"| {name} | {pm(row['tasks']['mean'])} | {pm(row['diversity']['distinct_2'])} | {pm(row['diversity']['self_bleu'])} |")
+        task = pm(row["tasks"]["distinct"]) if "distinct" in row["tasks"] else "–"
+        lines.append(f"| {name} | {pm(row['tasks']['mean'])} | {task} | {pm(row['diversity']['distinct_2'])} | "
+                     f"{pm(row['diversity']['self_bleu'])} |")
     return lines
 
 
@@ -278,6 +307,7 @@ def gpu(r: dict) -> list[str]:
 def commands(r: dict) -> list[str]:
     rows = [(name, row) for name, row in r.get("quality", {}).items()]
     rows += [(f"PbKD table: {label}", row) for label, row in r.get("pbkd", {}).get("rows", {}).items()]
+    rows += [(f"Iterations table: {label}", row) for label, row in r.get("iterations", {}).items()]
     lines = ["", "## Exact commands", "", f"`{r['command']}`" + ("; each fit is `python -m pbkd_lightning fit` with the method's "
              "config and (besides its own folder and the shared caches):" if rows else "."), ""]
     lines += [f"- {name}: `{' '.join(row['args'])}`" for name, row in rows]
@@ -288,7 +318,7 @@ def commands(r: dict) -> list[str]:
 
 def plot_names(r: dict) -> list[str]:
     """The plots the sections in ``r`` draw."""
-    per_section = {"quality": ["learning_curves", "quality"], "ablations": ["ablations"], "pbkd": ["pbkd"], "scaling": ["scaling"]}
+    per_section = {"quality": ["learning_curves", "quality"], "iterations": ["iterations"], "pbkd": ["pbkd"], "scaling": ["scaling"]}
     return [name for section, names in per_section.items() if section in r for name in names]
 
 
@@ -307,42 +337,47 @@ def plots(r: dict, folder: str) -> None:
         plt.close(fig)
 
     if q := r.get("quality"):
-        fig, ax = plt.subplots(figsize=(8, 5))
+        fig, (by_step, by_second) = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
         for name, row in q.items():
-            ax.plot(range(len(row["curve"])), row["curve"], marker="o", label=name)
-        ax.set(xlabel="epochs of distillation", ylabel="held-out mean score", title="Learning curves (mean over seeds)")
-        ax.legend(fontsize=7)
+            steps = row.get("curve_steps", list(range(len(row["curve"]))))
+            by_step.plot(steps, row["curve"], marker="o", label=name)
+            if "curve_seconds" in row:
+                by_second.plot(row["curve_seconds"], row["curve"], marker="o", label=name)
+        by_step.set(xlabel="student optimizer steps", ylabel="held-out mean score", title="Learning curves (mean over seeds)")
+        by_second.set(xlabel="seconds since the fit began", title="… against wall-clock")
+        by_step.legend(fontsize=7)
         save(fig, "learning_curves")
 
         fig, ax = plt.subplots(figsize=(9, 5))
         names = list(q)
-        ax.bar(range(len(names)), [q[n]["tasks"]["mean"][0] for n in names], yerr=[q[n]["tasks"]["mean"][1] for n in names], capsize=3)
+        ax.bar(range(len(names)), [q[n]["tasks"]["mean"][0] for n in names],
+               yerr=[0 if math.isnan(q[n]["tasks"]["mean"][1]) else q[n]["tasks"]["mean"][1] for n in names], capsize=3)
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
-        ax.set(ylabel="held-out mean score", title="Quality (mean ± std over seeds)")
+        ax.set(ylabel="held-out mean score", title="Quality (mean and 95% interval over seeds)")
         save(fig, "quality")
 
-    if a := r.get("ablations"):
+    if it := r.get("iterations"):
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-        for label, row in a.items():
-            if row["table"] == "online":
-                left.plot(range(len(row["reward_acc"])), row["reward_acc"], marker="o", label=label)
+        for label, row in it.items():
+            accs = [m for m, _ in row.get("reward_acc_per_epoch", [])]
+            left.plot(range(len(accs)), accs, marker="o", label=label)
+            right.plot(row.get("curve_steps", list(range(len(row["curve"])))), row["curve"], marker="o", label=label)
         left.axhline(0.9, ls="--", c="grey")
         left.set(xlabel="epoch / iteration", ylabel="reward model held-out accuracy", title="Offline vs online")
+        right.set(xlabel="student optimizer steps", ylabel="held-out mean score", title="Learning curves")
         left.legend(fontsize=7)
-        betas = [row for row in a.values() if row["table"] == "beta"]
-        right.plot([row["beta"] for row in betas], [row["mean"] for row in betas], marker="o")
-        right.set(xscale="log", xlabel="β", ylabel="held-out mean score", title="β of the Lagrangian")
-        save(fig, "ablations")
+        save(fig, "iterations")
 
     if p := r.get("pbkd"):
         rows = p["rows"]
         fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
         labels = list(rows)
-        left.barh(range(len(labels)), [rows[n]["tasks"]["mean"][0] for n in labels], xerr=[rows[n]["tasks"]["mean"][1] for n in labels], capsize=3)
+        deltas = [rows[n]["delta"] for n in labels]
+        left.barh(range(len(labels)), [d[0] * 100 for d in deltas],
+                  xerr=[0 if math.isnan(d[1]) else d[1] * 100 for d in deltas], capsize=3)
         left.set_yticks(range(len(labels)), labels, fontsize=6)
-        if "SeqKD, same epochs" in rows:
-            left.axvline(rows["SeqKD, same epochs"]["tasks"]["mean"][0], ls="--", c="grey")
-        left.set(xlabel="held-out mean score", title="PbKD variants vs SeqKD")
+        left.axvline(0, ls="--", c="grey")
+        left.set(xlabel="Δ held-out mean vs SeqKD (points, paired, 95% interval)", title="PbKD variants vs SeqKD")
         for label, row in rows.items():
             if row.get("reward_acc_per_epoch"):
                 right.plot(range(len(row["reward_acc_per_epoch"])), [m for m, _ in row["reward_acc_per_epoch"]], marker="o", label=label)

@@ -102,26 +102,31 @@ def folder_args(experiment: Experiment, root: str, cache: str) -> list[str]:
 
 
 def fit(args: list[str], root: str) -> dict:
-    """One fit; returns its wall seconds, summary.json and held-out mean score per epoch."""
-    start = time.perf_counter()
+    """One fit; returns its wall seconds, summary.json, the held-out mean score per epoch (``curve``) and when each
+    was measured (``curve_steps``: student optimizer steps; ``curve_seconds``: since the fit began)."""
+    began, start = time.time(), time.perf_counter()
     quiet_cli(["fit", *args])
     seconds = time.perf_counter() - start
     with open(os.path.join(root, "summary.json")) as handle:
         summary = json.load(handle)
-    return {"seconds": seconds, "summary": summary, "curve": curve(root, summary)}
+    return {"seconds": seconds, "summary": summary, **curve(root, summary, began)}
 
 
-def curve(root: str, summary: dict) -> list[float]:
-    """Held-out mean score at the start of fit and after each epoch (from the run's TensorBoard events)."""
+def curve(root: str, summary: dict, began: float) -> dict:
+    """Held-out mean score at the start of fit and after each epoch, with the student steps and seconds since
+    ``began`` at each (from the run's TensorBoard events)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     [events] = glob.glob(os.path.join(root, "tensorboard", "version_*"))
     accumulator = EventAccumulator(events)
     accumulator.Reload()
     tags = [t for t in accumulator.Tags()["scalars"] if t.startswith("eval/") and t.endswith("_score")]
-    per_task = [[e.value for e in accumulator.Scalars(t)] for t in tags]
+    per_task = [accumulator.Scalars(t) for t in tags]
     epochs = min(len(v) for v in per_task)
-    return [summary["student_start"]["mean"]] + [statistics.fmean(v[i] for v in per_task) for i in range(epochs)]
+    first = per_task[0]
+    return {"curve": [summary["student_start"]["mean"]] + [statistics.fmean(v[i].value for v in per_task) for i in range(epochs)],
+            "curve_steps": [0] + summary["student_steps_per_epoch"][:epochs],
+            "curve_seconds": [0.0] + [first[i].wall_time - began for i in range(epochs)]}
 
 
 def measure(experiment: Experiment, args: list[str]) -> dict:
@@ -174,11 +179,18 @@ def forget(records_path: str, mode: str, sections: set[str]) -> None:
             handle.writelines(json.dumps(r) + "\n" for r in kept)
 
 
+def wall_clock_budget(records: list[dict], row: str) -> float:
+    """Mean wall seconds over the seeds of ``row`` (``section/name``), its last record per seed counting."""
+    section, name = row.split("/", 1)
+    seconds = {r["seed"]: r["seconds"] for r in records if r["section"] == section and r["name"] == name}
+    if not seconds:
+        raise ValueError(f"{row} has no recorded run yet: its wall-clock budget is unknown (run its section first)")
+    return statistics.fmean(seconds.values())
+
+
 def run(experiments: list[Experiment], mode: str, records_path: str, work: str) -> None:
     """Run every experiment's seeds not yet recorded in ``records_path``, in order; fit folders and the shared
     caches go under ``work``."""
-    from benchmarks.report import best_pbkd_variant
-
     records = [r for r in load_records(records_path) if r["mode"] == mode]
     done = {record_key(r) for r in records}
     if os.path.exists(records_path) and os.path.getsize(records_path):
@@ -195,9 +207,8 @@ def run(experiments: list[Experiment], mode: str, records_path: str, work: str) 
         for experiment in experiments:
             for seed in experiment.seeds:
                 budget_s = None
-                if experiment.same_wall_clock_as_best:
-                    _, seconds = best_pbkd_variant([r for r in records if r["section"] == "pbkd"])
-                    budget_s = max(1, round(seconds))  # never a 0 s budget
+                if experiment.same_wall_clock_as:
+                    budget_s = max(1, round(wall_clock_budget(records, experiment.same_wall_clock_as)))  # never 0 s
                 args = fit_args(experiment, seed, budget_s) if experiment.configs else []
                 record = {"mode": mode, "section": experiment.section, "name": experiment.name, "seed": seed, "args": args,
                           "measure": experiment.measure, "params": experiment.params, "tags": experiment.tags}

@@ -186,7 +186,7 @@ class DistillationModule(LightningModule):
         trainer, data = self.trainer, self.trainer.datamodule
         if not hasattr(data, "batches_per_epoch"):
             return max(1, int(trainer.estimated_stepping_batches))
-        per_epoch = data.batches_per_epoch(self.needs_samples, trainer.world_size)
+        per_epoch = data.batches_per_epoch(trainer.world_size)
         limit = trainer.limit_train_batches
         per_epoch = min(per_epoch, limit) if isinstance(limit, int) else int(per_epoch * limit)
         epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else 1000
@@ -267,6 +267,11 @@ class DistillationModule(LightningModule):
         # K samples per held-out prompt at the data's generation settings: their diversity, and, with a
         # critic, held-out pairs made exactly as training pairs are (the reward model's generalisation).
         data, h = self.trainer.datamodule, self.trainer.datamodule.hparams
+        if h.get("val_sampled_prompts") is not None:  # the first n held-out prompts (this rank's share of them)
+            share = -(-h.val_sampled_prompts // self.trainer.world_size)
+            records = records[: max(0, share - batch_idx * h.val_batch_size)]
+            if not records:
+                return {"responses": responses}
         rollouts, _ = sample_rollouts(self.student, self.tokenizer, [r["prompt"] for r in records], data.generation,
                                       h.samples_per_prompt, h.val_batch_size, h.max_prompt_tokens, self.vocabulary)
         samples = [[r.text for r in group] for group in rollouts]
@@ -305,6 +310,10 @@ class DistillationModule(LightningModule):
         return torch.cat(scored) if scored else None
 
     def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking and self.trainer.state.fn == "fit":
+            # the learning curve's x axis: the student's optimizer steps (batches after the critic-only warm-up)
+            steps = max(0, self.training_batches_seen - self.objective.critic_warmup_steps)
+            self.summary.setdefault("student_steps_per_epoch", []).append(steps)
         for name, metric in [*((f"eval/{t}_score", m) for t, m in self.task_scores.items()),
                              *((f"eval/{n}", m) for n, m in self.diversity.items())]:
             if (value := _computed(metric)) is not None:

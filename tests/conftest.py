@@ -27,6 +27,7 @@ def tiny_args(root, *extra, config="configs/blackbox.yaml"):
         "--model.student.heads=2",
         "--model.warmup.steps=5",
         f"--model.warmup.cache_dir={root}/cache",
+        "--data.tasks=[arithmetic,reversal]",
         "--data.train_size=8",
         "--data.val_size=4",
         "--data.samples_per_prompt=2",
@@ -72,7 +73,7 @@ def tiny_modules(root, objective=None, online=False, **data_kwargs):
         warmup=WarmupConfig(steps=5, cache_dir=os.path.join(root, "cache")),
         val_generation=GenerationConfig(max_new_tokens=12, temperature=0.0),
     )
-    settings = dict(train_size=8, val_size=4, samples_per_prompt=2, batch_size=4, critic_batch_size=8,
+    settings = dict(tasks=["arithmetic", "reversal"], train_size=8, val_size=4, samples_per_prompt=2, batch_size=4, critic_batch_size=8,
                     generation=GenerationConfig(max_new_tokens=12), online=online)
     settings.update(data_kwargs)
     return module, PreferenceDataModule(**settings)

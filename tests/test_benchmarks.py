@@ -23,11 +23,13 @@ def test_divergence_memory_benchmark_runs_and_reports_ratios(tmp_path):
     assert "memory ×" in result.stdout
 
 
-PLOTS = {"quality": ("learning_curves", "quality"), "ablations": ("ablations",), "pbkd": ("pbkd",), "scaling": ("scaling",)}
+PLOTS = {"quality": ("learning_curves", "quality"), "iterations": ("iterations",), "pbkd": ("pbkd",), "scaling": ("scaling",)}
 
 
 def check_bench_output(folder):
     """RESULTS.md, results.json and the plots of every section that ran exist, and every table figure is the JSON's."""
+    from benchmarks.report import pm, signed
+
     text = (folder / "RESULTS.md").read_text()
     figures = json.loads((folder / "results.json").read_text())
     for section, plots in PLOTS.items():
@@ -39,28 +41,22 @@ def check_bench_output(folder):
         [line] = [line for line in lines if line.startswith(f"| {name} | ") and marker(line)]
         return line
 
-    for name, row in figures.get("quality", {}).items():  # every method, its mean ± std as the JSON has it
-        mean, std = row["tasks"]["mean"]
-        assert f"{mean:.3f} ± {std:.3f}" in row_of(name, lambda line: "±" in line and line.count("|") > 6)
-        assert len(row["curve"]) == figures["size"]["epochs"] + 1
-    for name, row in figures.get("ablations", {}).items():
-        assert row_of(name, lambda line: line.count("|") == 5).startswith(f"| {name} | {row['mean']:.3f} | ")
+    for name, row in figures.get("quality", {}).items():  # every method: its mean, interval and paired Δ as the JSON has them
+        line = row_of(name, lambda line: "±" in line and line.count("|") > 8)
+        assert f"{pm(row['tasks']['mean'])}" in line
+        assert (f"| {signed(row['delta'])} |" if name != "SeqKD" else "| baseline |") in line
+        assert len(row["curve"]) == len(row["curve_steps"]) == len(row["curve_seconds"]) == figures["size"]["epochs"] + 1
+    for name, row in figures.get("iterations", {}).items():
+        assert row_of(name).startswith(f"| {name} | {pm(row['tasks']['mean'])} | ")
     if "pbkd" in figures:
-        check_pbkd(figures["pbkd"], text, row_of)
+        for label, row in figures["pbkd"]["rows"].items():
+            assert f"| {pm(row['tasks']['mean'])} | {signed(row['delta'])} |" in row_of(label)
+    for name, (mean, half, seeds) in figures.get("headline", {}).items():
+        assert f"- {name} − SeqKD, same student steps: **{signed([mean, half])} points**" in text
     check_speed_and_scaling(figures, lines, row_of)
     assert "no CUDA device" in text or figures["machine"]["cuda"]
     assert figures["machine"]["commit"] and f"`{figures['command']}`" in text
     return figures
-
-
-def check_pbkd(pbkd, text, row_of):
-    seqkd = pbkd["rows"]["SeqKD, same epochs"]["tasks"]["mean"][0]
-    assert list(pbkd["rows"])[1:-1] == pbkd["variants"] and pbkd["best"] in pbkd["variants"]
-    assert list(pbkd["rows"])[-1] == f"SeqKD, same wall-clock as the best PbKD row ({pbkd['rows'][list(pbkd['rows'])[-1]]['max_time_s']} s)"
-    for label, row in pbkd["rows"].items():  # issue 8's table: each row's mean and its difference to SeqKD
-        mean, std = row["tasks"]["mean"]
-        assert f"| {mean:.3f} ± {std:.3f} | {mean - seqkd:+.3f} |" in row_of(label)
-    assert f"Best PbKD row: **{pbkd['best']}**" in text
 
 
 def check_speed_and_scaling(figures, lines, row_of):
@@ -80,32 +76,40 @@ def check_speed_and_scaling(figures, lines, row_of):
 
 
 def test_report_from_recorded_runs(tmp_path):
-    """The report alone, from a fixture of records: means over seeds, the last record of a re-run seed, the PbKD
-    budget, provenance by commit; a line cut off by a kill is skipped."""
+    """The report alone, from a fixture of records: means with 95% intervals over seeds, paired differences to SeqKD,
+    the last record of a re-run seed, the wall-clock budget, provenance by commit; a line cut off by a kill is skipped."""
     from benchmarks.experiments import SIZES
-    from benchmarks.report import best_pbkd_variant, markdown, results, write
-    from benchmarks.runner import load_records
+    from benchmarks.report import markdown, results, write
+    from benchmarks.runner import load_records, wall_clock_budget
 
     records = load_records(FIXTURE)
-    assert len(records) == 28  # and the cut-off last line is ignored
+    assert len(records) == 24  # and the cut-off last line is ignored
     text = write(records, SIZES["quick"], "make bench-quick", str(tmp_path))
     figures = check_bench_output(tmp_path)
     assert text == (tmp_path / "RESULTS.md").read_text()
 
     seqkd = figures["quality"]["SeqKD"]  # seed 1 was recorded twice: 0.9 (first) then 0.5 (last, the one that counts)
-    assert seqkd["tasks"]["mean"] == pytest.approx([0.4, 0.1414214]) and seqkd["seconds"][0] == pytest.approx(11.0)
-    assert list(figures["quality"]) == ["SeqKD", "White-box PbKD", "X-KD, sequence-level"]  # the experiments' order
-    assert "| teacher model (white-box methods), greedy | 0.000 | 0.750 | 0.375 | | | |" in text
-    assert "| **0.400 ± 0.141** | " in text  # SeqKD's mean is the best of the column
-    assert best_pbkd_variant(records) == ("recommended (configs/blackbox.yaml)", 52.0)
-    assert figures["pbkd"]["best"] == "recommended (configs/blackbox.yaml)"
-    assert "| SeqKD, same wall-clock as the best PbKD row (52 s) | " in text
+    # two seeds 0.3 and 0.5: mean 0.4, 95% half-width t(1) · s / √2 = 12.706 · 0.1414 / 1.414
+    assert seqkd["tasks"]["mean"] == pytest.approx([0.4, 1.2706]) and seqkd["seconds"][0] == pytest.approx(11.0)
+    assert list(figures["quality"]) == ["SeqKD", "Black-box PbKD, offline", "White-box PbKD", "X-KD, sequence-level"]
+    offline = figures["quality"]["Black-box PbKD, offline"]  # 0.5 and 0.6 against SeqKD's 0.3 and 0.5, seed by seed
+    assert offline["delta"] == pytest.approx([0.15, 12.706 * 0.05])  # differences 0.2, 0.1: s = 0.0707, s/√2 = 0.05
+    assert figures["headline"]["Black-box PbKD, offline"] == pytest.approx([0.15, 12.706 * 0.05, 2])
+    assert "| teacher model (white-box methods), greedy | 0.000 | 0.750 | 0.375 | | | | | |" in text
+    assert "| **0.550 ± 0.635** | +15.0 ± 63.5 | 4 |" in text  # the best mean of the column, its Δ, its student steps
+    assert wall_clock_budget(records, "quality/Black-box PbKD, offline") == 52.0
+    same = figures["pbkd"]["same_wall_clock"]  # PbKD (0.5, 0.6) against SeqKD given its 52 s (0.35, 0.35)
+    assert same["row"] == "SeqKD, same wall-clock as Black-box PbKD, offline (52 s)" and same["delta"][0] == pytest.approx(0.2)
+    assert "(52 s): **+20.0 ± 63.5 points** (same wall-clock)" in text
+    assert "| offline, 2 epochs | 0.400 ± – | 0.70, 0.92 |" in text  # one seed: no interval
     assert "Reward model at or above 90% in 1 of 3 epochs/iterations above" in text
     assert "Not every section comes from the same commit" in text and "- speed: runs from 2026-12-02 09:00 UTC, commit def5678" in text
     assert "Not run yet" not in text
 
     partial = markdown(results([r for r in records if r["section"] == "scaling"], SIZES["quick"], "make bench-quick"))
-    assert "Not run yet: quality, ablations, pbkd, speed." in partial and "| tokens | 32 |" in partial
+    assert "Not run yet: quality, pbkd, iterations, speed." in partial and "| tokens | 32 |" in partial
+    with pytest.raises(ValueError, match="has no recorded run yet"):
+        wall_clock_budget([r for r in records if r["section"] != "quality"], "quality/Black-box PbKD, offline")
 
 
 CALLS = []
@@ -159,9 +163,10 @@ def repository_files():
 
 
 @pytest.mark.slow
-# Three parts, so two workers share them. The scaling section is the divergence-memory script at a few sizes: it runs
-# in test_divergence_memory_benchmark_runs_and_reports_ratios, and its table in test_report_from_recorded_runs.
-@pytest.mark.parametrize("sections", ["quality", "ablations,pbkd", "speed"])
+# Two parts, so two workers share them (pbkd's same-wall-clock row needs quality's runs). The scaling section is the
+# divergence-memory script at a few sizes: it runs in test_divergence_memory_benchmark_runs_and_reports_ratios, and its
+# table in test_report_from_recorded_runs.
+@pytest.mark.parametrize("sections", ["quality,pbkd", "iterations,speed"])
 def test_bench_quick_writes_only_under_its_folder_and_its_report_agrees_with_the_json(tmp_path, sections):
     from benchmarks.experiments import SIZES, experiments
 

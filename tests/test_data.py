@@ -13,8 +13,9 @@ from pbkd_lightning.data.records import DataError, read_prompts, read_responses,
 from pbkd_lightning.data.teachers import HFModelTeacher, ResponseFileTeacher, TaskProgramTeacher
 from pbkd_lightning.models.loading import ModelSpec, load_causal_lm
 from pbkd_lightning.models.tokenizer import build_char_tokenizer
-from pbkd_lightning.tasks import get_task
+from pbkd_lightning.tasks import BUILT_IN, get_task, split_prompts
 from pbkd_lightning.tasks.arithmetic import extract_answer
+from pbkd_lightning.tasks.distinct import _question
 
 
 def write(path, text):
@@ -286,12 +287,47 @@ def test_a_well_formed_buffer_file_reads_back_as_written(tmp_path):
 
 # ---------------------------------------------------------------------------- tasks
 def test_tasks_are_deterministic_and_the_teacher_scores_perfectly():
-    for name in ("arithmetic", "reversal"):
+    for name in BUILT_IN:
         task = get_task(name)
         records = task.generate(20, seed=5)
         assert records == task.generate(20, seed=5) and records != task.generate(20, seed=6)
-        assert all(task.score(r["reference"], r["reference"]) == 1.0 for r in records)
+        assert all(task.score(r["reference"], r) == 1.0 and task.check(r) is None for r in records)
         assert TaskProgramTeacher().respond(records) == [r["reference"] for r in records]
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_every_task_has_a_training_pool_of_20000_prompts_disjoint_from_500_held_out(name):
+    train, held_out = split_prompts(get_task(name), 20_000, 500, seed=1234)
+    prompts = [r["prompt"] for r in train]
+    assert len(set(prompts)) == 20_000 and len({r["prompt"] for r in held_out}) == 500
+    assert not set(prompts) & {r["prompt"] for r in held_out}
+    assert split_prompts(get_task(name), 20_000, 500, seed=1234) == (train, held_out)
+
+
+def test_a_task_without_enough_distinct_prompts_says_so():
+    with pytest.raises(ValueError, match="too few distinct prompts"):
+        split_prompts(get_task("distinct"), 60_000, 500, seed=0)
+
+
+def test_distinct_scores_validity_and_distinctness_and_its_teacher_spreads_over_right_answers():
+    task = get_task("distinct")
+    record = {"prompt": "List 3 different odd numbers from 12 to 40.\n", "reference": "13 15 17"}
+    assert task.score("39 21 13", record) == 1.0
+    assert task.score("21 21 13", record) == pytest.approx(2 / 3)  # a repeat fills one slot
+    assert task.score("21 22 13", record) == pytest.approx(2 / 3)  # 22 is even
+    assert task.score("11 21 13", record) == pytest.approx(2 / 3)  # 11 is out of range
+    assert task.score("21 13 15 17", record) == pytest.approx(3 / 4)  # a fourth number counts against
+    assert task.score("21 x", record) == pytest.approx(1 / 3) and task.score("", record) == 0.0
+    # the teacher's answer is a uniform draw among the right ones (in ascending order), not the k smallest
+    records = task.generate(2000, seed=1)
+    smallest = 0
+    for r in records:
+        k, test, low, high = _question(r["prompt"])
+        answer = [int(n) for n in r["reference"].split()]
+        assert answer == sorted(answer) and len(set(answer)) == k
+        smallest += answer == [n for n in range(low, high + 1) if test(n)][:k]
+    assert smallest / len(records) < 0.05
+    assert task.check({"prompt": "Name three numbers\n"}) and "List <k> different" in task.check({"prompt": "x"})
 
 
 def test_arithmetic_chain_of_thought_is_consistent():
@@ -304,11 +340,11 @@ def test_arithmetic_chain_of_thought_is_consistent():
 
 
 def test_scores_give_partial_credit_only_for_rouge():
-    assert get_task("arithmetic").score("3+4=7.\n#### 8", "3+4=7.\n#### 7") == 0.0
-    assert get_task("arithmetic").score("junk #### 7", "3+4=7.\n#### 7") == 1.0
-    partial = get_task("reversal").score("dog cat", "dog sun cat")
+    assert get_task("arithmetic").score("3+4=7.\n#### 8", {"reference": "3+4=7.\n#### 7"}) == 0.0
+    assert get_task("arithmetic").score("junk #### 7", {"reference": "3+4=7.\n#### 7"}) == 1.0
+    partial = get_task("reversal").score("dog cat", {"reference": "dog sun cat"})
     assert 0 < partial < 1
-    assert get_task("reversal").score("", "dog") == 0.0
+    assert get_task("reversal").score("", {"reference": "dog"}) == 0.0
 
 
 # ---------------------------------------------------------------------------- teachers

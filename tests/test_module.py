@@ -19,11 +19,12 @@ pytestmark = pytest.mark.slow  # every test here fits (or needs a fitted run)
 # ---------------------------------------------------------------------------- black-box PbKD and what every fit shares
 def test_offline_fit_end_to_end(tiny_fit, tmp_path):
     root = tmp_path / "run"
-    tiny_fit("--model.objective.critic_warmup_steps=0", "--model.objective.critic_trust=always")  # the surrogate from step 1
+    tiny_fit("--model.objective.critic_warmup_steps=0", "--model.objective.critic_trust=always",  # the surrogate from step 1
+             "--data.tasks=[arithmetic,reversal,distinct]", "--data.train_size=6")  # the built-in tasks: 18 prompts
     logged = scalars(root)
     for tag in ("critic/pref_acc", "critic/loss", "critic/reward_gap", "critic/heldout_pref_acc",
                 "student/pg_loss", "student/clip_frac", "student/nll_teacher", "eval/arithmetic_score",
-                "eval/reversal_score", "data/buffer_pairs", "gen/tokens_per_s", "student/loss"):
+                "eval/reversal_score", "eval/distinct_score", "data/buffer_pairs", "gen/tokens_per_s", "student/loss"):
         assert tag in logged, tag
     summary = json.loads((root / "summary.json").read_text())
     assert set(summary) >= {"teacher", "student_before_warmup", "student_start", "student_final",
@@ -34,7 +35,7 @@ def test_offline_fit_end_to_end(tiny_fit, tmp_path):
     assert (root / "checkpoints" / "last.ckpt").exists()
     assert (root / "student" / "config.json").exists()
     groups = read_jsonl(root / "buffer" / "iter_0000.jsonl")
-    assert len(groups) == 16 and all(len(g["samples"]) == 2 for g in groups)
+    assert len(groups) == 18 and all(len(g["samples"]) == 2 for g in groups)
     ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)
     assert not any(k.startswith("reference.") for k in ckpt["state_dict"])  # rebuilt, not stored
 
@@ -87,7 +88,7 @@ def test_online_fit_regenerates_samples_from_the_updated_student(tmp_path, monke
 
     monkeypatch.setattr(objective_code, "sample_rollouts", recording_sample)
     epoch_end = EpochEnd()
-    module, datamodule = tiny_modules(tmp_path, online=True, prompts_per_iteration=12)
+    module, datamodule = tiny_modules(tmp_path, online=True, prompts_per_epoch=12)
     tiny_trainer(tmp_path / "run", [epoch_end], online=True, max_epochs=2).fit(module, datamodule)
 
     assert len(sampled_from) == 2
@@ -100,6 +101,51 @@ def test_online_fit_regenerates_samples_from_the_updated_student(tmp_path, monke
     assert [g["prompt"] for g in iterations[0]] != [g["prompt"] for g in iterations[1]]
     pairs = scalars(tmp_path / "run", "lightning_logs")["data/buffer_pairs"]
     assert len(pairs) == 2 and pairs[1] > pairs[0]  # the buffer grows every iteration
+
+
+class EpochPrompts(Callback):
+    """The training prompts of each epoch (the student loader's items)."""
+
+    def __init__(self):
+        self.prompts = []
+
+    def on_train_epoch_start(self, trainer, module):
+        loader = getattr(trainer.train_dataloader, "iterables", trainer.train_dataloader)
+        loader = loader["student"] if isinstance(loader, dict) else loader
+        self.prompts.append(sorted(item["prompt"] for item in loader.dataset))
+
+
+def test_every_epoch_draws_new_prompts_from_the_pool(tmp_path):
+    from pbkd_lightning.objectives import SeqKD
+
+    seen = EpochPrompts()
+    module, datamodule = tiny_modules(tmp_path, SeqKD(), prompts_per_epoch=6, train_size=6)  # a pool of 12 (two tasks)
+    tiny_trainer(tmp_path / "run", [seen], online=True, max_epochs=3).fit(module, datamodule)
+    first, second, third = (set(p) for p in seen.prompts)
+    assert len(first) == len(second) == 6 and not first & second  # no prompt repeats before the pool is used up
+    assert third == first  # then the same shuffled order again
+    pool = {r["prompt"] for r in datamodule.train_records}
+    assert first | second == pool and not pool & {r["prompt"] for r in datamodule.val_records}
+
+    module, datamodule = tiny_modules(tmp_path, SeqKD(), prompts_per_epoch=6, train_size=6)
+    with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs: 1"):
+        tiny_trainer(tmp_path / "other", max_epochs=1).fit(module, datamodule)
+
+
+def test_offline_samples_every_epochs_prompts_once_from_the_starting_student(tmp_path, monkeypatch):
+    import pbkd_lightning.objectives.base as objective_code  # what Objective.rollout calls
+
+    calls = []
+    real = objective_code.sample_rollouts
+    monkeypatch.setattr(objective_code, "sample_rollouts", lambda model, tokenizer, prompts, *a, **k: (
+        calls.append((checksum(model), list(prompts))), real(model, tokenizer, prompts, *a, **k))[1])
+    seen = EpochPrompts()
+    module, datamodule = tiny_modules(tmp_path, prompts_per_epoch=4, train_size=6)
+    tiny_trainer(tmp_path / "run", [seen], online=True, max_epochs=2).fit(module, datamodule)
+    assert len(calls) == 1 and len(calls[0][1]) == 8  # one pass, before the student moved, for both epochs' prompts
+    [buffered] = [read_jsonl(tmp_path / "run" / "buffer" / "iter_0000.jsonl")]
+    assert sorted(g["prompt"] for g in buffered) == sorted(seen.prompts[0] + seen.prompts[1])
+    assert not set(seen.prompts[0]) & set(seen.prompts[1])
 
 
 class Killed(Exception):

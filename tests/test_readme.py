@@ -17,6 +17,6 @@ def test_the_readme_python_api_example_fits(tmp_path, monkeypatch, capsys):
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
     module = namespace["module"]
-    assert set(module.summary["student_final"]) == {"arithmetic", "reversal", "mean"}
+    assert set(module.summary["student_final"]) == {"arithmetic", "distinct", "reversal", "mean"}
     assert (tmp_path / "runs" / "api" / "summary.json").exists() and (tmp_path / "runs" / "api" / "student").is_dir()
     assert "'mean'" in capsys.readouterr().out

@@ -49,7 +49,7 @@ def test_full_size_config_runs_a_step_with_tiny_models_of_its_architecture(tmp_p
         f"--model.student.path={tmp_path}/student", f"--data.teacher.init_args.path={tmp_path}/teacher",
         f"--data.train_file={tmp_path}/train.jsonl", f"--data.val_file={tmp_path}/test.jsonl",
         "--data.teacher.init_args.max_new_tokens=8", "--data.generation.max_new_tokens=8", "--model.val_generation.max_new_tokens=8",
-        "--data.prompts_per_iteration=4", "--data.val_batch_size=4", "--model.objective.critic_warmup_steps=0",
+        "--data.prompts_per_epoch=4", "--data.val_batch_size=4", "--model.objective.critic_warmup_steps=0",
     )
     module = cli.model
     assert type(module.student).__name__ == config_class.replace("Config", "ForCausalLM")

@@ -22,7 +22,7 @@ from pbkd_lightning.data.labelers import label_pair, sample_pairs
 from pbkd_lightning.data.records import DataError, read_jsonl, read_prompts, write_jsonl_atomic
 from pbkd_lightning.data.teachers import ResponseFileTeacher, TaskProgramTeacher, Teacher
 from pbkd_lightning.sequences import Encoder, Rollout
-from pbkd_lightning.tasks import get_task
+from pbkd_lightning.tasks import get_task, split_prompts
 
 
 @dataclass
@@ -61,9 +61,9 @@ class PreferenceDataModule(LightningDataModule):
 
     def __init__(
         self,
-        tasks: list[str] = ["arithmetic", "reversal"],
-        train_size: PositiveInt = 256,
-        val_size: PositiveInt = 64,
+        tasks: list[str] = ["arithmetic", "reversal", "distinct"],
+        train_size: PositiveInt = 20_000,
+        val_size: PositiveInt = 500,
         seed: int = 1234,
         train_file: Optional[str] = None,
         val_file: Optional[str] = None,
@@ -71,12 +71,13 @@ class PreferenceDataModule(LightningDataModule):
         labeler: Literal["teacher", "verifier", "both"] = "teacher",
         sample_pairs: bool = False,
         samples_per_prompt: PositiveInt = 4,
-        prompts_per_iteration: Optional[PositiveInt] = None,
+        prompts_per_epoch: Optional[PositiveInt] = None,
         online: bool = False,
         generation: GenerationConfig = GenerationConfig(),
         batch_size: PositiveInt = 8,
         critic_batch_size: PositiveInt = 32,
         val_batch_size: PositiveInt = 64,
+        val_sampled_prompts: Optional[PositiveInt] = None,
         generation_batch_size: PositiveInt = 64,
         max_prompt_tokens: PositiveInt = 96,
         truncation: Literal["truncate", "error"] = "truncate",
@@ -90,9 +91,9 @@ class PreferenceDataModule(LightningDataModule):
         """
         Args:
             tasks: built-in tasks to generate prompts from (when no ``train_file``).
-            train_size: prompts per task for training.
-            val_size: held-out prompts per task (never trained on).
-            seed: seed of the generated prompts (validation uses ``seed + 1``).
+            train_size: distinct training prompts per task: the pool each epoch's prompts are drawn from.
+            val_size: distinct held-out prompts per task, none of them in the training pool.
+            seed: seed of the generated prompts (held-out prompts use ``seed + 1``) and of the epochs' draws.
             train_file: JSONL of ``{"prompt", "reference"?, "task"?}`` (or GSM8K's ``{"question", "answer"}``).
             val_file: held-out prompts in the same format; required with ``train_file``.
             teacher: who answers the prompts; default: the task program (``TaskProgramTeacher``).
@@ -101,13 +102,20 @@ class PreferenceDataModule(LightningDataModule):
             sample_pairs: black-box PbKD: also pair each prompt's samples with each other, the one the task
                 scores higher preferred (needs references): the rankings the student's advantages use.
             samples_per_prompt: K student samples per prompt.
-            prompts_per_iteration: training prompts sampled per iteration (a new draw each online
-                iteration); None: all. The warm-up and SeqKD use every training prompt.
+            prompts_per_epoch: training prompts per epoch, for every method: the pool (``train_size`` per task, or
+                ``train_file``) is walked in a fixed shuffled order, a new window each epoch, so no prompt repeats
+                before the pool is used up; needs ``trainer.reload_dataloaders_every_n_epochs: 1``. Offline
+                sampling methods sample the prompts of all ``trainer.max_epochs`` epochs once, from the student at
+                the start of fit. None: every training prompt every epoch. The warm-up and the embedded teacher
+                train on the whole pool.
             online: regenerate samples and pairs every epoch from the current student.
             generation: how the student samples (temperature, top-p, max new tokens).
             batch_size: prompts per student step (K sequences each).
             critic_batch_size: pairs per critic step.
             val_batch_size: prompts per validation step.
+            val_sampled_prompts: the first this-many held-out prompts also get K samples at the generation settings each
+                validation: the diversity metrics and the reward model's held-out accuracy are measured on them (every
+                held-out prompt is scored greedily); None: all.
             generation_batch_size: prompts per ``generate`` call when sampling.
             max_prompt_tokens: longer prompts keep their last tokens (``truncate``) or stop the run (``error``).
             truncation: what to do with a prompt longer than ``max_prompt_tokens``.
@@ -149,6 +157,7 @@ class PreferenceDataModule(LightningDataModule):
         self.stats: dict[str, float] = {}
         self._groups: list[dict] = []
         self._groups_iteration: Optional[int] = None
+        self._order: Optional[list[int]] = None  # the pool's shuffled order that epochs walk (epoch_rows)
         self._buffer_checked = False
         # The files are read here, before the trainer (and its logger) writes anything: a bad one stops the run at once.
         self.dropped: list[str] = []  # ``file:line:field`` of each record left out for an empty field (``empty: drop``)
@@ -167,14 +176,11 @@ class PreferenceDataModule(LightningDataModule):
         if self._file_prompts is not None:
             train, val = ([dict(r) for r in split] for split in self._file_prompts)  # held-out split already checked
         else:
-            per_task = [
-                (get_task(name).generate(h.train_size, seed=h.seed + 1000 * offset),
-                 get_task(name).generate(h.val_size, seed=h.seed + 1000 * offset + 1))
-                for offset, name in enumerate(h.tasks)
-            ]
+            per_task = [split_prompts(get_task(name), h.train_size, h.val_size, seed=h.seed + 1000 * offset)
+                        for offset, name in enumerate(h.tasks)]
             # Interleaved, so every batch (and the dashboard's sample panel) mixes the tasks.
             train = [r for group in zip(*(t for t, _ in per_task)) for r in group]
-            val = _held_out(train, [r for group in zip(*(v for _, v in per_task)) for r in group], None)
+            val = [r for group in zip(*(v for _, v in per_task)) for r in group]
         # One request for both splits: a model teacher is loaded once.
         texts, ended = self._teacher_responses(train + val)
         for record, response, whole in zip(train + val, texts, ended):
@@ -195,6 +201,9 @@ class PreferenceDataModule(LightningDataModule):
             records = []
             for line_no, record in read_prompts(path, h.empty, self.dropped, with_lines=True):
                 where = f"{path}:{line_no}"
+                problem = get_task(record["task"]).check(record)
+                if problem:
+                    raise DataError(f"{where}: task {record['task']!r}: {problem}")
                 if isinstance(self.teacher, TaskProgramTeacher) and record["reference"] is None:
                     raise DataError(f"{where}: missing field 'reference' (the default teacher, TaskProgramTeacher, "
                                     "answers with it; give one or set `data.teacher`)")
@@ -234,6 +243,35 @@ class PreferenceDataModule(LightningDataModule):
         reload_every = self.trainer.reload_dataloaders_every_n_epochs
         if self.hparams.online and reload_every != 1:
             raise ValueError("`data.online: true` needs `trainer.reload_dataloaders_every_n_epochs: 1`")
+        if self._draws_prompts and reload_every != 1:
+            raise ValueError("`data.prompts_per_epoch` draws new prompts every epoch: it needs "
+                             "`trainer.reload_dataloaders_every_n_epochs: 1`")
+
+    @property
+    def _draws_prompts(self) -> bool:
+        size = self.hparams.prompts_per_epoch
+        return size is not None and size < len(self.train_records)
+
+    def epoch_rows(self, epoch: int) -> list[int]:
+        """Indices into the training records of epoch ``epoch``'s prompts: consecutive windows of one fixed shuffled
+        order of the pool (seeded by ``data.seed``), wrapping around when it is used up; every row without
+        ``prompts_per_epoch``."""
+        count = len(self.train_records)
+        if not self._draws_prompts:
+            return list(range(count))
+        if self._order is None:
+            self._order = list(range(count))
+            random.Random(self.hparams.seed).shuffle(self._order)
+        start = epoch * self.hparams.prompts_per_epoch
+        return [self._order[i % count] for i in range(start, start + self.hparams.prompts_per_epoch)]
+
+    def _sampled_rows(self, iteration: int) -> list[int]:
+        """The rows an iteration samples: online, its epoch's; offline (iteration 0), those of every epoch the trainer
+        will run, each once, so every epoch finds its prompts sampled by the student at the start of fit."""
+        if self.hparams.online or not self._draws_prompts:
+            return self.epoch_rows(iteration)
+        epochs = self.trainer.max_epochs if self.trainer is not None and (self.trainer.max_epochs or 0) > 0 else 1
+        return list(dict.fromkeys(row for epoch in range(epochs) for row in self.epoch_rows(epoch)))
 
     # ------------------------------------------------------------------ the buffer
     @property
@@ -284,10 +322,7 @@ class PreferenceDataModule(LightningDataModule):
     def _make_iteration(self, iteration: int) -> list[dict]:
         """Sample K responses per training prompt from the current policy and label them."""
         connection, h = self._connected(), self.hparams
-        records = self.train_records
-        if h.prompts_per_iteration is not None and h.prompts_per_iteration < len(records):
-            rng = random.Random(h.seed * 100_003 + iteration)
-            records = rng.sample(records, h.prompts_per_iteration)
+        records = [self.train_records[row] for row in self._sampled_rows(iteration)]
         # Each rank samples every world-th prompt; the pieces are gathered so every rank holds the whole
         # iteration (and rank 0 stores each group once).
         world, rank = self.trainer.world_size, self.trainer.global_rank
@@ -378,13 +413,18 @@ class PreferenceDataModule(LightningDataModule):
         student_encoder = self.encoder(connection.tokenizer)
         if "data/truncated_prompts" not in self.stats:
             self._check_prompt_lengths(student_encoder)
-        iteration = self.trainer.current_epoch if self.hparams.online else 0
+        epoch = self.trainer.current_epoch
+        iteration = epoch if self.hparams.online else 0
+        rows = self.epoch_rows(epoch)
         if not connection.needs_samples:
             items = [{"prompt": r["prompt"], "teacher": r["teacher"], "row": r["row"], "teacher_ended": r.get("teacher_ended", True)}
-                     for r in self.train_records]
+                     for r in (self.train_records[row] for row in rows)]
             collate = StudentCollate(student_encoder, teacher_cache=connection.teacher_cache)
             return self._loader(items, self.hparams.batch_size, collate, shuffle=True)
         groups = self._groups_for(iteration)
+        if not self.hparams.online and self._draws_prompts:  # offline: this epoch's prompts among those sampled
+            wanted = set(rows)
+            groups = [g for g in groups if g["row"] in wanted]
         own_critic_tokenizer = connection.critic_tokenizer is not None and connection.critic_tokenizer is not connection.tokenizer
         critic_encoder = self.encoder(connection.critic_tokenizer) if own_critic_tokenizer else None
         collate = StudentCollate(student_encoder, critic_encoder, connection.teacher_cache)
@@ -420,11 +460,11 @@ class PreferenceDataModule(LightningDataModule):
         )
         return {"student": student_loader, "critic": critic_loader}
 
-    def batches_per_epoch(self, samples: bool, world_size: int = 1) -> int:
+    def batches_per_epoch(self, world_size: int = 1) -> int:
         """Student batches per epoch on each rank (what :meth:`train_dataloader` will give), without sampling."""
         items = len(self.train_records)
-        if samples and self.hparams.prompts_per_iteration is not None:
-            items = min(items, self.hparams.prompts_per_iteration)
+        if self.hparams.prompts_per_epoch is not None:
+            items = min(items, self.hparams.prompts_per_epoch)
         per_rank = math.ceil(items / world_size)  # a DistributedSampler pads every rank to the same share
         return math.ceil(per_rank / self.hparams.batch_size)
 

@@ -28,10 +28,10 @@ def label_pair(labeler: str, record: dict, teacher: str, student: str) -> int:
 
 def verify(record: dict, first: str, second: str) -> int:
     """+1 when the task scores ``first`` higher than ``second``, -1 when lower, 0 when equal."""
-    task, reference = get_task(record.get("task", "text")), record.get("reference")
-    if reference is None:
+    task = get_task(record.get("task", "text"))
+    if record.get("reference") is None:
         raise ValueError("the verifier labeler needs a 'reference' on every prompt")
-    first_score, second_score = task.score(first, reference), task.score(second, reference)
+    first_score, second_score = task.score(first, record), task.score(second, record)
     return (first_score > second_score) - (first_score < second_score)
 
 

@@ -12,7 +12,7 @@ def score_responses(records: list[dict], responses: list[str]) -> list[tuple[str
         if record.get("reference") is None:
             continue
         task = get_task(record.get("task", "text"))
-        scored.append((task.name, task.score(response, record["reference"])))
+        scored.append((task.name, task.score(response, record)))
     return scored
 
 

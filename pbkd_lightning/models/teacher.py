@@ -46,7 +46,7 @@ class TeacherModel:
     """Embedded teacher only: attention heads."""
     init_seed: int = 1
     """Embedded teacher only: seed of its initialisation and of its training batches."""
-    train_steps: NonNegativeInt = 1200
+    train_steps: NonNegativeInt = 4000
     """Embedded teacher only: SFT steps (cached under ``cache_dir``, so paid once)."""
     train_lr: PositiveFloat = 3e-3
     """Embedded teacher only: AdamW learning rate of its SFT."""

@@ -27,7 +27,7 @@ class WarmupConfig:
     steps: NonNegativeInt = 0
     """Optimizer steps; 0 turns the warm-up off."""
     lr: PositiveFloat = 3e-3
-    """AdamW learning rate (linear decay to 0)."""
+    """AdamW learning rate (after a linear ramp over the first tenth of the steps, at most 100: linear decay to 0)."""
     batch_size: PositiveInt = 32
     """Sequences per step."""
     cache_dir: str = "runs/cache"
@@ -108,7 +108,9 @@ def _train(student, encoder: Encoder, records: list[dict], config: WarmupConfig,
     device = next(student.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(1, config.steps))
+    ramp = max(1, min(100, config.steps // 10))  # a short linear warm-up of the learning rate, then linear decay to 0
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / ramp) * (1.0 - step / max(1, config.steps)))
     student.train()
     interactive = sys.stderr.isatty()  # in a log file, one line every 10 s rather than every step
     progress = tqdm(

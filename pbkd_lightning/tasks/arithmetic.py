@@ -19,29 +19,35 @@ class ArithmeticTask:
 
     name = "arithmetic"
 
-    def __init__(self, max_operand: int = 20):
+    def __init__(self, max_operand: int = 9):
         self.max_operand = max_operand
 
     def generate(self, n: int, seed: int) -> list[dict]:
         rng = random.Random(seed)
-        records = []
-        for _ in range(n):
-            name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-            a = rng.randint(2, self.max_operand)
-            b = rng.randint(1, self.max_operand)
-            first_gain = rng.random() < 0.5 or b > a
-            mid = a + b if first_gain else a - b
-            c = rng.randint(1, self.max_operand)
-            second_gain = rng.random() < 0.5 or c > mid
-            end = mid + c if second_gain else mid - c
-            verb1 = "gets" if first_gain else "loses"
-            verb2 = "gets" if second_gain else "loses"
-            prompt = f"{name} has {a} {item}, {verb1} {b}, then {verb2} {c}. How many {item}?\n"
-            step1 = f"{a}{'+' if first_gain else '-'}{b}={mid}"
-            step2 = f"{mid}{'+' if second_gain else '-'}{c}={end}"
-            records.append({"task": self.name, "prompt": prompt, "reference": f"{step1}. {step2}.\n#### {end}"})
-        return records
+        return [self.record(rng) for _ in range(n)]
 
-    def score(self, prediction: str, reference: str) -> float:
-        predicted, expected = extract_answer(prediction), extract_answer(reference)
+    def record(self, rng: random.Random) -> dict:
+        name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+        a = rng.randint(2, self.max_operand)
+        b = rng.randint(1, self.max_operand)
+        first_gain = rng.random() < 0.5 or b > a
+        mid = a + b if first_gain else a - b
+        c = rng.randint(1, self.max_operand)
+        second_gain = rng.random() < 0.5 or c > mid
+        end = mid + c if second_gain else mid - c
+        verb1 = "gets" if first_gain else "loses"
+        verb2 = "gets" if second_gain else "loses"
+        prompt = f"{name} has {a} {item}, {verb1} {b}, then {verb2} {c}. How many {item}?\n"
+        step1 = f"{a}{'+' if first_gain else '-'}{b}={mid}"
+        step2 = f"{mid}{'+' if second_gain else '-'}{c}={end}"
+        return {"task": self.name, "prompt": prompt, "reference": f"{step1}. {step2}.\n#### {end}"}
+
+    def check(self, record: dict):
+        """What makes ``record`` unscorable by this task, or None."""
+        if record.get("reference") is not None and extract_answer(record["reference"]) is None:
+            return "the reference has no final answer '#### <number>' (GSM8K's format) to compare with"
+        return None
+
+    def score(self, prediction: str, record: dict) -> float:
+        predicted, expected = extract_answer(prediction), extract_answer(record["reference"])
         return float(predicted is not None and predicted == expected)

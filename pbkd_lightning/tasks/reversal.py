@@ -15,15 +15,18 @@ class ReversalTask:
 
     def generate(self, n: int, seed: int) -> list[dict]:
         rng = random.Random(seed)
-        records = []
-        for _ in range(n):
-            words = [rng.choice(_WORDS) for _ in range(rng.randint(self.min_words, self.max_words))]
-            records.append(
-                {"task": self.name, "prompt": f"Reverse: {' '.join(words)}\n", "reference": " ".join(reversed(words))}
-            )
-        return records
+        return [self.record(rng) for _ in range(n)]
 
-    def score(self, prediction: str, reference: str) -> float:
+    def record(self, rng: random.Random) -> dict:
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(self.min_words, self.max_words))]
+        return {"task": self.name, "prompt": f"Reverse: {' '.join(words)}\n", "reference": " ".join(reversed(words))}
+
+    def check(self, record: dict):
+        """What makes ``record`` unscorable by this task, or None: any text is."""
+        return None
+
+    def score(self, prediction: str, record: dict) -> float:
+        reference = record["reference"]
         if not prediction.strip():
             return 0.0
         # use_stemmer=False: the stemmer needs nltk data that cannot be downloaded offline.

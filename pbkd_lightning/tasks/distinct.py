@@ -1,0 +1,66 @@
+"""Name k different numbers in a range that satisfy a rule: many answers are right (scored for validity and
+distinctness), and the task program's answer is a uniform draw among them, so a mean-seeking student can learn the
+teacher's spread and a mode-seeking one can settle on one answer per prompt."""
+
+import random
+import re
+
+# (name in the prompt, test): rules a number's last digit decides, so a small model can learn them
+_RULES = {
+    "even numbers": lambda n: n % 2 == 0,
+    "odd numbers": lambda n: n % 2 == 1,
+    "multiples of 5": lambda n: n % 5 == 0,
+}
+_PROMPT = re.compile(r"List (\d+) different (.+?) from (\d+) to (\d+)\.")
+
+
+def _question(prompt: str):
+    """``(k, rule, low, high)`` read back from a prompt of this task."""
+    found = _PROMPT.search(prompt)
+    if not found:
+        raise ValueError(f"not a 'distinct' prompt: {prompt[:60]!r}")
+    k, rule, low, high = found.groups()
+    if rule not in _RULES:
+        raise ValueError(f"unknown rule {rule!r} in {prompt[:60]!r}")
+    return int(k), _RULES[rule], int(low), int(high)
+
+
+class DistinctTask:
+    """``List 3 different odd numbers from 12 to 40.`` → ``17 25 33``; scored by the share of the k slots filled with
+    distinct numbers that satisfy the rule, in any order (extra numbers count against it). The task program answers
+    with k of the right numbers drawn uniformly, in ascending order."""
+
+    name = "distinct"
+
+    def __init__(self, min_items: int = 2, max_items: int = 4, low: int = 10, high: int = 150, min_width: int = 20,
+                 max_width: int = 40):
+        self.min_items, self.max_items = min_items, max_items
+        self.low, self.high, self.min_width, self.max_width = low, high, min_width, max_width
+
+    def record(self, rng: random.Random) -> dict:
+        k = rng.randint(self.min_items, self.max_items)
+        rule = rng.choice(sorted(_RULES))
+        low = rng.randint(self.low, self.high)
+        high = low + rng.randint(self.min_width, self.max_width)
+        valid = [n for n in range(low, high + 1) if _RULES[rule](n)]
+        answer = sorted(rng.sample(valid, k))  # a width of 20 or more leaves 4 multiples of 5
+        return {"task": self.name, "prompt": f"List {k} different {rule} from {low} to {high}.\n",
+                "reference": " ".join(map(str, answer))}
+
+    def generate(self, n: int, seed: int) -> list[dict]:
+        rng = random.Random(seed)
+        return [self.record(rng) for _ in range(n)]
+
+    def check(self, record: dict):
+        """What makes ``record`` unscorable by this task, or None."""
+        try:
+            _question(record["prompt"])
+        except ValueError as error:
+            return f"{error} (a 'distinct' prompt reads 'List <k> different <rule> from <low> to <high>.', the rule one of {sorted(_RULES)})"
+        return None
+
+    def score(self, prediction: str, record: dict) -> float:
+        k, test, low, high = _question(record["prompt"])
+        items = prediction.split()
+        good = {int(i) for i in items if i.isdigit() and low <= int(i) <= high and test(int(i))}
+        return min(len(good), k) / max(k, len(items))

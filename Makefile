@@ -29,7 +29,7 @@ test: install
 	$(PY) -m pytest -q -n 2 --dist worksteal  # two workers: the suite is single-threaded per test (conftest), the machine has 2 cores
 
 # Each finished bench run is a line of runs/bench-<full|quick>/runs.jsonl: an interrupted bench continues where it stopped.
-bench: install  # the full benchmark suite: benchmarks/RESULTS.md, results.json, plots/ (about 75 min on 2 cores)
+bench: install  # the full benchmark suite: benchmarks/RESULTS.md, results.json, plots/ (resumable; see the README for its duration)
 	$(PY) -m benchmarks.run
 
 bench-quick: install  # the same tables at toy size, in minutes

@@ -407,6 +407,9 @@ def write(records: list[dict], size: Size, command: str, out: str) -> str:
     with open(os.path.join(out, "results.json"), "w") as handle:
         json.dump(figures, handle, indent=1)
     plots(figures, os.path.join(out, "plots"))
+    for name in os.listdir(os.path.join(out, "plots")):  # a plot of a section this report no longer has is stale
+        if name.endswith(".png") and name[: -len(".png")] not in plot_names(figures):
+            os.unlink(os.path.join(out, "plots", name))
     text = markdown(figures)
     with open(os.path.join(out, "RESULTS.md"), "w") as handle:
         handle.write(text)

@@ -1,6 +1,6 @@
 """make bench / make bench-quick: quality, ablations, speed and scaling, written to benchmarks/RESULTS.md.
 
-    python -m benchmarks.run                     # the full suite (2 CPU cores: over an hour)
+    python -m benchmarks.run                     # the full suite (2 CPU cores: hours; resumable)
     python -m benchmarks.run --quick             # the same tables at toy size (minutes)
     python -m benchmarks.run --sections pbkd     # only these sections' experiments
     python -m benchmarks.run --quick --out DIR   # everything (runs, caches, records, report) under DIR
@@ -42,6 +42,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated subset of {','.join(SECTIONS)} to run; the report still shows every "
                              "recorded section")
+    parser.add_argument("--rows", help="only these rows of the selected sections, names separated by ';' "
+                                       "(e.g. 'SeqKD;Black-box PbKD, offline')")
     parser.add_argument("--fresh", action="store_true", help="forget the selected sections' records and measure them again")
     parser.add_argument("--seeds", type=int, help="run only each experiment's first N seeds (a smoke run; the report's "
                                                    "± is then over fewer seeds, 0 for one)")
@@ -65,13 +67,19 @@ def main(argv=None) -> None:
         runner.forget(records_path, mode, set(sections))
     size = SIZES[mode]
     chosen = [e for e in experiments(size) if e.section in sections]
+    if args.rows:
+        wanted = {name.strip() for name in args.rows.split(";")}
+        if unknown := wanted - {e.name for e in chosen}:
+            parser.error(f"no row named {sorted(unknown)} in sections {','.join(sections)}")
+        chosen = [e for e in chosen if e.name in wanted]
     if args.seeds:
         chosen = [dataclasses.replace(e, seeds=e.seeds[: args.seeds]) for e in chosen]
     runner.run(chosen, mode, records_path, work)
 
     command = "make bench-quick" if args.quick else "make bench"
-    if set(sections) != set(SECTIONS) or args.seeds:
+    if set(sections) != set(SECTIONS) or args.seeds or args.rows:
         command = f"python -m benchmarks.run{' --quick' if args.quick else ''} --sections {','.join(sections)}"
+        command += f" --rows '{args.rows}'" if args.rows else ""
         command += f" --seeds {args.seeds}" if args.seeds else ""
     records = [r for r in runner.load_records(records_path) if r["mode"] == mode]
     print(report.write(records, size, command, out))

@@ -1,6 +1,7 @@
 """The command line: config files, overrides and the errors a user sees before any model loads."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -237,3 +238,15 @@ def test_a_resumed_fit_continues_the_default_tensorboard_run(tmp_path):
     run_cli("fit", *tiny_args(root, *SHORT, "--trainer.max_epochs=2"), f"--ckpt_path={root}/checkpoints/last.ckpt")
     assert os.listdir(root / "tensorboard") == ["version_0"]
     assert len(tensorboard_run(root / "tensorboard" / "version_0")[0]) > len(steps)
+
+
+@pytest.mark.slow
+def test_the_default_run_is_deterministic(tmp_path):
+    """The default config twice from scratch (own warm-up caches, own folders): the same summary, to the last digit."""
+    summaries = []
+    for name in ("first", "second"):
+        run_cli("fit", *tiny_args(tmp_path / name, "--trainer.max_epochs=2", "--data.tasks=[arithmetic,reversal,distinct]",
+                                  "--data.train_size=6", "--data.prompts_per_epoch=8"))
+        summaries.append(json.loads((tmp_path / name / "summary.json").read_text()))
+    assert summaries[0] == summaries[1]
+    assert summaries[0]["student_steps_per_epoch"] == [2, 4]  # 8 of the 18 prompts per epoch, 4 per batch

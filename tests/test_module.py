@@ -148,6 +148,38 @@ def test_offline_samples_every_epochs_prompts_once_from_the_starting_student(tmp
     assert not set(seen.prompts[0]) & set(seen.prompts[1])
 
 
+class StudentPrompts(Callback):
+    """The prompts of every student batch, in order."""
+
+    def __init__(self):
+        self.batches = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.batches.append((batch["student"] if isinstance(batch, dict) else batch).prompts)
+
+
+def test_every_method_sees_the_same_student_batches_as_seqkd_with_the_same_seed(tmp_path):
+    """Pairing on the data order: the student batches come from their own seeded shuffle, so sampling, the critic's
+    draws and the held-out sampling (which consume the global generator) change nothing; with the gate shut (no
+    validation: no trusted reward model) black-box PbKD's student step is SeqKD's NLL on the same batches, so the
+    students end equal."""
+    from lightning.pytorch import seed_everything
+
+    from pbkd_lightning.objectives import SeqKD
+
+    students, prompts = [], []
+    for name, objective in (("seqkd", SeqKD()), ("pbkd", BlackBoxPbKD(critic_warmup_steps=0, critic_trust="gate",
+                                                                        trust_threshold=0.99))):
+        seed_everything(3)
+        seen = StudentPrompts()
+        module, datamodule = tiny_modules(tmp_path, objective, prompts_per_epoch=8, train_size=6)
+        tiny_trainer(tmp_path / name, [seen], online=True, max_epochs=2, check_val_every_n_epoch=3).fit(module, datamodule)
+        students.append(checksum(module.student))
+        prompts.append(seen.batches)
+    assert prompts[0] == prompts[1] and len(prompts[0]) == 4
+    assert students[0] == pytest.approx(students[1], rel=1e-6)
+
+
 class Killed(Exception):
     pass
 

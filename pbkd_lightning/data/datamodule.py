@@ -51,8 +51,9 @@ class DataConnection:
 class PreferenceDataModule(LightningDataModule):
     """Prompts with teacher responses; on-policy student samples; teacher-vs-student preference pairs.
 
-    Offline (``online: false``), the student's samples and the pairs are made once, from the
-    student at the start of fit. Online (``online: true`` with
+    Every epoch trains on its own ``prompts_per_epoch`` prompts of the training pool (the built-in tasks'
+    ``train_size`` per task, or ``train_file``). Offline (``online: false``), the student's samples and the
+    pairs are made once, from the student at the start of fit, for the prompts of every epoch. Online (``online: true`` with
     ``trainer.reload_dataloaders_every_n_epochs: 1``), every epoch is an iteration: new samples from
     the current student, new pairs appended to the buffer. The buffer lives in
     ``<trainer.default_root_dir>/buffer/iter_NNNN.jsonl``, one file per iteration written
@@ -158,6 +159,7 @@ class PreferenceDataModule(LightningDataModule):
         self._groups: list[dict] = []
         self._groups_iteration: Optional[int] = None
         self._order: Optional[list[int]] = None  # the pool's shuffled order that epochs walk (epoch_rows)
+        self._shuffle_seed = 0  # the student batches' shuffle (set in setup from the run's seed)
         self._buffer_checked = False
         # The files are read here, before the trainer (and its logger) writes anything: a bad one stops the run at once.
         self.dropped: list[str] = []  # ``file:line:field`` of each record left out for an empty field (``empty: drop``)
@@ -172,6 +174,7 @@ class PreferenceDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.train_records and self.val_records:
             return
+        self._shuffle_seed = torch.initial_seed() % 2**31  # seed_everything's seed (random without one)
         h = self.hparams
         if self._file_prompts is not None:
             train, val = ([dict(r) for r in split] for split in self._file_prompts)  # held-out split already checked
@@ -420,15 +423,15 @@ class PreferenceDataModule(LightningDataModule):
             items = [{"prompt": r["prompt"], "teacher": r["teacher"], "row": r["row"], "teacher_ended": r.get("teacher_ended", True)}
                      for r in (self.train_records[row] for row in rows)]
             collate = StudentCollate(student_encoder, teacher_cache=connection.teacher_cache)
-            return self._loader(items, self.hparams.batch_size, collate, shuffle=True)
+            return self._loader(items, self.hparams.batch_size, collate, shuffle=True, epoch=epoch)
         groups = self._groups_for(iteration)
         if not self.hparams.online and self._draws_prompts:  # offline: this epoch's prompts among those sampled
-            wanted = set(rows)
-            groups = [g for g in groups if g["row"] in wanted]
+            by_row = {g["row"]: g for g in groups}
+            groups = [by_row[row] for row in rows]
         own_critic_tokenizer = connection.critic_tokenizer is not None and connection.critic_tokenizer is not connection.tokenizer
         critic_encoder = self.encoder(connection.critic_tokenizer) if own_critic_tokenizer else None
         collate = StudentCollate(student_encoder, critic_encoder, connection.teacher_cache)
-        student_loader = self._loader(groups, self.hparams.batch_size, collate, True)
+        student_loader = self._loader(groups, self.hparams.batch_size, collate, True, epoch=epoch)
         if not connection.needs_pairs:
             return student_loader
         if self.hparams.sample_pairs and not connection.critic_takes_sample_pairs:
@@ -477,10 +480,13 @@ class PreferenceDataModule(LightningDataModule):
     def predict_dataloader(self):
         return self.val_dataloader()
 
-    def _loader(self, items, batch_size, collate, shuffle):
-        return DataLoader(
-            items, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, num_workers=self.hparams.num_workers
-        )
+    def _loader(self, items, batch_size, collate, shuffle, epoch: int = 0):
+        # The student's batches are shuffled by their own generator (the run's seed and the epoch), not the global one
+        # that sampling, dropout and the critic's draws also consume: every method run with the same seed sees the
+        # same prompts in the same batches, so its difference to SeqKD is paired on the data order too.
+        generator = torch.Generator().manual_seed(self._shuffle_seed * 1_000_003 + epoch) if shuffle else None
+        return DataLoader(items, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
+                          num_workers=self.hparams.num_workers, generator=generator)
 
 
 def _held_out(train: list[dict], val: list[dict], val_file: Optional[str]) -> list[dict]:

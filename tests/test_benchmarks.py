@@ -162,24 +162,34 @@ def repository_files():
     return found
 
 
+# The quality rows the smoke run takes (every method's config trains in test_configs): the baseline, black-box PbKD
+# (whose wall time the pbkd section's SeqKD row is given), a white-box method with the teacher model, X-KD's diversity.
+SMOKE_ROWS = {"quality,pbkd": "SeqKD;Black-box PbKD, offline;White-box PbKD;X-KD, sequence-level;"
+                              "paper: scalar head (last token), teacher labels, 1 critic step;"
+                              "SeqKD, same wall-clock as Black-box PbKD, offline", "iterations,speed": ""}
+
+
 @pytest.mark.slow
 # Two parts, so two workers share them (pbkd's same-wall-clock row needs quality's runs). The scaling section is the
 # divergence-memory script at a few sizes: it runs in test_divergence_memory_benchmark_runs_and_reports_ratios, and its
 # table in test_report_from_recorded_runs.
-@pytest.mark.parametrize("sections", ["quality,pbkd", "iterations,speed"])
+@pytest.mark.parametrize("sections", list(SMOKE_ROWS))
 def test_bench_quick_writes_only_under_its_folder_and_its_report_agrees_with_the_json(tmp_path, sections):
     from benchmarks.experiments import SIZES, experiments
 
     before = repository_files()
+    rows = SMOKE_ROWS[sections]
     # one seed and one thread: the bench's own smoke size, while the other test worker runs beside it
     result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", f"--sections={sections}", "--seeds=1",
-                             "--threads=1", f"--out={tmp_path}"], cwd=ROOT,
+                             "--threads=1", f"--out={tmp_path}", *([f"--rows={rows}"] if rows else [])], cwd=ROOT,
                             capture_output=True, text=True, timeout=1200, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert repository_files() == before
     figures = check_bench_output(tmp_path)
-    assert figures["mode"] == "quick" and figures["command"] == f"python -m benchmarks.run --quick --sections {sections} --seeds 1"
+    command = f"python -m benchmarks.run --quick --sections {sections}" + (f" --rows '{rows}'" if rows else "") + " --seeds 1"
+    assert figures["mode"] == "quick" and figures["command"] == command
     assert set(sections.split(",")) <= set(figures)  # each section asked for ran and is reported
     records = [json.loads(line) for line in (tmp_path / "work" / "runs.jsonl").read_text().splitlines()]
-    expected = [e for e in experiments(SIZES["quick"]) if e.section in sections.split(",")]
-    assert len(records) == len(expected)  # one line per run: each experiment's first seed
+    expected = [e for e in experiments(SIZES["quick"]) if e.section in sections.split(",")
+                and (not rows or e.name in rows.split(";"))]
+    assert len(records) == len(expected) == (len(rows.split(";")) if rows else len(expected))  # each row's first seed

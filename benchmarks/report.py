@@ -48,7 +48,7 @@ def fit_row(runs: list[dict]) -> dict:
     if all("curve_steps" in r for r in runs):
         row["curve_steps"] = [statistics.fmean(r["curve_steps"][i] for r in runs) for i in range(points)]
         row["curve_seconds"] = [statistics.fmean(r["curve_seconds"][i] for r in runs) for i in range(points)]
-        row["student_steps"] = row["curve_steps"][-1]
+        row["student_steps"] = statistics.fmean(r["curve_steps"][-1] for r in runs)  # a time budget: seeds differ
     diversity = [s.get("student_final_diversity") for s in summaries]
     if all(diversity):
         row["diversity"] = {k: mean_ci([d[k] for d in diversity]) for k in diversity[0]}

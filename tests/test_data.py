@@ -318,6 +318,7 @@ def test_distinct_scores_validity_and_distinctness_and_its_teacher_spreads_over_
     assert task.score("11 21 13", record) == pytest.approx(2 / 3)  # 11 is out of range
     assert task.score("21 13 15 17", record) == pytest.approx(3 / 4)  # a fourth number counts against
     assert task.score("21 x", record) == pytest.approx(1 / 3) and task.score("", record) == 0.0
+    assert task.score("21 ² 13", record) == pytest.approx(2 / 3)  # a digit-like character is no number
     # the teacher's answer is a uniform draw among the right ones (in ascending order), not the k smallest
     records = task.generate(2000, seed=1)
     smallest = 0

@@ -148,6 +148,14 @@ def test_offline_samples_every_epochs_prompts_once_from_the_starting_student(tmp
     assert not set(seen.prompts[0]) & set(seen.prompts[1])
 
 
+def test_offline_sampling_bounded_by_max_steps_covers_every_epoch_it_runs(tmp_path):
+    seen = EpochPrompts()
+    module, datamodule = tiny_modules(tmp_path, prompts_per_epoch=4, train_size=6)
+    tiny_trainer(tmp_path / "run", [seen], online=True, max_epochs=None, max_steps=6).fit(module, datamodule)
+    buffered = {g["prompt"] for g in read_jsonl(tmp_path / "run" / "buffer" / "iter_0000.jsonl")}
+    assert len(seen.prompts) >= 2 and all(set(prompts) <= buffered for prompts in seen.prompts)
+
+
 class StudentPrompts(Callback):
     """The prompts of every student batch, in order."""
 

@@ -172,9 +172,9 @@ class PreferenceDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------ setup (no model needed)
     def setup(self, stage: str) -> None:
+        self._shuffle_seed = torch.initial_seed() % 2**31  # seed_everything's seed (random without one)
         if self.train_records and self.val_records:
             return
-        self._shuffle_seed = torch.initial_seed() % 2**31  # seed_everything's seed (random without one)
         h = self.hparams
         if self._file_prompts is not None:
             train, val = ([dict(r) for r in split] for split in self._file_prompts)  # held-out split already checked
@@ -273,8 +273,19 @@ class PreferenceDataModule(LightningDataModule):
         will run, each once, so every epoch finds its prompts sampled by the student at the start of fit."""
         if self.hparams.online or not self._draws_prompts:
             return self.epoch_rows(iteration)
-        epochs = self.trainer.max_epochs if self.trainer is not None and (self.trainer.max_epochs or 0) > 0 else 1
-        return list(dict.fromkeys(row for epoch in range(epochs) for row in self.epoch_rows(epoch)))
+        return list(dict.fromkeys(row for epoch in range(self._planned_epochs()) for row in self.epoch_rows(epoch)))
+
+    def _planned_epochs(self) -> int:
+        """The epochs the trainer will run: ``max_epochs``, or enough for ``max_steps`` when that is the limit."""
+        trainer = self.trainer
+        if trainer is None:
+            return 1
+        if (trainer.max_epochs or 0) > 0:
+            return trainer.max_epochs
+        if trainer.max_steps > 0:
+            return math.ceil(trainer.max_steps / self.batches_per_epoch(trainer.world_size))
+        raise DataError("offline sampling with `data.prompts_per_epoch` samples every epoch's prompts at the start: it "
+                        "needs `trainer.max_epochs` or `trainer.max_steps`")
 
     # ------------------------------------------------------------------ the buffer
     @property
@@ -426,7 +437,11 @@ class PreferenceDataModule(LightningDataModule):
             return self._loader(items, self.hparams.batch_size, collate, shuffle=True, epoch=epoch)
         groups = self._groups_for(iteration)
         if not self.hparams.online and self._draws_prompts:  # offline: this epoch's prompts among those sampled
-            by_row = {g["row"]: g for g in groups}
+            by_row = {g.get("row"): g for g in groups}
+            if missing := [row for row in rows if row not in by_row]:
+                raise DataError(f"{self._iteration_path(0)}: the offline samples hold no prompt for {len(missing)} of epoch "
+                                f"{epoch}'s {len(rows)} (the run was started with other `trainer.max_epochs` or "
+                                "`data.prompts_per_epoch`); resume with the same settings or start a fresh run")
             groups = [by_row[row] for row in rows]
         own_critic_tokenizer = connection.critic_tokenizer is not None and connection.critic_tokenizer is not connection.tokenizer
         critic_encoder = self.encoder(connection.critic_tokenizer) if own_critic_tokenizer else None

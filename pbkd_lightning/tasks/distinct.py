@@ -62,5 +62,6 @@ class DistinctTask:
     def score(self, prediction: str, record: dict) -> float:
         k, test, low, high = _question(record["prompt"])
         items = prediction.split()
-        good = {int(i) for i in items if i.isdigit() and low <= int(i) <= high and test(int(i))}
+        numbers = [int(i) for i in items if re.fullmatch(r"[0-9]+", i)]  # not str.isdigit: it takes '²', int() does not
+        good = {n for n in numbers if low <= n <= high and test(n)}
         return min(len(good), k) / max(k, len(items))

@@ -162,11 +162,14 @@ def repository_files():
     return found
 
 
-# The quality rows the smoke run takes (every method's config trains in test_configs): the baseline, black-box PbKD
+# The rows the smoke run takes (every method's config trains in test_configs): of quality, the baseline, black-box PbKD
 # (whose wall time the pbkd section's SeqKD row is given), a white-box method with the teacher model, X-KD's diversity.
 SMOKE_ROWS = {"quality,pbkd": "SeqKD;Black-box PbKD, offline;White-box PbKD;X-KD, sequence-level;"
                               "paper: scalar head (last token), teacher labels, 1 critic step;"
-                              "SeqKD, same wall-clock as Black-box PbKD, offline", "iterations,speed": ""}
+                              "SeqKD, same wall-clock as Black-box PbKD, offline",
+              # every iterations row; of speed, one step-speed row per kind of step, sampling, one divergence size
+              "iterations,speed": "offline, 2 epochs;online, 1 iteration;online, 2 iterations;SeqKD;"
+                                  "Black-box PbKD, offline;White-box PbKD;sampling;divergence, vocabulary 4096"}
 
 
 @pytest.mark.slow

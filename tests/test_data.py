@@ -305,8 +305,16 @@ def test_every_task_has_a_training_pool_of_20000_prompts_disjoint_from_500_held_
 
 
 def test_a_task_without_enough_distinct_prompts_says_so():
+    class ThreePrompts:
+        name = "three"
+
+        def record(self, rng):
+            return {"task": self.name, "prompt": f"q{rng.randint(1, 3)}", "reference": "a"}
+
+    train, held_out = split_prompts(ThreePrompts(), 2, 1, seed=0)
+    assert len(train) == 2 and not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}
     with pytest.raises(ValueError, match="too few distinct prompts"):
-        split_prompts(get_task("distinct"), 60_000, 500, seed=0)
+        split_prompts(ThreePrompts(), 3, 1, seed=0)
 
 
 def test_distinct_scores_validity_and_distinctness_and_its_teacher_spreads_over_right_answers():

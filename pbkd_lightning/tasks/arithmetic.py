@@ -3,6 +3,8 @@
 import random
 import re
 
+from pbkd_lightning.tasks.base import Task
+
 _NAMES = ["Ann", "Bob", "Cal", "Dee", "Eve", "Fay", "Gus", "Hal"]
 _ITEMS = ["pens", "cups", "eggs", "hats", "keys", "maps"]
 _ANSWER = re.compile(r"####\s*(-?\d+)")
@@ -14,17 +16,13 @@ def extract_answer(text: str):
     return found[-1] if found else None
 
 
-class ArithmeticTask:
+class ArithmeticTask(Task):
     """Start with a, gain or lose b, then gain or lose c; scored by exact match of the final answer."""
 
     name = "arithmetic"
 
     def __init__(self, max_operand: int = 9):
         self.max_operand = max_operand
-
-    def generate(self, n: int, seed: int) -> list[dict]:
-        rng = random.Random(seed)
-        return [self.record(rng) for _ in range(n)]
 
     def record(self, rng: random.Random) -> dict:
         name, item = rng.choice(_NAMES), rng.choice(_ITEMS)

@@ -5,6 +5,8 @@ teacher's spread and a mode-seeking one can settle on one answer per prompt."""
 import random
 import re
 
+from pbkd_lightning.tasks.base import Task
+
 # (name in the prompt, test): rules a number's last digit decides, so a small model can learn them
 _RULES = {
     "even numbers": lambda n: n % 2 == 0,
@@ -25,7 +27,7 @@ def _question(prompt: str):
     return int(k), _RULES[rule], int(low), int(high)
 
 
-class DistinctTask:
+class DistinctTask(Task):
     """``List 3 different odd numbers from 12 to 40.`` → ``17 25 33``; scored by the share of the k slots filled with
     distinct numbers that satisfy the rule, in any order (extra numbers count against it). The task program answers
     with k of the right numbers drawn uniformly, in ascending order."""
@@ -46,10 +48,6 @@ class DistinctTask:
         answer = sorted(rng.sample(valid, k))  # a width of 20 or more leaves 4 multiples of 5
         return {"task": self.name, "prompt": f"List {k} different {rule} from {low} to {high}.\n",
                 "reference": " ".join(map(str, answer))}
-
-    def generate(self, n: int, seed: int) -> list[dict]:
-        rng = random.Random(seed)
-        return [self.record(rng) for _ in range(n)]
 
     def check(self, record: dict):
         """What makes ``record`` unscorable by this task, or None."""

@@ -4,26 +4,20 @@ import random
 
 from torchmetrics.functional.text.rouge import rouge_score
 
+from pbkd_lightning.tasks.base import Task
+
 _WORDS = ["red", "sun", "cat", "dog", "sky", "map", "cup", "owl", "fig", "jam", "box", "ice"]
 
 
-class ReversalTask:
+class ReversalTask(Task):
     name = "reversal"
 
     def __init__(self, min_words: int = 3, max_words: int = 6):
         self.min_words, self.max_words = min_words, max_words
 
-    def generate(self, n: int, seed: int) -> list[dict]:
-        rng = random.Random(seed)
-        return [self.record(rng) for _ in range(n)]
-
     def record(self, rng: random.Random) -> dict:
         words = [rng.choice(_WORDS) for _ in range(rng.randint(self.min_words, self.max_words))]
         return {"task": self.name, "prompt": f"Reverse: {' '.join(words)}\n", "reference": " ".join(reversed(words))}
-
-    def check(self, record: dict):
-        """What makes ``record`` unscorable by this task, or None: any text is."""
-        return None
 
     def score(self, prediction: str, record: dict) -> float:
         reference = record["reference"]

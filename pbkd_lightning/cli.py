@@ -94,7 +94,8 @@ def continue_tensorboard_run(logger) -> None:
 
 
 class DistillationCLI(LightningCLI):
-    """Checkpoints go to ``<default_root_dir>/checkpoints`` (``last.ckpt`` included) and TensorBoard
+    """Checkpoints go to ``<default_root_dir>/checkpoints`` (``last.ckpt`` included; none with
+    ``--trainer.enable_checkpointing=false``) and TensorBoard
     events to ``<default_root_dir>/tensorboard`` unless the config names its own loggers (``--trainer.logger``: one or
     a list, e.g. TensorBoard and CSV); a resumed fit continues the same TensorBoard run (``continue_tensorboard_run``).
     Config files may ``# extends:`` others (``expand_extends``)."""
@@ -111,7 +112,7 @@ class DistillationCLI(LightningCLI):
         config["default_root_dir"] = root
         callbacks = config.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-        if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        if config.get("enable_checkpointing", True) is not False and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             callbacks.append(ModelCheckpoint(dirpath=os.path.join(root, "checkpoints"), save_last=True))
         config["callbacks"] = callbacks
         if config.get("logger") in (None, True):

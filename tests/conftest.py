@@ -9,6 +9,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # two tests' worth of threads on a 2-core CI machine only slows both down
 
+# The tests of 15-60 s each (a real 135M model, two-process fits, the quick bench): run first, so that with two
+# workers (make test) neither ends the suite alone on one of them while the other is idle.
+LONG_TESTS = ("test_real_teacher.py::", "test_distributed.py::", "test_bench_quick_", "test_two_data_parallel_processes")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: not any(name in item.nodeid for name in LONG_TESTS))  # stable: else collection order
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_TEACHER = ["--model.teacher.layers=1", "--model.teacher.hidden=64", "--model.teacher.heads=2", "--model.teacher.train_steps=20"]
 

@@ -1,17 +1,19 @@
 """Loading a causal LM and its tokenizer: a local Hugging Face directory, or an embedded tiny Llama."""
 
 import copy
-import functools
+import hashlib
 import importlib.util
 import json
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional
 
 import torch
 from jsonargparse.typing import PositiveInt
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM,
+from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast)
 
 from pbkd_lightning.config import validate_fields
@@ -104,6 +106,54 @@ def _require_folder(path: str, what: str = "model") -> str:
     return folder
 
 
+def model_folder(path: str, gguf_file: Optional[str] = None, what: str = "model") -> str:
+    """The Hugging Face folder to load ``path`` from: the folder itself, or for a GGUF file inside it a folder
+    converted once (see ``_converted_gguf``)."""
+    folder = _require_folder(path, what)
+    return _converted_gguf(folder, gguf_file) if gguf_file else folder
+
+
+def gguf_cache_root() -> str:
+    """Where GGUF files are converted to: ``$PBKD_LIGHTNING_CACHE/gguf``, by default ``~/.cache/pbkd_lightning/gguf``."""
+    default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pbkd_lightning")
+    return os.path.join(os.environ.get("PBKD_LIGHTNING_CACHE") or default, "gguf")
+
+
+def _converted_gguf(folder: str, gguf_file: str) -> str:
+    """A Hugging Face folder (safetensors weights dequantized to float32, config, tokenizer) of the GGUF file
+    ``folder/gguf_file``, written on first use and reused while the file keeps its size and modification time.
+
+    transformers parses the whole GGUF file for each of its weights, config and tokenizer (about 5-15 s each for a
+    135M model on 2 cores) on every load, and one run loads a file up to four times (the teacher, the student, their
+    configs and tokenizers); a folder loads in well under a second. Written to a temporary folder first and moved in
+    place, so a killed conversion leaves nothing that looks finished."""
+    source = os.path.join(folder, gguf_file)
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"GGUF file {gguf_file!r} is not in {folder!r}")
+    stat = os.stat(source)
+    key = hashlib.sha256(f"{os.path.realpath(source)}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = os.path.join(gguf_cache_root(), f"{os.path.splitext(os.path.basename(gguf_file))[0]}-{key}")
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    logger.warning("model: converting %s to a Hugging Face folder in %s (once per file)", source, target)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    partial = tempfile.mkdtemp(prefix=".partial-", dir=os.path.dirname(target))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+        _forget_gguf(model)
+        model.save_pretrained(partial)
+        AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(partial)
+        del model
+        try:
+            os.rename(partial, target)
+        except OSError:  # another process finished the same conversion first: its folder is as good
+            if not os.path.isfile(os.path.join(target, "config.json")):
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
 def add_lora(model, lora: LoraSpec):
     """Wrap ``model`` in a PEFT LoRA adapter; the base weights are frozen."""
     try:
@@ -153,26 +203,11 @@ def load_tokenizer(spec: ModelSpec):
         tokenizer = _tokenizer_from_folder(_require_folder(spec.tokenizer, "tokenizer"))
     elif spec.path is None:
         return build_char_tokenizer()
-    elif spec.gguf_file:
-        tokenizer = copy.deepcopy(_gguf_tokenizer(_require_folder(spec.path), spec.gguf_file))
     else:
-        tokenizer = _tokenizer_from_folder(_require_folder(spec.path))
+        tokenizer = _tokenizer_from_folder(model_folder(spec.path, spec.gguf_file))
     if tokenizer.pad_token is None:  # many causal LMs ship without one; eos is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-@functools.lru_cache(maxsize=4)
-def _gguf_tokenizer(folder: str, gguf_file: str):
-    """A GGUF file's tokenizer, built once per process: transformers parses the whole file's metadata (its full
-    vocabulary and merges, several seconds) for it, and a run asks for it again (teacher, student, their copies)."""
-    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-
-
-@functools.lru_cache(maxsize=4)
-def _gguf_config(folder: str, gguf_file: str):
-    """A GGUF file's model config, read once per process (another pass over the whole file's metadata)."""
-    return AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
 
 
 def _backend_model(tokenizer) -> tuple[Optional[str], Optional[int]]:
@@ -243,11 +278,7 @@ def _load_causal_lm(spec: ModelSpec, tokenizer=None):
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     dtype = _DTYPES[spec.dtype]
     if spec.path is not None:
-        folder = _require_folder(spec.path)
-        config = copy.deepcopy(_gguf_config(folder, spec.gguf_file)) if spec.gguf_file else None
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, gguf_file=spec.gguf_file, config=config)
-        if spec.gguf_file:
-            _forget_gguf(model)
+        model = AutoModelForCausalLM.from_pretrained(model_folder(spec.path, spec.gguf_file), dtype=dtype)
         return (_keep_first_layers(model, spec.keep_layers) if spec.keep_layers else model), tokenizer
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -275,7 +306,6 @@ def load_frozen_model(path: str, quantization: Optional[str] = None, dtype: str 
     """A local causal LM for inference only (a teacher): in ``dtype``, or quantized by bitsandbytes to
     4-bit NF4 or 8-bit (``quantization``), on the GPU when there is one, else on the CPU. A GGUF file
     (``gguf_file`` inside ``path``) is dequantized by transformers on loading."""
-    folder = _require_folder(path)
     if quantization not in (None, *QUANTIZATIONS):
         raise ValueError(f"`quantization` must be one of {list(QUANTIZATIONS)} or null, got {quantization!r}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -285,9 +315,8 @@ def load_frozen_model(path: str, quantization: Optional[str] = None, dtype: str 
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
     elif quantization == "int8":
         config = BitsAndBytesConfig(load_in_8bit=True)
-    model_config = copy.deepcopy(_gguf_config(folder, gguf_file)) if gguf_file else None
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=_DTYPES[dtype], quantization_config=config, device_map=device,
-                                                 gguf_file=gguf_file, config=model_config)
+    model = AutoModelForCausalLM.from_pretrained(model_folder(path, gguf_file), dtype=_DTYPES[dtype], quantization_config=config,
+                                                 device_map=device)
     return model.eval().requires_grad_(False)
 
 

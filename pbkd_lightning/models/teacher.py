@@ -14,7 +14,7 @@ from pbkd_lightning.models.loading import (
     load_causal_lm,
     load_frozen_model,
     load_tokenizer,
-    resolve_path,
+    model_folder,
     weights_key,
 )
 from pbkd_lightning.models.tokenizer import build_char_tokenizer
@@ -71,9 +71,8 @@ def teacher_vocabulary(config: TeacherModel):
     if config.path is None:
         tokenizer = build_char_tokenizer() if config.tokenizer is None else load_tokenizer(ModelSpec(tokenizer=config.tokenizer))
         return tokenizer, len(tokenizer)  # the embedded teacher's vocabulary is its tokenizer's
-    folder = resolve_path(config.path)
     return load_tokenizer(ModelSpec(path=config.path, gguf_file=config.gguf_file, tokenizer=config.tokenizer)), \
-        AutoConfig.from_pretrained(folder, gguf_file=config.gguf_file).vocab_size
+        AutoConfig.from_pretrained(model_folder(config.path, config.gguf_file)).vocab_size
 
 
 def load_teacher(config: TeacherModel, records: list[dict], max_prompt_tokens: int, max_response_tokens: int):

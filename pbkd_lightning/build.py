@@ -110,8 +110,12 @@ def _teacher(objective, config: TeacherModel, student, tokenizer, datamodule, st
         return teacher, teacher_tokenizer, vocabulary, None
     if not written:
         rank_zero_info(f"teacher cache: writing the teacher's top-{h.teacher_cache_k} log-probabilities to {folder}")
-        write_teacher_cache(teacher, datamodule.encoder(tokenizer), sequences, folder, h.teacher_cache_k,
-                            vocabulary=vocabulary, tag=config.describe())
+        trainer = datamodule.trainer
+        if trainer is None or trainer.is_global_zero:  # one writer per folder; the other ranks read what it wrote
+            write_teacher_cache(teacher, datamodule.encoder(tokenizer), sequences, folder, h.teacher_cache_k,
+                                vocabulary=vocabulary, tag=config.describe())
+        if trainer is not None:
+            trainer.strategy.barrier("teacher cache")
     cache = TeacherCache(folder, fingerprint)
     if not objective.needs_teacher_on_samples:
         teacher = None  # every teacher distribution now comes from the cache

@@ -11,7 +11,7 @@ torch.set_num_threads(1)  # two tests' worth of threads on a 2-core CI machine o
 
 # The tests of 15-60 s each (a real 135M model, two-process fits, the quick bench): run first, so that with two
 # workers (make test) neither ends the suite alone on one of them while the other is idle.
-LONG_TESTS = ("test_real_teacher.py::", "test_distributed.py::", "test_bench_quick_", "test_two_data_parallel_processes")
+LONG_TESTS = ("test_real_teacher.py::", "test_distributed.py::", "test_crash.py::", "test_bench_quick_", "test_two_data_parallel_processes")
 
 
 def pytest_collection_modifyitems(items):

@@ -13,13 +13,13 @@ import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
+from torch.utils.data import DataLoader, Sampler
 
 from pbkd_lightning.config import plain
 from pbkd_lightning.data.collate import CriticCollate, StudentCollate, collate_records
 from pbkd_lightning.data.generation import GenerationConfig
 from pbkd_lightning.data.labelers import label_pair, sample_pairs
-from pbkd_lightning.data.records import DataError, read_jsonl, read_prompts, write_jsonl_atomic
+from pbkd_lightning.data.records import DataError, read_jsonl, read_prompts, remove_partial_outputs, write_jsonl_atomic
 from pbkd_lightning.data.teachers import ResponseFileTeacher, TaskProgramTeacher, Teacher
 from pbkd_lightning.sequences import Encoder, Rollout
 from pbkd_lightning.tasks import get_task, split_prompts
@@ -372,6 +372,8 @@ class PreferenceDataModule(LightningDataModule):
             # Decided here, not in setup: Lightning sets ckpt_path only once it restores the checkpoint.
             if self.trainer.ckpt_path is None:
                 self._clear_buffer()  # a fresh run never reuses pairs made by another run's student
+            if self.trainer.is_global_zero and os.path.isdir(self.buffer_dir):
+                remove_partial_outputs(self.buffer_dir)  # an iteration a killed run was writing: sampled again below
             self.trainer.strategy.barrier("buffer")  # every rank then sees the same buffer files
             self._buffer_checked = True
         if self._groups_iteration != iteration:
@@ -428,6 +430,9 @@ class PreferenceDataModule(LightningDataModule):
         if "data/truncated_prompts" not in self.stats:
             self._check_prompt_lengths(student_encoder)
         epoch = self.trainer.current_epoch
+        # Every epoch's randomness (its sampling, the critic's draws, on-policy rollouts) starts from the run's seed and
+        # the epoch: a run resumed from an epoch's checkpoint goes on exactly as the uninterrupted run did.
+        torch.manual_seed(self._shuffle_seed * 1_000_003 + 7_919 * (epoch + 1) + self.trainer.global_rank)
         iteration = epoch if self.hparams.online else 0
         rows = self.epoch_rows(epoch)
         if not connection.needs_samples:
@@ -462,11 +467,16 @@ class PreferenceDataModule(LightningDataModule):
         # every iteration; older pairs drawn less often when `buffer_decay` < 1.
         steps = connection.critic_steps
         count = len(student_loader) * self.hparams.critic_batch_size * steps
+        # Drawn here, once, from their own generator (as the student batches' order): the same whether or not this
+        # epoch sampled (a resumed run reads its samples back from the buffer) and however often Lightning iterates the
+        # loader (a resumed run builds and iterates it more than once)
+        generator = torch.Generator().manual_seed(self._shuffle_seed * 1_000_003 + epoch + 500_009)
         if self.hparams.buffer_decay < 1:
-            weights = [self.hparams.buffer_decay ** (iteration - p["iteration"]) for p in pairs]
-            sampler = WeightedRandomSampler(weights, num_samples=count)
-        else:
-            sampler = RandomSampler(pairs, num_samples=count)
+            weights = torch.tensor([self.hparams.buffer_decay ** (iteration - p["iteration"]) for p in pairs], dtype=torch.float64)
+            sampler = Draws(torch.multinomial(weights, count, replacement=True, generator=generator).tolist(), weights)
+        else:  # without replacement, one permutation after another, as RandomSampler(num_samples=count) draws
+            rounds = -(-count // len(pairs))
+            sampler = Draws(torch.cat([torch.randperm(len(pairs), generator=generator) for _ in range(rounds)])[:count].tolist())
         critic_tokenizer = connection.critic_tokenizer or connection.tokenizer
         critic_loader = DataLoader(
             pairs,
@@ -499,9 +509,26 @@ class PreferenceDataModule(LightningDataModule):
         # The student's batches are shuffled by their own generator (the run's seed and the epoch), not the global one
         # that sampling, dropout and the critic's draws also consume: every method run with the same seed sees the
         # same prompts in the same batches, so its difference to SeqKD is paired on the data order too.
-        generator = torch.Generator().manual_seed(self._shuffle_seed * 1_000_003 + epoch) if shuffle else None
-        return DataLoader(items, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
-                          num_workers=self.hparams.num_workers, generator=generator)
+        # The order is drawn once, here: a DataLoader's shuffle draws a new one each time it is iterated, and a resumed
+        # run iterates its loader more often than the uninterrupted one did.
+        if shuffle:
+            order = torch.randperm(len(items), generator=torch.Generator().manual_seed(self._shuffle_seed * 1_000_003 + epoch))
+            items = [items[i] for i in order.tolist()]
+        return DataLoader(items, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=self.hparams.num_workers)
+
+
+class Draws(Sampler):
+    """Indices drawn once (the same sequence each time it is iterated) and the weights they were drawn with (None:
+    uniform). Under data parallelism Lightning splits them between the ranks (``DistributedSamplerWrapper``)."""
+
+    def __init__(self, indices: list[int], weights: Optional[torch.Tensor] = None):
+        self.indices, self.weights = indices, weights
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 def _held_out(train: list[dict], val: list[dict], val_file: Optional[str]) -> list[dict]:

@@ -1,5 +1,6 @@
 """JSONL records: reading with file:line:field errors, and atomic writing."""
 
+import glob
 import json
 import os
 import tempfile
@@ -240,6 +241,15 @@ def atomic_output(path: str):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_partial_outputs(folder: str) -> int:
+    """Delete what :func:`atomic_output` left in ``folder`` when a process was killed mid-write (its ``.tmp-*``
+    files: never read, as nothing looks under those names); returns how many. Call only where no other writer runs."""
+    partial = glob.glob(os.path.join(glob.escape(folder), ".tmp-*"))
+    for path in partial:
+        os.unlink(path)
+    return len(partial)
 
 
 def write_jsonl_atomic(path: str, records: Iterable[dict]) -> None:

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from pbkd_lightning.data.records import atomic_output
+from pbkd_lightning.data.records import atomic_output, remove_partial_outputs
 from pbkd_lightning.losses import SparseTeacher
 from pbkd_lightning.sequences import Encoder
 
@@ -73,6 +73,7 @@ def write_teacher_cache(
         if (found["fingerprint"], found["shard_size"]) != (fingerprint, shard_size):
             raise ValueError(f"{folder} holds a cache of other sequences or settings; use another folder")
         index = found
+    remove_partial_outputs(folder)  # a shard a killed pass was writing: written again below
     done = {shard["file"] for shard in index["shards"]}
     device = next(teacher.parameters()).device
     was_training = teacher.training

@@ -34,6 +34,9 @@ class DistinctTask(Task):
 
     name = "distinct"
 
+    # Difficulty as measured with the 4,000-step embedded teacher (greedy, 500 held-out prompts): this range form,
+    # k of 2-4, starts 10-150: 0.939; k of 2-3, starts 10-250: 0.908 (past the range's ends); numbers picked from a
+    # list in the prompt ("from: 13 28 40 7"): 0.433 (it learnt the rule, not to copy the listed numbers).
     def __init__(self, min_items: int = 2, max_items: int = 4, low: int = 10, high: int = 150, min_width: int = 20,
                  max_width: int = 40):
         self.min_items, self.max_items = min_items, max_items

@@ -96,6 +96,8 @@ def _teacher(objective, config: TeacherModel, student, tokenizer, datamodule, st
                      for r in datamodule.train_records]
         fingerprint = cache_fingerprint(sequences, h.teacher_cache_k, config.describe())
         written = cache_is_complete(folder, fingerprint)
+        if datamodule.trainer is not None and datamodule.trainer.world_size > 1:  # rank 0's view: all ranks take one path
+            written = datamodule.trainer.strategy.broadcast(written, src=0)
     teacher = None
     if folder and written and not objective.needs_teacher_on_samples:
         teacher_tokenizer, rows = teacher_vocabulary(config)  # the weights are never read

@@ -4,11 +4,14 @@ saved student) and the dashboard's sample table. The module adds them itself (``
 import json
 import os
 
+import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from transformers import AutoModelForCausalLM
 
+from pbkd_lightning.data.records import atomic_output, remove_partial_outputs
 from pbkd_lightning.models.loading import save_student
 from pbkd_lightning.parallel import full_state_dict, is_sharded
 
@@ -88,3 +91,19 @@ def format_summary(summary: dict) -> str:
     if ranking:
         lines.append(f"{'reward model orders held-out samples as the verifier':<42} " + ", ".join(f"{x:.3f}" for x in ranking))
     return "\n".join(lines)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a single-file checkpoint to a temporary file next to it, then renames it into place: a kill mid-save
+    leaves the previous ``last.ckpt`` whole. (Lightning's own writes to the system's temporary folder and moves the
+    file, which is a copy, and not atomic, when that folder is on another file system.) A sharded FSDP2 checkpoint,
+    a folder, is written by its strategy and does not come here."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        remove_partial_outputs(os.path.dirname(os.path.abspath(str(path))))  # a save a kill cut short (one writer: rank 0)
+        with atomic_output(str(path)) as tmp:
+            torch.save(checkpoint, tmp)
+            with open(tmp, "rb+") as handle:  # on disk before the rename
+                os.fsync(handle.fileno())

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
+from pbkd_lightning.callbacks import AtomicCheckpointIO  # noqa: E402
 from pbkd_lightning.data.datamodule import PreferenceDataModule  # noqa: E402
 from pbkd_lightning.data.records import DataError  # noqa: E402
 from pbkd_lightning.module import DistillationModule  # noqa: E402
@@ -115,6 +116,8 @@ class DistillationCLI(LightningCLI):
         if config.get("enable_checkpointing", True) is not False and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             callbacks.append(ModelCheckpoint(dirpath=os.path.join(root, "checkpoints"), save_last=True))
         config["callbacks"] = callbacks
+        if not config.get("plugins"):  # a user's own plugins are left as they are
+            config["plugins"] = [AtomicCheckpointIO()]
         if config.get("logger") in (None, True):
             config["logger"] = TensorBoardLogger(root, name="tensorboard", default_hp_metric=False)
         if self.subcommand == "fit" and self._get(self.config, "ckpt_path") is not None:

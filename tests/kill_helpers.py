@@ -3,8 +3,8 @@
 
 Moments (``<moment>:<iteration or shard>``):
     sampling:N      after a few tokens of iteration N's sampling
-    buffer:N        with half of iteration N's buffer file written (to its temporary file)
-    checkpoint:N    with half the bytes of last.ckpt, saved at the end of epoch N, written
+    buffer:N        with half of iteration N's groups handed to the writer of its temporary file
+    checkpoint:N    with half the bytes of last.ckpt (saved at the end of epoch N) in its temporary file
     cache-shard:N   with half of teacher-cache shard N written
 
 ``$PBKD_TEST_SHARD_SIZE`` sets the teacher cache's sequences per shard (the tiny runs have too few for two shards).
@@ -59,8 +59,8 @@ def _arm_buffer(iteration: int):
         records = list(records)
 
         def half_then_die():
-            yield from records[: len(records) // 2]
-            _die(f"while writing {os.path.basename(path)}")
+            yield from records[: len(records) // 2]  # (what reached the disk of them depends on the file's buffer)
+            _die(f"while writing {os.path.basename(path)} ({len(records) // 2} of {len(records)} groups sent)")
 
         return write(path, half_then_die())
 
@@ -68,23 +68,32 @@ def _arm_buffer(iteration: int):
 
 
 def _arm_checkpoint(epoch: int):
-    from fsspec.implementations.local import LocalFileOpener
+    import io
+
+    import torch
     from lightning.pytorch import Trainer
 
-    save, write, saving = Trainer.save_checkpoint, LocalFileOpener.write, [None]
+    save_checkpoint, torch_save, saving = Trainer.save_checkpoint, torch.save, [None]
 
     def tracking(self, filepath, *args, **kwargs):
         saving[0] = (os.path.basename(str(filepath)), self.current_epoch)
-        return save(self, filepath, *args, **kwargs)
+        try:
+            return save_checkpoint(self, filepath, *args, **kwargs)
+        finally:
+            saving[0] = None
 
-    def patched(self, data):  # Lightning writes a checkpoint through fsspec (a transaction: temporary file, then move)
-        if saving[0] != ("last.ckpt", epoch):
-            return write(self, data)
-        write(self, bytes(data)[: len(data) // 2])
-        self.f.flush()
-        _die(f"while saving last.ckpt at the end of epoch {epoch}")
+    def patched(obj, f, *args, **kwargs):  # the checkpoint's bytes, half of them on disk, then the kill
+        if saving[0] != ("last.ckpt", epoch) or not isinstance(f, (str, os.PathLike)):
+            return torch_save(obj, f, *args, **kwargs)
+        data = io.BytesIO()
+        torch_save(obj, data, *args, **kwargs)
+        with open(f, "wb") as handle:
+            handle.write(data.getvalue()[: len(data.getvalue()) // 2])
+            handle.flush()
+            os.fsync(handle.fileno())
+            _die(f"while saving last.ckpt at the end of epoch {epoch}")
 
-    Trainer.save_checkpoint, LocalFileOpener.write = tracking, patched
+    Trainer.save_checkpoint, torch.save = tracking, patched
 
 
 def _arm_cache_shard(shard: int):

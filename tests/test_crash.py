@@ -40,7 +40,7 @@ def _buffer(root):
 
 def test_online_fit_killed_while_sampling_writing_the_buffer_and_saving_a_checkpoint_resumes_to_the_same_end(tmp_path):
     def online(root, *extra, **kw):
-        return _run(root, "--config", f"{ROOT}/configs/online.yaml", f"--trainer.default_root_dir={root}", "--trainer.max_epochs=3",
+        return _run(root, "--config", f"{ROOT}/configs/online.yaml", f"--trainer.default_root_dir={root}", "--trainer.max_epochs=2",
                     "--model.objective.critic_warmup_steps=0", f"--model.warmup.cache_dir={tmp_path}/cache", *extra, **kw)
 
     reference = tmp_path / "uninterrupted"
@@ -51,15 +51,16 @@ def test_online_fit_killed_while_sampling_writing_the_buffer_and_saving_a_checkp
     assert list(_buffer(root)) == ["iter_0000.jsonl"] and last.is_file()
 
     _killed(online(root, f"--ckpt_path={last}", kill="buffer:1"), "while writing iter_0001.jsonl")
-    assert list(_buffer(root)) == ["iter_0000.jsonl"]  # the half-written iteration is not under its name
-    assert list((root / "buffer").glob(".tmp-*"))  # it is on disk, where no reader looks
+    assert list(_buffer(root)) == ["iter_0000.jsonl"]  # the interrupted iteration is not under its name
+    assert list((root / "buffer").glob(".tmp-*"))  # its temporary file is on disk, where no reader looks
 
     _killed(online(root, f"--ckpt_path={last}", kill="checkpoint:1"), "while saving last.ckpt at the end of epoch 1")
     assert list(_buffer(root)) == ["iter_0000.jsonl", "iter_0001.jsonl"]
     assert torch.load(last, weights_only=False, map_location="cpu")["epoch"] == 0  # the previous last.ckpt, whole
+    assert list((root / "checkpoints").glob(".tmp-*.ckpt"))  # beside it, the half-written new one
 
     _finished(online(root, f"--ckpt_path={last}"))
-    assert not list((root / "buffer").glob(".tmp-*"))  # the resumed run cleared what the kill left
+    assert not list((root / "buffer").glob(".tmp-*")) and not list((root / "checkpoints").glob(".tmp-*"))  # cleared
     assert _buffer(root) == _buffer(reference)  # no pair lost, none twice, every sample as the uninterrupted run drew it
     resumed, uninterrupted = load_file(root / "student" / "model.safetensors"), load_file(reference / "student" / "model.safetensors")
     assert resumed.keys() == uninterrupted.keys() and all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
@@ -76,7 +77,9 @@ def test_a_teacher_cache_killed_mid_shard_resumes_at_that_shard_and_equals_an_un
     assert [s["file"] for s in json.loads((cache / "index.json").read_text())["shards"]] == ["shard_00000.safetensors",
                                                                                              "shard_00001.safetensors"]
     assert list(cache.glob(".tmp-*")) and not (cache / "shard_00002.safetensors").exists()  # half a shard, unnamed
+    kept = {name: (cache / name).stat().st_mtime_ns for name in ("shard_00000.safetensors", "shard_00001.safetensors")}
     _finished(cached(tmp_path / "again", cache))
+    assert {name: (cache / name).stat().st_mtime_ns for name in kept} == kept  # the finished shards were not redone
     whole = json.loads((tmp_path / "whole" / "index.json").read_text())
     assert json.loads((cache / "index.json").read_text())["shards"] == whole["shards"] and len(whole["shards"]) == 4
     for shard in whole["shards"]:

@@ -172,7 +172,11 @@ class PreferenceDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------ setup (no model needed)
     def setup(self, stage: str) -> None:
-        self._shuffle_seed = torch.initial_seed() % 2**31  # seed_everything's seed (random without one)
+        # seed_everything's seed (random without one; then rank 0's, so the ranks still split one order between them)
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        self._shuffle_seed = int(seed) % 2**31 if seed is not None else torch.initial_seed() % 2**31
+        if self.trainer is not None and self.trainer.world_size > 1:
+            self._shuffle_seed = self.trainer.strategy.broadcast(self._shuffle_seed, src=0)
         if self.train_records and self.val_records:
             return
         h = self.hparams
@@ -485,6 +489,7 @@ class PreferenceDataModule(LightningDataModule):
             collate_fn=CriticCollate(self.encoder(critic_tokenizer), connection.teacher_cache, steps,
                                      sampled_tokens=not own_critic_tokenizer),
             num_workers=self.hparams.num_workers,
+            generator=self._loader_generator(epoch),
         )
         return {"student": student_loader, "critic": critic_loader}
 
@@ -510,11 +515,19 @@ class PreferenceDataModule(LightningDataModule):
         # that sampling, dropout and the critic's draws also consume: every method run with the same seed sees the
         # same prompts in the same batches, so its difference to SeqKD is paired on the data order too.
         # The order is drawn once, here: a DataLoader's shuffle draws a new one each time it is iterated, and a resumed
-        # run iterates its loader more often than the uninterrupted one did.
+        # run iterates its loaders a different number of times than the uninterrupted one. (Under data parallelism
+        # Lightning's DistributedSampler shuffles this order again, by the run's seed and the epoch, alike on every
+        # rank, and gives each rank its own share.)
         if shuffle:
             order = torch.randperm(len(items), generator=torch.Generator().manual_seed(self._shuffle_seed * 1_000_003 + epoch))
             items = [items[i] for i in order.tolist()]
-        return DataLoader(items, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=self.hparams.num_workers)
+        return DataLoader(items, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=self.hparams.num_workers,
+                          generator=self._loader_generator(epoch))
+
+    def _loader_generator(self, epoch: int) -> torch.Generator:
+        """A DataLoader draws its workers' base seed from this on every iteration (from the global generator without
+        one, which would make the global stream depend on how often Lightning iterates the loaders)."""
+        return torch.Generator().manual_seed(self._shuffle_seed * 1_000_003 + epoch + 900_001)
 
 
 class Draws(Sampler):

@@ -1,6 +1,7 @@
 """Loading a causal LM and its tokenizer: a local Hugging Face directory, or an embedded tiny Llama."""
 
 import copy
+import glob
 import hashlib
 import importlib.util
 import json
@@ -8,10 +9,12 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional
 
 import torch
+import transformers
 from jsonargparse.typing import PositiveInt
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast)
@@ -131,13 +134,19 @@ def _converted_gguf(folder: str, gguf_file: str) -> str:
     if not os.path.isfile(source):
         raise FileNotFoundError(f"GGUF file {gguf_file!r} is not in {folder!r}")
     stat = os.stat(source)
-    key = hashlib.sha256(f"{os.path.realpath(source)}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = os.path.join(gguf_cache_root(), f"{os.path.splitext(os.path.basename(gguf_file))[0]}-{key}")
+    # transformers' version too: its GGUF reader is what dequantizes and converts the tokenizer
+    key = f"{os.path.realpath(source)}|{stat.st_size}|{stat.st_mtime_ns}|transformers {transformers.__version__}"
+    target = os.path.join(gguf_cache_root(), f"{os.path.splitext(os.path.basename(gguf_file))[0]}-"
+                                             f"{hashlib.sha256(key.encode()).hexdigest()[:16]}")
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
     logger.warning("model: converting %s to a Hugging Face folder in %s (once per file)", source, target)
     os.makedirs(os.path.dirname(target), exist_ok=True)
+    for stale in glob.glob(os.path.join(glob.escape(os.path.dirname(target)), ".partial-*")):
+        if time.time() - os.path.getmtime(stale) > 24 * 3600:  # a conversion killed a day ago, not one under way
+            shutil.rmtree(stale, ignore_errors=True)
     partial = tempfile.mkdtemp(prefix=".partial-", dir=os.path.dirname(target))
+    os.chmod(partial, 0o755)  # mkdtemp's folder is private; a shared cache is read by others
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
         _forget_gguf(model)
@@ -305,7 +314,7 @@ QUANTIZATIONS = ("nf4", "int8")
 def load_frozen_model(path: str, quantization: Optional[str] = None, dtype: str = "float32", gguf_file: Optional[str] = None):
     """A local causal LM for inference only (a teacher): in ``dtype``, or quantized by bitsandbytes to
     4-bit NF4 or 8-bit (``quantization``), on the GPU when there is one, else on the CPU. A GGUF file
-    (``gguf_file`` inside ``path``) is dequantized by transformers on loading."""
+    (``gguf_file`` inside ``path``) is read from its converted folder (``model_folder``)."""
     if quantization not in (None, *QUANTIZATIONS):
         raise ValueError(f"`quantization` must be one of {list(QUANTIZATIONS)} or null, got {quantization!r}")
     device = "cuda" if torch.cuda.is_available() else "cpu"

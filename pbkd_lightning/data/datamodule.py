@@ -25,6 +25,9 @@ from pbkd_lightning.sequences import Encoder, Rollout
 from pbkd_lightning.tasks import get_task, split_prompts
 
 
+CRITIC_STREAM, LOADER_STREAM = 500_009, 900_001  # offsets of the epoch's own random streams (_epoch_generator)
+
+
 @dataclass
 class DataConnection:
     """What the data module learns from the module once the models are loaded (:meth:`PreferenceDataModule.connect`).
@@ -474,7 +477,7 @@ class PreferenceDataModule(LightningDataModule):
         # Drawn here, once, from their own generator (as the student batches' order): the same whether or not this
         # epoch sampled (a resumed run reads its samples back from the buffer) and however often Lightning iterates the
         # loader (a resumed run builds and iterates it more than once)
-        generator = torch.Generator().manual_seed(self._shuffle_seed * 1_000_003 + epoch + 500_009)
+        generator = self._epoch_generator(epoch, CRITIC_STREAM)
         if self.hparams.buffer_decay < 1:
             weights = torch.tensor([self.hparams.buffer_decay ** (iteration - p["iteration"]) for p in pairs], dtype=torch.float64)
             sampler = Draws(torch.multinomial(weights, count, replacement=True, generator=generator).tolist(), weights)
@@ -489,7 +492,7 @@ class PreferenceDataModule(LightningDataModule):
             collate_fn=CriticCollate(self.encoder(critic_tokenizer), connection.teacher_cache, steps,
                                      sampled_tokens=not own_critic_tokenizer),
             num_workers=self.hparams.num_workers,
-            generator=self._loader_generator(epoch),
+            generator=self._epoch_generator(epoch, LOADER_STREAM),
         )
         return {"student": student_loader, "critic": critic_loader}
 
@@ -519,15 +522,16 @@ class PreferenceDataModule(LightningDataModule):
         # Lightning's DistributedSampler shuffles this order again, by the run's seed and the epoch, alike on every
         # rank, and gives each rank its own share.)
         if shuffle:
-            order = torch.randperm(len(items), generator=torch.Generator().manual_seed(self._shuffle_seed * 1_000_003 + epoch))
+            order = torch.randperm(len(items), generator=self._epoch_generator(epoch))
             items = [items[i] for i in order.tolist()]
         return DataLoader(items, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=self.hparams.num_workers,
-                          generator=self._loader_generator(epoch))
+                          generator=self._epoch_generator(epoch, LOADER_STREAM))
 
-    def _loader_generator(self, epoch: int) -> torch.Generator:
-        """A DataLoader draws its workers' base seed from this on every iteration (from the global generator without
-        one, which would make the global stream depend on how often Lightning iterates the loaders)."""
-        return torch.Generator().manual_seed(self._shuffle_seed * 1_000_003 + epoch + 900_001)
+    def _epoch_generator(self, epoch: int, stream: int = 0) -> torch.Generator:
+        """A generator of its own for one of the epoch's random streams (0: the student order; ``CRITIC_STREAM``: the
+        critic's draws; ``LOADER_STREAM``: a DataLoader's workers' base seed, which it draws on every iteration, from
+        the global generator without one), from the run's seed and the epoch."""
+        return torch.Generator().manual_seed(self._shuffle_seed * 1_000_003 + epoch + stream)
 
 
 class Draws(Sampler):

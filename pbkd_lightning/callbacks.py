@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from pbkd_lightning.data.records import atomic_output, remove_partial_outputs
 from pbkd_lightning.models.loading import save_student
 from pbkd_lightning.parallel import full_state_dict, is_sharded
+from pbkd_lightning.sequences import prompt_text
 
 
 class FitSummary(Callback):
@@ -68,7 +69,7 @@ class SampleTable(Callback):
             return
         lines = ["| prompt | teacher | student |", "|---|---|---|"]
         for record, response in list(zip(batch, outputs["responses"]))[: self.rows]:
-            cells = [record["prompt"], record["teacher"], response]
+            cells = [prompt_text(record["prompt"]), record["teacher"], response]
             lines.append("| " + " | ".join(c.replace("\n", " ⏎ ").replace("|", "\\|") for c in cells) + " |")
         board.experiment.add_text("samples", "\n".join(lines), trainer.global_step)
 

@@ -11,19 +11,42 @@ Data, models and objectives all import this module; it imports none of them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 
-def render_prompt(tokenizer, prompt: str) -> str:
-    """The prompt as the model expects it: through its chat template when the tokenizer has one."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return prompt
+Conversation = tuple
+"""A chat prompt: ``((role, content), ...)``, the turns before the answer (a tuple of tuples, so it can key a dict)."""
+Prompt = Union[str, Conversation]
+"""What a model is asked: a text, or a conversation."""
+
+
+def render_prompt(tokenizer, prompt: Prompt) -> str:
+    """The prompt as the model expects it: a text through the tokenizer's chat template as one user turn when it has
+    one (as it is when not); a :data:`Conversation` through the chat template, which it then needs."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(prompt, str):
+        if not template:
+            return prompt
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        if not template:
+            raise ValueError(f"a chat prompt of {len(prompt)} turns needs a tokenizer with a chat template, and "
+                             f"{type(tokenizer).__name__} has none")
+        messages = [{"role": role, "content": content} for role, content in prompt]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def as_prompt(value):
+    """A prompt read back from JSON (a conversation comes back as a list of ``[role, content]`` lists)."""
+    return value if isinstance(value, str) else tuple((str(role), str(content)) for role, content in value)
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """A prompt as one text for people (dashboards, tables): a conversation as ``role: content`` lines."""
+    return prompt if isinstance(prompt, str) else "\n".join(f"{role}: {content}" for role, content in prompt)
 
 
 @dataclass
@@ -136,7 +159,7 @@ class PairBatch:
 class StudentBatch:
     """What a student step reads: the prompts' teacher sequences and, on-policy, K samples per prompt."""
 
-    prompts: list[str]
+    prompts: list[Prompt]
     teacher: SequenceBatch
     """One teacher sequence per prompt."""
     samples: Optional[SequenceBatch] = None
@@ -182,12 +205,12 @@ class Encoder:
     truncated: int = field(default=0, compare=False)
     """Responses cut at ``max_response_tokens`` so far (they get no eos)."""
 
-    def prompt_ids(self, prompt: str) -> list[int]:
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
         """The rendered prompt's tokens; a long prompt keeps its end (the question)."""
         ids = self.tokenizer(render_prompt(self.tokenizer, prompt), add_special_tokens=False)["input_ids"]
         return ids[-self.max_prompt_tokens :]
 
-    def prompt_length(self, prompt: str) -> int:
+    def prompt_length(self, prompt: Prompt) -> int:
         return len(self.tokenizer(render_prompt(self.tokenizer, prompt), add_special_tokens=False)["input_ids"])
 
     def response_ids(self, response: str, ended: bool = True) -> tuple[list[int], bool]:
@@ -199,18 +222,18 @@ class Encoder:
             return ids[: self.max_response_tokens], False
         return ids, ended
 
-    def encode(self, prompt: str, response: str, ended: bool = True) -> tuple[list[int], int, bool]:
+    def encode(self, prompt: Prompt, response: str, ended: bool = True) -> tuple[list[int], int, bool]:
         """``(ids, prompt_length, ended)`` of a prompt and a response text (``ended``: as in :meth:`response_ids`)."""
         response_ids, ended = self.response_ids(response, ended)
         return self.encode_ids(prompt, response_ids, ended)
 
-    def encode_ids(self, prompt: str, response_ids: list[int], ended: bool, eos_token_id: Optional[int] = None):
+    def encode_ids(self, prompt: Prompt, response_ids: list[int], ended: bool, eos_token_id: Optional[int] = None):
         """The same for response tokens as sampled (no text round trip), ending with the eos that was sampled."""
         prompt_ids = self.prompt_ids(prompt)
         eos = [self.tokenizer.eos_token_id if eos_token_id is None else eos_token_id] if ended else []
         return prompt_ids + list(response_ids) + eos, len(prompt_ids), ended
 
-    def batch(self, prompts: list[str], responses: list, ended: Optional[list[bool]] = None) -> SequenceBatch:
+    def batch(self, prompts: list[Prompt], responses: list, ended: Optional[list[bool]] = None) -> SequenceBatch:
         """One sequence per prompt; each response is a text or a :class:`Rollout` (its tokens are used as sampled).
 
         ``ended``: for texts, whether each one really ended (False for a teacher answer cut at its limit); a

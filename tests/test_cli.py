@@ -103,7 +103,8 @@ def test_bad_jsonl_exits_nonzero_naming_file_line_and_field_before_models_load(t
 
 def test_broken_files_are_one_error_line_with_exit_code_2_and_nothing_written(tmp_path, capsys):
     """Issue 17's corpus through the CLI (the rest of it is in test_data.py): a UTF-16 file as Windows tools write it,
-    binary junk and an empty prompt each stop the run with one ``error:`` line naming the file, before the trainer
+    binary junk, an empty prompt, a record of no known format, a bad chat role and a file named .parquet that is not
+    one each stop the run with one ``error:`` line naming the file, before the trainer
     or its logger writes anything."""
     val = tmp_path / "val.jsonl"
     val.write_text('{"prompt": "2+2?", "reference": "#### 4"}\n')
@@ -112,6 +113,10 @@ def test_broken_files_are_one_error_line_with_exit_code_2_and_nothing_written(tm
         "junk.jsonl": (bytes(range(256)) * 4, ":1: not UTF-8 text"),
         "empty.jsonl": (b'\xef\xbb\xbf{"prompt": "1+1?", "reference": "#### 2"}\r\n{"prompt": " ", "reference": "#### 3"}\r\n',
                         ":2: field 'prompt' is empty"),
+        "no_format.jsonl": (b'{"text": "1+1?"}\n', ":1: fits no prompt format (fields 'text')"),
+        "chat_bad_role.jsonl": (b'{"messages": [{"role": "human", "content": "1+1?"}]}\n',
+                                ":1: field 'messages' entry 0: 'role' must be one of"),
+        "not.parquet": (b"PAR1 but not really", ": not a readable Parquet file"),
     }
     from pbkd_lightning.cli import main
 

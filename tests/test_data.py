@@ -6,10 +6,11 @@ import warnings
 
 import pytest
 
-from conftest import tiny_modules
+from conftest import scalars, tiny_modules
 
 from pbkd_lightning.data.labelers import label_pair, sample_pairs
-from pbkd_lightning.data.records import DataError, read_prompts, read_responses, write_jsonl_atomic
+from pbkd_lightning.data.formats import read_prompts
+from pbkd_lightning.data.records import DataError, read_responses, write_jsonl_atomic
 from pbkd_lightning.data.teachers import HFModelTeacher, ResponseFileTeacher, TaskProgramTeacher
 from pbkd_lightning.models.loading import ModelSpec, load_causal_lm
 from pbkd_lightning.models.tokenizer import build_char_tokenizer
@@ -136,8 +137,119 @@ def test_gsm8k_file_with_a_bom_and_crlf_is_read(tmp_path):
 
 
 def test_a_folder_or_an_unreadable_file_is_a_data_error(tmp_path):
-    with pytest.raises(DataError, match="a folder, not a JSONL file"):
+    with pytest.raises(DataError, match="a folder, but not a JSONL file nor one `datasets` saved with save_to_disk"):
         read_prompts(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------- the formats users have
+def jsonl(tmp_path, *records, name="data.jsonl"):
+    return write(tmp_path / name, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_chat_records_give_the_turns_before_the_last_assistant_turn_as_prompt_and_that_turn_as_response(tmp_path):
+    path = jsonl(tmp_path,
+                 {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+                 {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                               {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye?"},
+                               {"role": "assistant", "content": [{"type": "text", "text": "Bye"}, {"type": "text", "text": "!"}]}]},
+                 {"messages": [{"role": "user", "content": "open question"}]})
+    single, several, unanswered = read_prompts(path)
+    assert single == {"prompt": "2+2?", "reference": "4", "task": "text"}  # one user turn: as a plain prompt record
+    assert several == {"prompt": (("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"), ("user", "Bye?")),
+                       "reference": "Bye!", "task": "text"}
+    assert unanswered == {"prompt": "open question", "reference": None, "task": "text"}  # for a teacher that answers
+    with pytest.raises(DataError, match=r"data\.jsonl:3: the conversation does not end with an assistant turn \(the default"):
+        read_prompts(path, needs_response=True)
+
+
+def test_prompt_completion_and_preference_records_in_text_and_conversational_form(tmp_path):
+    turn = lambda role, text: [{"role": role, "content": text}]  # noqa: E731
+    completions = jsonl(tmp_path, {"prompt": "1+1?", "completion": "2"},
+                        {"prompt": turn("user", "3+3?"), "completion": turn("assistant", "6")})
+    assert read_prompts(completions) == [{"prompt": "1+1?", "reference": "2", "task": "text"},
+                                         {"prompt": "3+3?", "reference": "6", "task": "text"}]
+    preferences = jsonl(tmp_path, {"prompt": "1+1?", "chosen": "2", "rejected": "3"},
+                        {"chosen": turn("user", "Hi") + turn("assistant", "Hello"),  # TRL's implicit prompt
+                         "rejected": turn("user", "Hi") + turn("assistant", "Go away")}, name="prefs.jsonl")
+    assert read_prompts(preferences) == [{"prompt": "1+1?", "reference": "2", "task": "text", "rejected": "3"},
+                                         {"prompt": "Hi", "reference": "Hello", "task": "text", "rejected": "Go away"}]
+
+
+BROKEN_FORMATS = {
+    "no_format": ({"text": "a"}, ":1: fits no prompt format (fields 'text'); expected one of prompt"),
+    "messages_not_a_list": ({"messages": "hi"}, ":1: field 'messages' must be list, got str"),
+    "no_messages": ({"messages": []}, ":1: field 'messages' holds no messages"),
+    "bad_role": ({"messages": [{"role": "bot", "content": "x"}]}, ":1: field 'messages' entry 0: 'role' must be one of"),
+    "null_content": ({"messages": [{"role": "user", "content": None}]}, "entry 0: 'content' must be str, got null"),
+    "image_part": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
+                   "entry 0: 'content' parts must all be text"),
+    "no_user_turn": ({"messages": [{"role": "system", "content": "x"}, {"role": "assistant", "content": "y"}]},
+                     ":1: field 'messages': no user turn before the answer"),
+    "empty_answer": ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]},
+                     ":1: field 'messages' is empty"),
+    "empty_question": ({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}]},
+                       ":1: field 'messages' is empty"),
+    "empty_completion": ({"prompt": "q", "completion": ""}, ":1: field 'completion' is empty"),
+    "completion_of_two_turns": ({"prompt": "q", "completion": [{"role": "assistant", "content": "a"},
+                                                               {"role": "user", "content": "b"}]},
+                                ":1: field 'completion' must be a text or one assistant turn, got 2 turns"),
+    "empty_rejected": ({"prompt": "q", "chosen": "a", "rejected": "\t"}, ":1: field 'rejected' is empty"),
+    "rejected_a_number": ({"prompt": "q", "chosen": "a", "rejected": 3}, ":1: field 'rejected' must be str or list, got int"),
+    "conflicting_references": ([{"prompt": "q", "completion": "a"}, {"prompt": "r", "completion": "b"},
+                                {"prompt": "q", "completion": "c"}],
+                               ":3: field 'prompt': 'q' already has a different 'completion' at {path}:1; keep one"),
+    "conflicting_chosen": ([{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": "c"},
+                            {"prompt": "q", "chosen": "d", "rejected": "b"}],
+                           ":3: field 'prompt': 'q' already has a different 'chosen' at {path}:1"),
+    "conflicting_gsm8k": ([{"question": "1+1?", "answer": "#### 2"}, {"question": "1+1?", "answer": "#### 3"}],
+                          ":2: field 'question': '1+1?\\n' already has a different 'answer' at {path}:1"),
+    "implicit_prompt_mismatch": ({"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                                  "rejected": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]},
+                                 ":1: missing field 'prompt', and 'chosen' and 'rejected' differ before their last turn"),
+}
+
+
+@pytest.mark.parametrize("record, expected", BROKEN_FORMATS.values(), ids=BROKEN_FORMATS.keys())
+def test_broken_records_of_every_format_are_one_line_naming_file_line_and_field(tmp_path, record, expected):
+    path = jsonl(tmp_path, *(record if isinstance(record, list) else [record]))
+    with pytest.raises(DataError) as error:
+        read_prompts(path)
+    message = str(error.value)
+    assert message.startswith(path) and expected.format(path=path) in message and "\n" not in message
+
+
+def test_a_named_format_reads_every_record_as_that_format(tmp_path):
+    path = jsonl(tmp_path, {"prompt": "q", "completion": "a"}, {"prompt": "r", "reference": "b"})
+    with pytest.raises(DataError, match=r"data\.jsonl:2: missing field 'completion'"):
+        read_prompts(path)  # detected from the first record
+    assert read_prompts(path, format="prompt") == [{"prompt": "q", "reference": None, "task": "text"},
+                                                   {"prompt": "r", "reference": "b", "task": "text"}]
+    with pytest.raises(DataError, match=r"`data.format` must be one of auto, prompt, gsm8k, chat, completion, preference"):
+        read_prompts(path, format="sharegpt")
+
+
+def test_parquet_files_and_datasets_folders_are_read_through_datasets(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"prompt": "1+1?", "completion": "2"}, {"prompt": "2+2?", "completion": "4"}]
+    table = datasets.Dataset.from_list(rows)
+    table.to_parquet(str(tmp_path / "data.parquet"))
+    table.save_to_disk(str(tmp_path / "folder"))
+    datasets.DatasetDict({"train": table, "test": table}).save_to_disk(str(tmp_path / "splits"))
+    expected = [{"prompt": r["prompt"], "reference": r["completion"], "task": "text"} for r in rows]
+    assert read_prompts(str(tmp_path / "data.parquet")) == expected
+    assert read_prompts(str(tmp_path / "folder")) == expected
+    assert read_prompts(str(tmp_path / "splits" / "train")) == expected
+    with pytest.raises(DataError, match=r"splits: a DatasetDict with the splits train, test; name one of them"):
+        read_prompts(str(tmp_path / "splits"))
+    # a null in a column is a field the row does not have: named with its row
+    datasets.Dataset.from_list([{"prompt": "q", "reference": "a"}, {"prompt": None, "reference": "b"}]).to_parquet(
+        str(tmp_path / "nulls.parquet"))
+    with pytest.raises(DataError, match=r"nulls\.parquet:row 2: missing field 'prompt'"):
+        read_prompts(str(tmp_path / "nulls.parquet"))
+    write(tmp_path / "fake.parquet", "not parquet")
+    with pytest.raises(DataError, match=r"fake\.parquet: not a readable Parquet file \(ArrowInvalid"):
+        read_prompts(str(tmp_path / "fake.parquet"))
+    assert not list((tmp_path).glob("**/*.lock"))  # datasets' cache went to a temporary folder
 
 
 BROKEN_RESPONSES = {
@@ -376,6 +488,13 @@ def test_hf_model_teacher_generates_from_a_local_folder(tmp_path):
     assert responses == teacher.respond([{"prompt": "ab"}, {"prompt": "abc de"}])  # greedy: deterministic
     with pytest.raises(FileNotFoundError, match="never downloaded"):
         HFModelTeacher(str(tmp_path / "missing")).respond([{"prompt": "x"}])
+    conversation = (("user", "ab"), ("assistant", "ba"), ("user", "abc"))
+    with pytest.raises(DataError, match=r"teacher: 1 prompts are conversations of several turns, .* it has none"):
+        teacher.respond([{"prompt": conversation}])
+    tokenizer.chat_template = CHAT_TEMPLATE  # with a template: rendered by it, as the student's tokenizer does
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    [answer] = teacher.respond([{"prompt": conversation}])
+    assert isinstance(answer, str) and len(answer) <= 5
 
 
 # ---------------------------------------------------------------------------- labelers
@@ -453,3 +572,68 @@ def test_a_corrupt_teacher_response_cache_in_the_run_folder_names_file_and_line(
     cache.write_text(lines[0])
     with pytest.raises(DataError, match=rf"^{cache}: 1 cached teacher responses for 2 prompts; remove the file"):
         data._teacher_responses(records)
+
+
+# ---------------------------------------------------------------------------- the formats in a fit
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def chat_tokenizer(tmp_path):
+    """The tiny student's character tokenizer with a chat template, saved as a folder for `model.student.tokenizer`."""
+    tokenizer = build_char_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    return str(tmp_path / "tokenizer")
+
+
+def chat_record(i):
+    turns = [{"role": "user", "content": f"{i}+1?"}, {"role": "assistant", "content": f"{i + 1}"}]
+    if i % 2:  # every other one a conversation of several turns before the answer
+        turns = [{"role": "system", "content": "Answer with a number."}, {"role": "user", "content": "Ready?"},
+                 {"role": "assistant", "content": "Yes."}] + turns
+    return {"messages": turns}
+
+
+def test_a_chat_file_a_parquet_file_and_a_datasets_folder_each_run_a_short_fit_and_a_preference_file_trains_the_critic(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from conftest import run_cli, tiny_args
+
+    tokenizer = ["--model.student.tokenizer=" + chat_tokenizer(tmp_path)]
+    # chat (JSONL), black-box PbKD: conversations are sampled from, buffered and read back
+    train, val = (jsonl(tmp_path, *map(chat_record, range(start, start + n)), name=name)
+                  for start, n, name in ((0, 8, "chat.jsonl"), (100, 4, "chat-val.jsonl")))
+    cli = run_cli("fit", *tiny_args(tmp_path / "chat", *tokenizer, f"--data.train_file={train}", f"--data.val_file={val}",
+                                    "--model.objective.critic_warmup_steps=0"))
+    data = cli.datamodule
+    conversations = [r["prompt"] for r in data.train_records if not isinstance(r["prompt"], str)]
+    assert len(conversations) == 4 and conversations[0][-1] == ("user", "1+1?")
+    assert {r["teacher"] for r in data.train_records} == {str(i + 1) for i in range(8)}  # the last assistant turns
+    buffered = data._load_iteration(0)  # the buffer's JSON, read back as on resume
+    assert sorted(map(repr, (g["prompt"] for g in buffered))) == sorted(repr(r["prompt"]) for r in data.train_records)
+    rendered = data.encoder(cli.model.tokenizer).prompt_ids(conversations[0])
+    assert cli.model.tokenizer.decode(rendered) == "system: Answer with a number.\nuser: Ready?\nassistant: Yes.\nuser: 1+1?\nassistant: "
+    assert (tmp_path / "chat" / "summary.json").exists()
+
+    # prompt/completion in Parquet, SeqKD
+    rows = lambda start, n: [{"prompt": f"Reverse: {w} {w[::-1]}\n", "completion": f"{w[::-1]} {w}"}  # noqa: E731
+                             for w in (f"ab{chr(97 + i)}" for i in range(start, start + n))]
+    datasets.Dataset.from_list(rows(0, 8)).to_parquet(str(tmp_path / "train.parquet"))
+    datasets.Dataset.from_list(rows(10, 4)).to_parquet(str(tmp_path / "val.parquet"))
+    cli = run_cli("fit", *tiny_args(tmp_path / "parquet", f"--data.train_file={tmp_path}/train.parquet",
+                                    f"--data.val_file={tmp_path}/val.parquet", config="configs/baselines/seqkd.yaml"))
+    assert [r["teacher"] for r in cli.datamodule.train_records] == [r["completion"] for r in rows(0, 8)]
+    assert (tmp_path / "parquet" / "summary.json").exists()
+
+    # preferences in a datasets folder: the chosen responses teach the student, every pair the reward model
+    prefs = [{"prompt": f"{i}+{i}?", "chosen": f"{2 * i}", "rejected": f"{2 * i + 1}"} for i in range(12)]
+    datasets.Dataset.from_list(prefs[:8]).save_to_disk(str(tmp_path / "prefs"))
+    datasets.Dataset.from_list(prefs[8:]).save_to_disk(str(tmp_path / "prefs-val"))
+    cli = run_cli("fit", *tiny_args(tmp_path / "prefs-run", f"--data.train_file={tmp_path}/prefs",
+                                    f"--data.val_file={tmp_path}/prefs-val", "--model.objective.critic_warmup_steps=0"))
+    data = cli.datamodule
+    assert data.stats["data/file_pairs"] == 8 and data.stats["data/buffer_pairs"] > 8  # and the teacher-vs-sample pairs
+    pairs = data.critic_pairs(0)
+    assert {(p["chosen"], p["rejected"]) for p in pairs if isinstance(p["rejected"], str)} == \
+        {(r["chosen"], r["rejected"]) for r in prefs[:8]}
+    assert scalars(tmp_path / "prefs-run")["critic/bt"]  # the reward model took Bradley-Terry steps on them

@@ -19,9 +19,10 @@ from pbkd_lightning.config import plain
 from pbkd_lightning.data.collate import CriticCollate, StudentCollate, collate_records
 from pbkd_lightning.data.generation import GenerationConfig
 from pbkd_lightning.data.labelers import label_pair, sample_pairs
-from pbkd_lightning.data.records import DataError, read_jsonl, read_prompts, remove_partial_outputs, write_jsonl_atomic
+from pbkd_lightning.data.formats import Format, read_prompts
+from pbkd_lightning.data.records import DataError, read_jsonl, remove_partial_outputs, write_jsonl_atomic
 from pbkd_lightning.data.teachers import ResponseFileTeacher, TaskProgramTeacher, Teacher
-from pbkd_lightning.sequences import Encoder, Rollout
+from pbkd_lightning.sequences import Encoder, Rollout, as_prompt
 from pbkd_lightning.tasks import get_task, split_prompts
 
 
@@ -71,6 +72,7 @@ class PreferenceDataModule(LightningDataModule):
         seed: int = 1234,
         train_file: Optional[str] = None,
         val_file: Optional[str] = None,
+        format: Format = "auto",
         teacher: Optional[Teacher] = None,
         labeler: Literal["teacher", "verifier", "both"] = "teacher",
         sample_pairs: bool = False,
@@ -98,8 +100,15 @@ class PreferenceDataModule(LightningDataModule):
             train_size: distinct training prompts per task: the pool each epoch's prompts are drawn from.
             val_size: distinct held-out prompts per task, none of them in the training pool.
             seed: seed of the generated prompts (held-out prompts use ``seed + 1``) and of the epochs' draws.
-            train_file: JSONL of ``{"prompt", "reference"?, "task"?}`` (or GSM8K's ``{"question", "answer"}``).
-            val_file: held-out prompts in the same format; required with ``train_file``.
+            train_file: the training prompts: a JSONL file, a Parquet file or a folder saved by ``datasets``
+                (``save_to_disk``), of records in one of the formats of ``format``.
+            val_file: held-out prompts, read the same way; required with ``train_file``.
+            format: the records' format: ``prompt`` ``{"prompt", "reference"?, "task"?}``, ``gsm8k``
+                ``{"question", "answer"}``, ``chat`` ``{"messages"}`` (the last assistant turn is the teacher's
+                response), ``completion`` ``{"prompt", "completion"}`` or ``preference`` ``{"prompt", "chosen",
+                "rejected"}`` (the chosen response is the teacher's; black-box PbKD's reward model also learns the
+                pair); ``auto``: detected from each file's first record. A response in the file is what the default
+                teacher answers and what held-out answers are scored against (ROUGE-L).
             teacher: who answers the prompts; default: the task program (``TaskProgramTeacher``).
             labeler: ``teacher`` (teacher always preferred, as in the paper), ``verifier`` (higher task score
                 preferred, ties dropped) or ``both`` (the verifier, with its ties going to the teacher).
@@ -209,14 +218,12 @@ class PreferenceDataModule(LightningDataModule):
         h, splits = self.hparams, []
         for path in (h.train_file, h.val_file):
             records = []
-            for line_no, record in read_prompts(path, h.empty, self.dropped, with_lines=True):
-                where = f"{path}:{line_no}"
+            # the default teacher answers with each record's response (its reference): every record needs one
+            needs_response = isinstance(self.teacher, TaskProgramTeacher)
+            for where, record in read_prompts(path, h.format, h.empty, self.dropped, True, needs_response):
                 problem = get_task(record["task"]).check(record)
                 if problem:
                     raise DataError(f"{where}: task {record['task']!r}: {problem}")
-                if isinstance(self.teacher, TaskProgramTeacher) and record["reference"] is None:
-                    raise DataError(f"{where}: missing field 'reference' (the default teacher, TaskProgramTeacher, "
-                                    "answers with it; give one or set `data.teacher`)")
                 if isinstance(self.teacher, ResponseFileTeacher) and not self.teacher.has_response(record["prompt"]):
                     if h.empty == "drop" and record["prompt"] in self.teacher.empty_prompts:
                         self.dropped.append(f"{where}:prompt")  # its teacher response was empty
@@ -309,7 +316,7 @@ class PreferenceDataModule(LightningDataModule):
 
     def _load_iteration(self, iteration: int) -> list[dict]:
         path = self._iteration_path(iteration)
-        fields = {"prompt": str, "teacher": str, "samples": list, "sample_ids": list, "old_logprobs": list, "ended": list,
+        fields = {"prompt": (str, list), "teacher": str, "samples": list, "sample_ids": list, "old_logprobs": list, "ended": list,
                   "preferences": list}
         return [_restored(g) for g in read_jsonl(path, fields, {"eos": list}, check=_buffer_problem)]
 
@@ -318,6 +325,7 @@ class PreferenceDataModule(LightningDataModule):
         the models are loaded and before any training data is built; checks the training teacher texts against the
         response limit."""
         self.connection = connection
+        self._check_chat_templates(connection)
         encoder = self.encoder(connection.tokenizer)
         cut_by_teacher = sum(not r.get("teacher_ended", True) for r in self.train_records)
         for record in self.train_records:
@@ -328,6 +336,17 @@ class PreferenceDataModule(LightningDataModule):
         if cut_by_teacher:
             rank_zero_warn(f"{cut_by_teacher} teacher answers stopped at the teacher's own token limit without eos; they "
                            "are trained on without one (raise the teacher's `max_new_tokens` to get whole answers)")
+
+    def _check_chat_templates(self, connection: DataConnection) -> None:
+        """Prompts of several chat turns are rendered by the tokenizers' chat templates: each must have one."""
+        turns = sum(not isinstance(r["prompt"], str) for r in self.train_records + self.val_records)
+        tokenizers = {"student's": connection.tokenizer, "critic's": connection.critic_tokenizer}
+        for whose, tokenizer in tokenizers.items():
+            if turns and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+                raise DataError(f"{self.hparams.train_file}: {turns} prompts are conversations of several turns, which "
+                                f"the {whose} tokenizer renders through its chat template, and it has none; give "
+                                "`model.student.tokenizer` (or `model.teacher.tokenizer`) a folder whose "
+                                "tokenizer_config.json has one, or use records with one user turn")
 
     def _warn_truncated(self, count: int, what: str) -> None:
         if count:
@@ -395,11 +414,14 @@ class PreferenceDataModule(LightningDataModule):
 
     def critic_pairs(self, upto_iteration: int) -> list[dict]:
         """Teacher pairs of the buffered iterations (teacher response vs each sample; identical texts carry no
-        information and are left out), and with ``sample_pairs`` the verifier's better-vs-worse pairs among each
-        prompt's samples (``teacher_pair`` False, ``row`` None). Each pair keeps the ``iteration`` that made it."""
+        information and are left out), a preference file's own pair of each prompt (chosen vs rejected,
+        ``teacher_pair`` False), and with ``sample_pairs`` the verifier's better-vs-worse pairs among each prompt's
+        samples (``teacher_pair`` False, ``row`` None). Each pair keeps the ``iteration`` that made it."""
         first = 0
         if self.hparams.buffer_iterations is not None:
             first = max(0, upto_iteration - self.hparams.buffer_iterations + 1)
+        # a preference file's pairs are not (teacher, student sample) pairs: only a critic that takes any pair learns them
+        file_pairs = self.connection is not None and self.connection.critic_takes_sample_pairs
         pairs = []
         for iteration in range(first, upto_iteration + 1):
             groups = self._groups if iteration == self._groups_iteration else self._load_iteration(iteration)
@@ -409,6 +431,11 @@ class PreferenceDataModule(LightningDataModule):
                         pairs.append({"prompt": group["prompt"], "chosen": group["teacher"], "rejected": rollout,
                                       "chosen_ended": group.get("teacher_ended", True), "preference": preference,
                                       "teacher_pair": True, "row": group.get("row"), "iteration": iteration})
+                if file_pairs and "rejected" in group and group["rejected"].strip() != group["teacher"].strip():
+                    # the file's own pair (a preference record): its chosen response is the teacher's
+                    pairs.append({"prompt": group["prompt"], "chosen": group["teacher"], "rejected": group["rejected"],
+                                  "chosen_ended": group.get("teacher_ended", True), "preference": 1,
+                                  "teacher_pair": False, "row": group.get("row"), "iteration": iteration})
                 if self.hparams.sample_pairs:
                     by_text = {r.text.strip(): r for r in group["rollouts"]}
                     pairs += [{"prompt": group["prompt"], "chosen": by_text[better], "rejected": by_text[worse],
@@ -467,6 +494,7 @@ class PreferenceDataModule(LightningDataModule):
         pairs = self.critic_pairs(iteration)
         self.stats["data/buffer_pairs"] = float(len(pairs))
         self.stats["data/teacher_pairs"] = float(sum(p["teacher_pair"] for p in pairs))
+        self.stats["data/file_pairs"] = float(sum(isinstance(p["rejected"], str) for p in pairs))
         self.stats["data/pairs_teacher_preferred"] = float(sum(p["preference"] > 0 and p["teacher_pair"] for p in pairs))
         if not pairs:
             raise DataError("no preference pair differs from its teacher response: nothing for the critic to learn")
@@ -562,6 +590,10 @@ def _held_out(train: list[dict], val: list[dict], val_file: Optional[str]) -> li
 
 def _buffer_problem(stored: dict) -> Optional[str]:
     """What is wrong with a buffer line (one prompt's samples), or None: the per-sample lists must agree."""
+    prompt = stored["prompt"]
+    if isinstance(prompt, list) and not all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t)
+                                            for t in prompt):
+        return "field 'prompt' must be a text or a list of [role, content] turns"
     count = len(stored["samples"])
     for field in ("sample_ids", "old_logprobs", "ended", "preferences", "eos"):
         if field in stored and len(stored[field]) != count:
@@ -599,6 +631,7 @@ def _stored(group: dict) -> dict:
 
 def _restored(stored: dict) -> dict:
     group = {k: v for k, v in stored.items() if k not in ("samples", "sample_ids", "old_logprobs", "ended", "eos")}
+    group["prompt"] = as_prompt(group["prompt"])  # a conversation comes back from JSON as lists
     eos = stored.get("eos", [None] * len(stored["samples"]))
     group["rollouts"] = [Rollout(*fields) for fields in zip(stored["samples"], stored["sample_ids"], stored["old_logprobs"],
                                                             stored["ended"], eos)]

@@ -1,4 +1,4 @@
-"""JSONL records: reading with file:line:field errors, and atomic writing."""
+"""Records: read from JSONL, Parquet or a `datasets` folder with file:line:field errors, and written atomically."""
 
 import glob
 import json
@@ -66,7 +66,127 @@ def _warn_dropped(path: str, blank: list, dropped: Optional[list]) -> None:
                       f"{', ...' if len(blank) > 3 else ''})")
 
 
-def read_jsonl_lines(
+def _jsonl_values(path: str) -> list[tuple[str, object]]:
+    """``(place, value)`` of each non-blank line of a JSONL file, the place ``path:line``."""
+    values = []
+    for line_no, line in _text_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            values.append((where, json.loads(line)))
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: invalid JSON ({error.msg})") from None
+        except RecursionError:
+            raise DataError(f"{where}: invalid JSON (nested too deeply)") from None
+        except ValueError as error:  # e.g. an integer over Python's digit limit
+            raise DataError(f"{where}: invalid JSON ({error})") from None
+    return values
+
+
+def is_table(path: str) -> bool:
+    """A Parquet file or a folder saved by ``datasets`` (read through ``datasets``), not a JSONL file."""
+    return os.path.isdir(path) or path.lower().endswith(".parquet")
+
+
+def _table_values(path: str) -> list[tuple[str, dict]]:
+    """``(place, row)`` of a Parquet file or a ``datasets`` folder (``save_to_disk``), the place ``path:row n``.
+
+    A column-oriented file has every column in every row, so a null is read as a field the row does not have.
+    """
+    import datasets  # here: the heavy import only when a table is read
+
+    datasets.disable_progress_bars()
+    with tempfile.TemporaryDirectory(prefix="pbkd-datasets-") as cache:  # datasets' own cache: nothing left behind
+        try:
+            if os.path.isdir(path):
+                table = datasets.load_from_disk(path, keep_in_memory=True)
+            elif not os.path.isfile(path):
+                raise DataError(f"{path}: file not found")
+            else:
+                table = datasets.Dataset.from_parquet(path, keep_in_memory=True, cache_dir=cache)
+        except DataError:
+            raise
+        except FileNotFoundError:
+            raise DataError(f"{path}: a folder, but not a JSONL file nor one `datasets` saved with save_to_disk "
+                            "(no dataset_info.json, state.json)") from None
+        except Exception as error:  # pyarrow's errors for a file that is not Parquet (ArrowInvalid, OSError, ...)
+            message = " ".join(str(error).split())[:200]
+            raise DataError(f"{path}: not a readable Parquet file ({type(error).__name__}: {message})") from None
+        if isinstance(table, datasets.DatasetDict):
+            if len(table) != 1:
+                raise DataError(f"{path}: a DatasetDict with the splits {', '.join(table)}; name one of them as the "
+                                f"file, e.g. {os.path.join(path, next(iter(table)))}")
+            table = next(iter(table.values()))
+        return [(f"{path}:row {n}", {k: v for k, v in row.items() if v is not None})
+                for n, row in enumerate(table.to_list(), start=1)]
+
+
+def read_values(path: str) -> list[tuple[str, object]]:
+    """``(place, value)`` of every record of a JSONL file, a Parquet file or a ``datasets`` folder."""
+    return _table_values(path) if is_table(path) else _jsonl_values(path)
+
+
+def check_fields(where: str, record, required: dict, optional: dict | None = None, choices: dict | None = None) -> None:
+    """Raise :class:`DataError` naming ``where`` and the field unless ``record`` is an object whose fields have their
+    types (a tuple of types allowed) and, for fields in ``choices``, one of their values."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {_kind(record)}")
+    for field, kind in {**required, **(optional or {})}.items():
+        if field not in record:
+            if field in required:
+                raise DataError(f"{where}: missing field {field!r}")
+            continue
+        value, kinds = record[field], kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join("list" if k is list else k.__name__ for k in kinds)
+            raise DataError(f"{where}: field {field!r} must be {names}, got {_kind(value)}")
+        if isinstance(value, str):
+            check_text(where, field, value)
+    for field, allowed in (choices or {}).items():
+        if field in record and record[field] not in allowed:
+            raise DataError(f"{where}: field {field!r} must be one of {sorted(allowed)}, got {record[field]!r}")
+
+
+def check_text(where: str, field: str, value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise DataError(f"{where}: field {field!r} holds an unpaired surrogate escape "
+                        f"(\\u{ord(value[error.start]):04x}), which is not text") from None
+
+
+class EmptyFields:
+    """What to do with records whose text fields are empty or whitespace: stop naming the first (``error``), or leave
+    them out (``drop``) and say how many once (:meth:`finish`)."""
+
+    def __init__(self, path: str, empty: EmptyPolicy = "error", dropped: Optional[list] = None):
+        self.path, self.empty, self.dropped, self.blank = path, empty, dropped, []
+
+    def keep(self, where: str, fields: Iterable[tuple[str, object]]) -> bool:
+        """False when one of ``fields`` (``(name, value)`` pairs) is blank and the record is dropped; raises under
+        ``error``."""
+        field = next((f for f, value in fields if _is_blank(value)), None)
+        if field is None:
+            return True
+        if self.empty != "drop":
+            raise DataError(f"{where}: field {field!r} is empty; fill it in, remove the line, or set "
+                            "`data.empty: drop` to skip such records")
+        self.blank.append(f"{where}:{field}")
+        return False
+
+    def finish(self, records: list) -> list:
+        """``records``, checked not to be none; the dropped ones counted."""
+        _warn_dropped(self.path, self.blank, self.dropped)
+        if not records:
+            if self.blank:
+                raise DataError(f"{self.path}: no records left: all {len(self.blank)} have an empty field "
+                                f"({self.blank[0]}, ...)")
+            raise DataError(f"{self.path}: no records (the file is empty)")
+        return records
+
+
+def read_rows(
     path: str,
     required: dict[str, type],
     optional: dict[str, type] | None = None,
@@ -75,60 +195,20 @@ def read_jsonl_lines(
     empty: EmptyPolicy = "error",
     dropped: Optional[list] = None,
     check: Optional[Callable[[dict], Optional[str]]] = None,
-) -> list[tuple[int, dict]]:
-    """:func:`read_jsonl`, each record with its line number: ``[(line, record), ...]``."""
-    optional = optional or {}
-    fields = {**required, **optional}
-    records, blank = [], []
-    for line_no, line in _text_lines(path):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_no}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{where}: invalid JSON ({error.msg})") from None
-        except RecursionError:
-            raise DataError(f"{where}: invalid JSON (nested too deeply)") from None
-        except ValueError as error:  # e.g. an integer over Python's digit limit
-            raise DataError(f"{where}: invalid JSON ({error})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {_kind(record)}")
-        for field, kind in fields.items():
-            if field not in record:
-                if field in required:
-                    raise DataError(f"{where}: missing field {field!r}")
-                continue
-            value = record[field]
-            if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
-                raise DataError(f"{where}: field {field!r} must be {kind.__name__}, got {_kind(value)}")
-            if isinstance(value, str):
-                try:
-                    value.encode("utf-8")
-                except UnicodeEncodeError as error:
-                    raise DataError(f"{where}: field {field!r} holds an unpaired surrogate escape "
-                                    f"(\\u{ord(value[error.start]):04x}), which is not text") from None
-        for field, allowed in (choices or {}).items():
-            if field in record and record[field] not in allowed:
-                raise DataError(f"{where}: field {field!r} must be one of {sorted(allowed)}, got {record[field]!r}")
+    values: Optional[list] = None,
+) -> list[tuple[str, dict]]:
+    """:func:`read_jsonl`, each record with its place (``path:line``, or ``path:row n`` in a table):
+    ``[(place, record), ...]``. ``values``: the file's :func:`read_values`, when already read."""
+    records, blanks = [], EmptyFields(path, empty, dropped)
+    for where, record in read_values(path) if values is None else values:
+        check_fields(where, record, required, optional, choices)
         if check is not None:
             problem = check(record)
             if problem:
                 raise DataError(f"{where}: {problem}")
-        empty_field = next((f for f in nonempty if _is_blank(record.get(f))), None)
-        if empty_field is not None:
-            if empty != "drop":
-                raise DataError(f"{where}: field {empty_field!r} is empty; fill it in, remove the line, or set "
-                                "`data.empty: drop` to skip such records")
-            blank.append(f"{where}:{empty_field}")
-            continue
-        records.append((line_no, record))
-    _warn_dropped(path, blank, dropped)
-    if not records:
-        if blank:
-            raise DataError(f"{path}: no records left: all {len(blank)} have an empty field ({blank[0]}, ...)")
-        raise DataError(f"{path}: no records (the file is empty)")
-    return records
+        if blanks.keep(where, [(f, record.get(f)) for f in nonempty]):
+            records.append((where, record))
+    return blanks.finish(records)
 
 
 def read_jsonl(
@@ -141,7 +221,8 @@ def read_jsonl(
     dropped: Optional[list] = None,
     check: Optional[Callable[[dict], Optional[str]]] = None,
 ) -> list[dict]:
-    """Read a JSONL file, checking each line's fields, types and, for fields in ``choices``, values.
+    """Read a JSONL file (or a Parquet file, or a ``datasets`` folder), checking each record's fields, types and,
+    for fields in ``choices``, values.
 
     UTF-8 (a leading byte-order mark allowed), LF or CRLF line ends; blank lines are skipped.
 
@@ -155,40 +236,7 @@ def read_jsonl(
         DataError: on a missing file, a file that is not UTF-8 text, an empty file, bad JSON, a missing field, a
             wrong type, an empty field (unless dropped) or a problem ``check`` finds, naming file:line and field.
     """
-    return [r for _, r in read_jsonl_lines(path, required, optional, choices, nonempty, empty, dropped, check)]
-
-
-def _first_record(path: str) -> Optional[dict]:
-    for _, line in _text_lines(path):
-        if line.strip():
-            try:
-                record = json.loads(line)
-            except (ValueError, RecursionError):
-                return None
-            return record if isinstance(record, dict) else None
-    return None
-
-
-def read_prompts(path: str, empty: EmptyPolicy = "error", dropped: Optional[list] = None,
-                 with_lines: bool = False) -> list:
-    """Prompt records ``{"prompt", "reference"?, "task"?}``; GSM8K's ``{"question", "answer"}`` is accepted too.
-
-    The prompt (``question``) and a given reference (``answer``) must not be empty or whitespace: ``empty``,
-    ``dropped`` as in :func:`read_jsonl`. ``with_lines``: ``[(line, record), ...]``.
-    """
-    first = _first_record(path)
-    if first is not None and "question" in first and "prompt" not in first:
-        rows = read_jsonl_lines(path, {"question": str, "answer": str}, nonempty=("question", "answer"), empty=empty,
-                                dropped=dropped)
-        records = [(n, {"prompt": r["question"] + "\n", "reference": r["answer"], "task": "arithmetic"}) for n, r in rows]
-    else:
-        from pbkd_lightning.tasks import TASKS  # here, not at the top: tasks import torchmetrics, records stay light
-
-        rows = read_jsonl_lines(path, {"prompt": str}, {"reference": str, "task": str}, choices={"task": TASKS},
-                                nonempty=("prompt", "reference"), empty=empty, dropped=dropped)
-        records = [(n, {"prompt": r["prompt"], "reference": r.get("reference"), "task": r.get("task", "text")})
-                   for n, r in rows]
-    return records if with_lines else [r for _, r in records]
+    return [r for _, r in read_rows(path, required, optional, choices, nonempty, empty, dropped, check)]
 
 
 def read_responses(path: str, empty: EmptyPolicy = "error", dropped: Optional[list] = None,
@@ -210,16 +258,16 @@ def read_responses(path: str, empty: EmptyPolicy = "error", dropped: Optional[li
             unanswered.add(record["prompt"])
         return None
 
-    rows = read_jsonl_lines(path, {"prompt": str}, {"teacher": str, "response": str}, check=check,
-                            nonempty=("prompt", "teacher", "response"), empty=empty, dropped=dropped)
-    responses, lines = {}, {}
-    for line_no, row in rows:
+    rows = read_rows(path, {"prompt": str}, {"teacher": str, "response": str}, check=check,
+                     nonempty=("prompt", "teacher", "response"), empty=empty, dropped=dropped)
+    responses, places = {}, {}
+    for where, row in rows:
         text, prompt = row.get("teacher", row.get("response")), row["prompt"]
         if prompt in responses and responses[prompt] != text:
-            raise DataError(f"{path}:{line_no}: field 'prompt': {prompt[:60]!r} already has a different teacher response "
-                            f"at {path}:{lines[prompt]}; keep one of the two lines")
+            raise DataError(f"{where}: field 'prompt': {prompt[:60]!r} already has a different teacher response "
+                            f"at {places[prompt]}; keep one of the two lines")
         responses.setdefault(prompt, text)
-        lines.setdefault(prompt, line_no)
+        places.setdefault(prompt, where)
     if empty_prompts is not None:
         empty_prompts.update(unanswered - set(responses))  # only empty responses: the data module drops the prompt
     return responses

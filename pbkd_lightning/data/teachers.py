@@ -105,8 +105,13 @@ class HFModelTeacher(Teacher):
         return self.answer(records)[0]
 
     def answer(self, records: list[dict]) -> tuple[list[str], list[bool]]:
-        model = load_frozen_model(self.path, self.quantization, self.dtype, self.gguf_file)
         tokenizer = load_tokenizer(ModelSpec(path=self.path, gguf_file=self.gguf_file))
+        turns = sum(not isinstance(r["prompt"], str) for r in records)
+        if turns and not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"{self.path}: {turns} prompts are conversations of several turns, which the teacher's "
+                            "tokenizer renders through its chat template, and it has none; give the teacher a chat "
+                            "model's folder, or use records with one user turn")
+        model = load_frozen_model(self.path, self.quantization, self.dtype, self.gguf_file)
         with torch.inference_mode():
             rollouts, _ = sample_rollouts(model, tokenizer, [r["prompt"] for r in records], self.generation, 1, self.batch_size)
         del model

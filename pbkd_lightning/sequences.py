@@ -23,20 +23,30 @@ Prompt = Union[str, Conversation]
 """What a model is asked: a text, or a conversation."""
 
 
+class PromptError(ValueError):
+    """A prompt a tokenizer cannot render (its chat template refuses the conversation); the message names it."""
+
+
 def render_prompt(tokenizer, prompt: Prompt) -> str:
-    """The prompt as the model expects it: a text through the tokenizer's chat template as one user turn when it has
-    one (as it is when not); a :data:`Conversation` through the chat template, which it then needs."""
+    """The prompt as the model expects it, through the tokenizer's chat template when it has one: a text as one user
+    turn, a :data:`Conversation` as its turns. Without a template a text is used as it is and a conversation as
+    ``role: content`` lines followed by ``assistant: `` (what a base model continues).
+
+    Raises:
+        PromptError: when the chat template refuses the conversation (many allow no ``system`` turn, or need user and
+            assistant turns to alternate).
+    """
     template = getattr(tokenizer, "chat_template", None)
-    if isinstance(prompt, str):
-        if not template:
-            return prompt
-        messages = [{"role": "user", "content": prompt}]
-    else:
-        if not template:
-            raise ValueError(f"a chat prompt of {len(prompt)} turns needs a tokenizer with a chat template, and "
-                             f"{type(tokenizer).__name__} has none")
-        messages = [{"role": role, "content": content} for role, content in prompt]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not template:
+        return prompt if isinstance(prompt, str) else prompt_text(prompt) + "\nassistant: "
+    turns = (("user", prompt),) if isinstance(prompt, str) else prompt
+    try:
+        return tokenizer.apply_chat_template([{"role": role, "content": content} for role, content in turns],
+                                             tokenize=False, add_generation_prompt=True)
+    except Exception as error:  # jinja's TemplateError from the template's own raise_exception, and its kin
+        raise PromptError(f"{type(tokenizer).__name__}'s chat template refuses the prompt {prompt_text(prompt)[:80]!r} "
+                          f"({type(error).__name__}: {' '.join(str(error).split())[:160]}); change the record's turns or "
+                          "use a tokenizer whose template takes them") from None
 
 
 def as_prompt(value):

@@ -96,7 +96,7 @@ def test_bad_jsonl_exits_nonzero_naming_file_line_and_field_before_models_load(t
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )
     assert result.returncode == 2
-    assert f"{train}:2: field 'prompt' must be str, got int" in result.stderr
+    assert f"{train}:2: field 'prompt' must be str or list, got int" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "cache").exists()  # the student was never loaded or warmed up
 

@@ -14,6 +14,7 @@ from pbkd_lightning.data.records import DataError, read_responses, write_jsonl_a
 from pbkd_lightning.data.teachers import HFModelTeacher, ResponseFileTeacher, TaskProgramTeacher
 from pbkd_lightning.models.loading import ModelSpec, load_causal_lm
 from pbkd_lightning.models.tokenizer import build_char_tokenizer
+from pbkd_lightning.sequences import PromptError, render_prompt
 from pbkd_lightning.tasks import BUILT_IN, get_task, split_prompts
 from pbkd_lightning.tasks.arithmetic import extract_answer
 from pbkd_lightning.tasks.distinct import _question
@@ -30,7 +31,7 @@ def write(path, text):
     [
         ('{"prompt": "a"}\n{"prompt": \n', ":2: invalid JSON"),
         ('{"prompt": "a"}\n{"reference": "b"}\n', ":2: missing field 'prompt'"),
-        ('{"prompt": "a"}\n\n{"prompt": 3}\n', ":3: field 'prompt' must be str, got int"),
+        ('{"prompt": "a"}\n\n{"prompt": 3}\n', ":3: field 'prompt' must be str or list, got int"),
         ('[1, 2]\n', ":1: expected a JSON object"),
         ("", ": no records (the file is empty)"),
     ],
@@ -92,7 +93,7 @@ BROKEN_PROMPTS = {
     "gsm8k_empty_answer": (b'{"question": "1+0?", "answer": "#### 1"}\n{"question": "2?", "answer": "\\n"}\n',
                            ":2: field 'answer' is empty"),
     "gsm8k_utf16": ('{"question": "1+0?", "answer": "#### 1"}\n'.encode("utf-16"), ": not UTF-8 text"),
-    "null_prompt": (b'{"prompt": null}\n', ":1: field 'prompt' must be str, got null"),
+    "null_prompt": (b'{"prompt": null}\n', ":1: field 'prompt' must be str or list, got null"),
     "lone_surrogate": (b'{"prompt": "a\\ud800b"}\n', ":1: field 'prompt' holds an unpaired surrogate escape"),
     "truncated_last_line": (b'{"prompt": "a"}\n{"prompt": "b', ":2: invalid JSON"),
     "nested_too_deeply": (b"[" * 100_000 + b"\n", ":1: invalid JSON"),
@@ -159,7 +160,7 @@ def test_chat_records_give_the_turns_before_the_last_assistant_turn_as_prompt_an
                        "reference": "Bye!", "task": "text"}
     assert unanswered == {"prompt": "open question", "reference": None, "task": "text"}  # for a teacher that answers
     with pytest.raises(DataError, match=r"data\.jsonl:3: the conversation does not end with an assistant turn \(the default"):
-        read_prompts(path, needs_response=True)
+        read_prompts(path, needs_response="the default teacher answers with it")
 
 
 def test_prompt_completion_and_preference_records_in_text_and_conversational_form(tmp_path):
@@ -173,6 +174,15 @@ def test_prompt_completion_and_preference_records_in_text_and_conversational_for
                          "rejected": turn("user", "Hi") + turn("assistant", "Go away")}, name="prefs.jsonl")
     assert read_prompts(preferences) == [{"prompt": "1+1?", "reference": "2", "task": "text", "rejected": "3"},
                                          {"prompt": "Hi", "reference": "Hello", "task": "text", "rejected": "Go away"}]
+    # UltraFeedback-binarized: the prompt, whole conversations as chosen and rejected, and "messages" beside them
+    ultrafeedback = jsonl(tmp_path, {"prompt": "Hi", "chosen": turn("user", "Hi") + turn("assistant", "Hello"),
+                                     "rejected": turn("user", "Hi") + turn("assistant", "Go away"),
+                                     "messages": turn("user", "Hi") + turn("assistant", "Hello")}, name="uf.jsonl")
+    assert read_prompts(ultrafeedback) == [{"prompt": "Hi", "reference": "Hello", "task": "text", "rejected": "Go away"}]
+    # TRL's prompt-only conversational records
+    prompt_only = jsonl(tmp_path, {"prompt": turn("system", "Be brief.") + turn("user", "Hi")}, name="po.jsonl")
+    assert read_prompts(prompt_only) == [{"prompt": (("system", "Be brief."), ("user", "Hi")), "reference": None,
+                                          "task": "text"}]
 
 
 BROKEN_FORMATS = {
@@ -192,7 +202,10 @@ BROKEN_FORMATS = {
     "empty_completion": ({"prompt": "q", "completion": ""}, ":1: field 'completion' is empty"),
     "completion_of_two_turns": ({"prompt": "q", "completion": [{"role": "assistant", "content": "a"},
                                                                {"role": "user", "content": "b"}]},
-                                ":1: field 'completion' must be a text or one assistant turn, got 2 turns"),
+                                ":1: field 'completion' must be a text or turns that end with the assistant's answer, got 2"),
+    "kto_label": ({"prompt": "q", "completion": "a", "label": False}, ":1: field 'label': unpaired preference records (KTO"),
+    "null_message": ({"messages": [None]}, ":1: field 'messages' entry 0: a message must be an object with 'role' and "
+                                           "'content', got null"),
     "empty_rejected": ({"prompt": "q", "chosen": "a", "rejected": "\t"}, ":1: field 'rejected' is empty"),
     "rejected_a_number": ({"prompt": "q", "chosen": "a", "rejected": 3}, ":1: field 'rejected' must be str or list, got int"),
     "conflicting_references": ([{"prompt": "q", "completion": "a"}, {"prompt": "r", "completion": "b"},
@@ -488,13 +501,18 @@ def test_hf_model_teacher_generates_from_a_local_folder(tmp_path):
     assert responses == teacher.respond([{"prompt": "ab"}, {"prompt": "abc de"}])  # greedy: deterministic
     with pytest.raises(FileNotFoundError, match="never downloaded"):
         HFModelTeacher(str(tmp_path / "missing")).respond([{"prompt": "x"}])
-    conversation = (("user", "ab"), ("assistant", "ba"), ("user", "abc"))
-    with pytest.raises(DataError, match=r"teacher: 1 prompts are conversations of several turns, .* it has none"):
-        teacher.respond([{"prompt": conversation}])
-    tokenizer.chat_template = CHAT_TEMPLATE  # with a template: rendered by it, as the student's tokenizer does
-    tokenizer.save_pretrained(tmp_path / "teacher")
-    [answer] = teacher.respond([{"prompt": conversation}])
+    conversation = (("system", "x"), ("user", "ab"), ("assistant", "ba"), ("user", "abc"))
+    [answer] = teacher.respond([{"prompt": conversation}])  # no chat template: as 'role: content' lines
     assert isinstance(answer, str) and len(answer) <= 5
+    assert render_prompt(tokenizer, conversation) == "system: x\nuser: ab\nassistant: ba\nuser: abc\nassistant: "
+    assert render_prompt(tokenizer, "ab") == "ab"  # a text as it is, as before conversations
+    # a template that refuses the conversation (as Gemma's refuses system turns): one line naming it
+    tokenizer.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}" + CHAT_TEMPLATE
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    with pytest.raises(PromptError, match=r"chat template refuses the prompt 'system: x\\nuser: ab.*System role not supported"):
+        teacher.respond([{"prompt": conversation}])
+    [answer] = teacher.respond([{"prompt": conversation[1:]}])
+    assert isinstance(answer, str)
 
 
 # ---------------------------------------------------------------------------- labelers
@@ -615,14 +633,17 @@ def test_a_chat_file_a_parquet_file_and_a_datasets_folder_each_run_a_short_fit_a
     assert cli.model.tokenizer.decode(rendered) == "system: Answer with a number.\nuser: Ready?\nassistant: Yes.\nuser: 1+1?\nassistant: "
     assert (tmp_path / "chat" / "summary.json").exists()
 
-    # prompt/completion in Parquet, SeqKD
-    rows = lambda start, n: [{"prompt": f"Reverse: {w} {w[::-1]}\n", "completion": f"{w[::-1]} {w}"}  # noqa: E731
-                             for w in (f"ab{chr(97 + i)}" for i in range(start, start + n))]
-    datasets.Dataset.from_list(rows(0, 8)).to_parquet(str(tmp_path / "train.parquet"))
-    datasets.Dataset.from_list(rows(10, 4)).to_parquet(str(tmp_path / "val.parquet"))
-    cli = run_cli("fit", *tiny_args(tmp_path / "parquet", f"--data.train_file={tmp_path}/train.parquet",
-                                    f"--data.val_file={tmp_path}/val.parquet", config="configs/baselines/seqkd.yaml"))
-    assert [r["teacher"] for r in cli.datamodule.train_records] == [r["completion"] for r in rows(0, 8)]
+    # chat records in Parquet (turns as a list of structs), SeqKD with the default tiny models, whose tokenizer has no
+    # chat template: conversations become 'role: content' lines, with a warning
+    datasets.Dataset.from_list(list(map(chat_record, range(8)))).to_parquet(str(tmp_path / "train.parquet"))
+    datasets.Dataset.from_list(list(map(chat_record, range(100, 104)))).to_parquet(str(tmp_path / "val.parquet"))
+    with pytest.warns(UserWarning, match="6 prompts are conversations of several turns and the student's tokenizer has no chat"):
+        cli = run_cli("fit", *tiny_args(tmp_path / "parquet", f"--data.train_file={tmp_path}/train.parquet",
+                                        f"--data.val_file={tmp_path}/val.parquet", config="configs/baselines/seqkd.yaml"))
+    records = cli.datamodule.train_records
+    assert [r["teacher"] for r in records] == [str(i + 1) for i in range(8)] and records[1]["prompt"][0][0] == "system"
+    assert cli.model.tokenizer.decode(cli.datamodule.encoder(cli.model.tokenizer).prompt_ids(records[1]["prompt"])) == \
+        "system: Answer with a number.\nuser: Ready?\nassistant: Yes.\nuser: 1+1?\nassistant: "
     assert (tmp_path / "parquet" / "summary.json").exists()
 
     # preferences in a datasets folder: the chosen responses teach the student, every pair the reward model

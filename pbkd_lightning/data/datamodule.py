@@ -19,10 +19,10 @@ from pbkd_lightning.config import plain
 from pbkd_lightning.data.collate import CriticCollate, StudentCollate, collate_records
 from pbkd_lightning.data.generation import GenerationConfig
 from pbkd_lightning.data.labelers import label_pair, sample_pairs
-from pbkd_lightning.data.formats import Format, read_prompts
+from pbkd_lightning.data.formats import ROLES, Format, read_prompts
 from pbkd_lightning.data.records import DataError, read_jsonl, remove_partial_outputs, write_jsonl_atomic
 from pbkd_lightning.data.teachers import ResponseFileTeacher, TaskProgramTeacher, Teacher
-from pbkd_lightning.sequences import Encoder, Rollout, as_prompt
+from pbkd_lightning.sequences import Encoder, Rollout, as_prompt, prompt_text
 from pbkd_lightning.tasks import get_task, split_prompts
 
 
@@ -132,7 +132,7 @@ class PreferenceDataModule(LightningDataModule):
             generation_batch_size: prompts per ``generate`` call when sampling.
             max_prompt_tokens: longer prompts keep their last tokens (``truncate``) or stop the run (``error``).
             truncation: what to do with a prompt longer than ``max_prompt_tokens``.
-            empty: a record whose prompt, reference or teacher response is empty or whitespace, in ``train_file``,
+            empty: a record whose prompt, reference, rejected or teacher response is empty or whitespace, in ``train_file``,
                 ``val_file`` or a ``ResponseFileTeacher``'s file: ``error`` (naming file:line:field) or ``drop`` it
                 (with its prompt), counted in one warning.
             buffer_iterations: the critic trains on the pairs of the last this-many iterations; None: all.
@@ -218,17 +218,29 @@ class PreferenceDataModule(LightningDataModule):
         h, splits = self.hparams, []
         for path in (h.train_file, h.val_file):
             records = []
-            # the default teacher answers with each record's response (its reference): every record needs one
-            needs_response = isinstance(self.teacher, TaskProgramTeacher)
+            # who needs each record's response (its reference): the default teacher answers with it, the verifier scores
+            # samples against it
+            needs_response = ""
+            if isinstance(self.teacher, TaskProgramTeacher):
+                needs_response = ("the default teacher, TaskProgramTeacher, answers with the record's response; give one "
+                                  "or set `data.teacher`")
+            elif h.labeler != "teacher" or h.sample_pairs:
+                needs_response = (f"`data.labeler: {h.labeler}`{' and `data.sample_pairs`' if h.sample_pairs else ''} "
+                                  "score samples against the record's response; give one, or set `data.labeler: teacher` "
+                                  "and `data.sample_pairs: false`")
             for where, record in read_prompts(path, h.format, h.empty, self.dropped, True, needs_response):
                 problem = get_task(record["task"]).check(record)
                 if problem:
                     raise DataError(f"{where}: task {record['task']!r}: {problem}")
+                if isinstance(self.teacher, ResponseFileTeacher) and not isinstance(record["prompt"], str):
+                    raise DataError(f"{where}: a conversation of {len(record['prompt'])} turns has no response in "
+                                    f"{self.teacher.path} (a response file answers text prompts); give the response as "
+                                    "the record's last assistant turn, or ask a model teacher")
                 if isinstance(self.teacher, ResponseFileTeacher) and not self.teacher.has_response(record["prompt"]):
                     if h.empty == "drop" and record["prompt"] in self.teacher.empty_prompts:
                         self.dropped.append(f"{where}:prompt")  # its teacher response was empty
                         continue
-                    raise DataError(f"{where}: no teacher response for this prompt ({record['prompt'][:60]!r}) in "
+                    raise DataError(f"{where}: no teacher response for this prompt ({prompt_text(record['prompt'])[:60]!r}) in "
                                     f"{self.teacher.path}")
                 records.append(record)
             if not records:
@@ -318,7 +330,8 @@ class PreferenceDataModule(LightningDataModule):
         path = self._iteration_path(iteration)
         fields = {"prompt": (str, list), "teacher": str, "samples": list, "sample_ids": list, "old_logprobs": list, "ended": list,
                   "preferences": list}
-        return [_restored(g) for g in read_jsonl(path, fields, {"eos": list}, check=_buffer_problem)]
+        return [_restored(g) for g in read_jsonl(path, fields, {"eos": list, "rejected": str, "reference": (str, type(None))},
+                                                 check=_buffer_problem)]
 
     def connect(self, connection: DataConnection) -> None:
         """Late settings from the module (tokenizers, the rollout function, what the objective needs), called once
@@ -338,15 +351,18 @@ class PreferenceDataModule(LightningDataModule):
                            "are trained on without one (raise the teacher's `max_new_tokens` to get whole answers)")
 
     def _check_chat_templates(self, connection: DataConnection) -> None:
-        """Prompts of several chat turns are rendered by the tokenizers' chat templates: each must have one."""
+        """Conversations are rendered by each tokenizer's chat template; say so when one has none (they are then
+        ``role: content`` lines, see :func:`~pbkd_lightning.sequences.render_prompt`)."""
         turns = sum(not isinstance(r["prompt"], str) for r in self.train_records + self.val_records)
         tokenizers = {"student's": connection.tokenizer, "critic's": connection.critic_tokenizer}
         for whose, tokenizer in tokenizers.items():
+            if whose == "critic's" and tokenizer is connection.tokenizer:
+                continue
             if turns and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
-                raise DataError(f"{self.hparams.train_file}: {turns} prompts are conversations of several turns, which "
-                                f"the {whose} tokenizer renders through its chat template, and it has none; give "
-                                "`model.student.tokenizer` (or `model.teacher.tokenizer`) a folder whose "
-                                "tokenizer_config.json has one, or use records with one user turn")
+                rank_zero_warn(f"data: {turns} prompts are conversations of several turns and the {whose} tokenizer has no "
+                               "chat template: they are given to it as 'role: content' lines ending in 'assistant: '; give "
+                               "`model.student.tokenizer` (or `model.teacher.tokenizer`) a folder with a chat template to "
+                               "render them as a chat model expects")
 
     def _warn_truncated(self, count: int, what: str) -> None:
         if count:
@@ -431,11 +447,12 @@ class PreferenceDataModule(LightningDataModule):
                         pairs.append({"prompt": group["prompt"], "chosen": group["teacher"], "rejected": rollout,
                                       "chosen_ended": group.get("teacher_ended", True), "preference": preference,
                                       "teacher_pair": True, "row": group.get("row"), "iteration": iteration})
-                if file_pairs and "rejected" in group and group["rejected"].strip() != group["teacher"].strip():
-                    # the file's own pair (a preference record): its chosen response is the teacher's
-                    pairs.append({"prompt": group["prompt"], "chosen": group["teacher"], "rejected": group["rejected"],
-                                  "chosen_ended": group.get("teacher_ended", True), "preference": 1,
-                                  "teacher_pair": False, "row": group.get("row"), "iteration": iteration})
+                if file_pairs and iteration == upto_iteration and "rejected" in group \
+                        and group["rejected"].strip() != group["reference"].strip():
+                    # the file's own pair (a preference record), once, as made now: chosen as written in the file
+                    # (the teacher's answer is another text when `data.teacher` names a model)
+                    pairs.append({"prompt": group["prompt"], "chosen": group["reference"], "rejected": group["rejected"],
+                                  "preference": 1, "teacher_pair": False, "row": None, "iteration": iteration})
                 if self.hparams.sample_pairs:
                     by_text = {r.text.strip(): r for r in group["rollouts"]}
                     pairs += [{"prompt": group["prompt"], "chosen": by_text[better], "rejected": by_text[worse],
@@ -453,7 +470,7 @@ class PreferenceDataModule(LightningDataModule):
         if too_long and self.hparams.truncation == "error":
             raise DataError(
                 f"{len(too_long)} prompts are longer than `data.max_prompt_tokens` ({encoder.max_prompt_tokens}), "
-                f"e.g. {too_long[0]['prompt'][:60]!r}; raise the limit or set `data.truncation: truncate`"
+                f"e.g. {prompt_text(too_long[0]['prompt'])[:60]!r}; raise the limit or set `data.truncation: truncate`"
             )
         if too_long:
             rank_zero_warn(f"{len(too_long)} prompts are longer than {encoder.max_prompt_tokens} tokens; keeping their end")
@@ -591,9 +608,9 @@ def _held_out(train: list[dict], val: list[dict], val_file: Optional[str]) -> li
 def _buffer_problem(stored: dict) -> Optional[str]:
     """What is wrong with a buffer line (one prompt's samples), or None: the per-sample lists must agree."""
     prompt = stored["prompt"]
-    if isinstance(prompt, list) and not all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t)
-                                            for t in prompt):
-        return "field 'prompt' must be a text or a list of [role, content] turns"
+    if isinstance(prompt, list) and not (prompt and all(
+            isinstance(t, list) and len(t) == 2 and t[0] in ROLES and isinstance(t[1], str) for t in prompt)):
+        return f"field 'prompt' must be a text or a list of [role, content] turns (roles {', '.join(ROLES)})"
     count = len(stored["samples"])
     for field in ("sample_ids", "old_logprobs", "ended", "preferences", "eos"):
         if field in stored and len(stored[field]) != count:

@@ -8,7 +8,7 @@ format is read from JSONL, Parquet or a ``datasets`` folder (:func:`~pbkd_lightn
 
 from typing import Literal, Optional
 
-from pbkd_lightning.data.records import DataError, EmptyFields, EmptyPolicy, check_fields, check_text, read_values
+from pbkd_lightning.data.records import DataError, EmptyFields, EmptyPolicy, kind_of, check_fields, check_text, read_values
 
 Format = Literal["auto", "prompt", "gsm8k", "chat", "completion", "preference"]
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -25,10 +25,10 @@ TEXT_OR_TURNS = (str, list)
 def detect_format(where: str, record) -> str:
     """The format a record is in, from its fields (the file's first record decides for the file)."""
     if isinstance(record, dict):
+        if "chosen" in record and "rejected" in record:  # before chat: UltraFeedback's pairs carry "messages" too
+            return "preference"
         if "messages" in record:
             return "chat"
-        if "chosen" in record and "rejected" in record:
-            return "preference"
         if "completion" in record:
             return "completion"
         if "question" in record and "prompt" not in record:
@@ -43,7 +43,7 @@ def detect_format(where: str, record) -> str:
 
 
 def read_prompts(path: str, format: Format = "auto", empty: EmptyPolicy = "error", dropped: Optional[list] = None,
-                 with_places: bool = False, needs_response: bool = False) -> list:
+                 with_places: bool = False, needs_response: str = "") -> list:
     """The prompt records of a file in one of :data:`SHAPES`' formats (``auto``: detected from its first record).
 
     - ``prompt``: ``{"prompt", "reference"?, "task"?}``, the project's own.
@@ -60,7 +60,8 @@ def read_prompts(path: str, format: Format = "auto", empty: EmptyPolicy = "error
     same response (a preference file may pair it with several rejected ones). The prompt and a given response must
     not be empty or whitespace (``empty``, ``dropped`` as in :func:`~pbkd_lightning.data.records.read_jsonl`).
     ``with_places``: ``[(place, record), ...]``, the place ``path:line`` (``path:row n`` in a table).
-    ``needs_response``: a record without a response is an error (the default teacher answers with it).
+    ``needs_response``: why a response is needed (who answers or scores with it), making a record without one an
+    error that says so; empty: a record may have none.
 
     Raises:
         DataError: naming the file, the line and the field, for anything a record of the format may not hold.
@@ -79,8 +80,7 @@ def read_prompts(path: str, format: Format = "auto", empty: EmptyPolicy = "error
         if needs_response and record["reference"] is None:
             what = ("the conversation does not end with an assistant turn" if format == "chat"
                     else "missing field 'reference'")
-            raise DataError(f"{where}: {what} (the default teacher, TaskProgramTeacher, answers with the record's "
-                            "response; give one or set `data.teacher`)")
+            raise DataError(f"{where}: {what} ({needs_response})")
         prompt = record["prompt"] if isinstance(record["prompt"], str) else _last_user(record["prompt"])
         texts = [(_PROMPT_FIELD[format], prompt), (_RESPONSE_FIELD[format], record["reference"]),
                  ("rejected", record.get("rejected"))]
@@ -99,8 +99,10 @@ def read_prompts(path: str, format: Format = "auto", empty: EmptyPolicy = "error
 def _prompt_record(where: str, value) -> dict:
     from pbkd_lightning.tasks import TASKS  # here, not at the top: tasks import torchmetrics, reading stays light
 
-    check_fields(where, value, {"prompt": str}, {"reference": str, "task": str}, choices={"task": TASKS})
-    return {"prompt": value["prompt"], "reference": value.get("reference"), "task": value.get("task", "text")}
+    check_fields(where, value, {"prompt": TEXT_OR_TURNS}, {"reference": str, "task": str}, choices={"task": TASKS})
+    # TRL's prompt-only conversational form too: a list of turns
+    return {"prompt": _given_prompt(where, value["prompt"]), "reference": value.get("reference"),
+            "task": value.get("task", "text")}
 
 
 def _gsm8k_record(where: str, value) -> dict:
@@ -120,6 +122,9 @@ def _chat_record(where: str, value) -> dict:
 
 def _completion_record(where: str, value) -> dict:
     check_fields(where, value, {"prompt": TEXT_OR_TURNS, "completion": TEXT_OR_TURNS})
+    if "label" in value:  # TRL's unpaired (KTO) form: a completion labelled bad must not be taught
+        raise DataError(f"{where}: field 'label': unpaired preference records (KTO's prompt, completion, label) are not "
+                        "read; give pairs {\"prompt\", \"chosen\", \"rejected\"}, or good completions without a label")
     return {"prompt": _given_prompt(where, value["prompt"]), "reference": _answer(where, "completion", value["completion"]),
             "task": "text"}
 
@@ -157,7 +162,7 @@ def _turns(where: str, field: str, messages: list) -> list[tuple[str, str]]:
     for index, message in enumerate(messages):
         place = f"{where}: field {field!r} entry {index}"
         if not isinstance(message, dict):
-            raise DataError(f"{place}: a message must be an object with 'role' and 'content', got {type(message).__name__}")
+            raise DataError(f"{place}: a message must be an object with 'role' and 'content', got {kind_of(message)}")
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise DataError(f"{place}: 'role' must be one of {', '.join(ROLES)}, got {role!r}")
@@ -166,7 +171,7 @@ def _turns(where: str, field: str, messages: list) -> list[tuple[str, str]]:
                 raise DataError(f"{place}: 'content' parts must all be text ({{\"type\": \"text\", \"text\": ...}})")
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
-            raise DataError(f"{place}: 'content' must be str, got {'null' if content is None else type(content).__name__}")
+            raise DataError(f"{place}: 'content' must be str, got {kind_of(content)}")
         check_text(place, "content", content)
         turns.append((role, content))
     return turns
@@ -186,14 +191,15 @@ def _given_prompt(where: str, prompt):
 
 
 def _answer(where: str, field: str, value) -> str:
-    """A response given as a text, or as turns of which the last is the assistant's."""
+    """A response given as a text, or as turns that end with the assistant's (the answer; the turns before it repeat
+    the prompt, as UltraFeedback's pairs do)."""
     if isinstance(value, str):
         return value
     turns = _turns(where, field, value)
-    if len(turns) != 1 or turns[0][0] != "assistant":
-        raise DataError(f"{where}: field {field!r} must be a text or one assistant turn, got {len(turns)} turns "
-                        f"({', '.join(role for role, _ in turns)})")
-    return turns[0][1]
+    if turns[-1][0] != "assistant":
+        raise DataError(f"{where}: field {field!r} must be a text or turns that end with the assistant's answer, got "
+                        f"{len(turns)} turns ({', '.join(role for role, _ in turns)})")
+    return turns[-1][1]
 
 
 def _last_user(conversation) -> str:

@@ -50,7 +50,7 @@ def _text_lines(path: str) -> Iterable[tuple[int, str]]:
         yield line_no, line.lstrip(_BOM)  # an editor's byte-order mark (also at the start of a concatenated file)
 
 
-def _kind(value) -> str:
+def kind_of(value) -> str:
     return "null" if value is None else type(value).__name__
 
 
@@ -111,9 +111,11 @@ def _table_values(path: str) -> list[tuple[str, dict]]:
             raise DataError(f"{path}: a folder, but not a JSONL file nor one `datasets` saved with save_to_disk "
                             "(no dataset_info.json, state.json)") from None
         except Exception as error:  # pyarrow's errors for a file that is not Parquet (ArrowInvalid, OSError, ...)
-            message = " ".join(str(error).split())[:200]
-            raise DataError(f"{path}: not a readable Parquet file ({type(error).__name__}: {message})") from None
+            what = "a `datasets` folder that cannot be read" if os.path.isdir(path) else "not a readable Parquet file"
+            raise DataError(f"{path}: {what} ({type(error).__name__}: {' '.join(str(error).split())[:200]})") from None
         if isinstance(table, datasets.DatasetDict):
+            if not table:
+                raise DataError(f"{path}: no records (a DatasetDict without splits)")
             if len(table) != 1:
                 raise DataError(f"{path}: a DatasetDict with the splits {', '.join(table)}; name one of them as the "
                                 f"file, e.g. {os.path.join(path, next(iter(table)))}")
@@ -131,7 +133,7 @@ def check_fields(where: str, record, required: dict, optional: dict | None = Non
     """Raise :class:`DataError` naming ``where`` and the field unless ``record`` is an object whose fields have their
     types (a tuple of types allowed) and, for fields in ``choices``, one of their values."""
     if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {_kind(record)}")
+        raise DataError(f"{where}: expected a JSON object, got {kind_of(record)}")
     for field, kind in {**required, **(optional or {})}.items():
         if field not in record:
             if field in required:
@@ -140,7 +142,7 @@ def check_fields(where: str, record, required: dict, optional: dict | None = Non
         value, kinds = record[field], kind if isinstance(kind, tuple) else (kind,)
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             names = " or ".join("list" if k is list else k.__name__ for k in kinds)
-            raise DataError(f"{where}: field {field!r} must be {names}, got {_kind(value)}")
+            raise DataError(f"{where}: field {field!r} must be {names}, got {kind_of(value)}")
         if isinstance(value, str):
             check_text(where, field, value)
     for field, allowed in (choices or {}).items():

@@ -7,6 +7,7 @@ import torch
 from pbkd_lightning.data.generation import GenerationConfig, sample_rollouts
 from pbkd_lightning.data.records import DataError, read_responses
 from pbkd_lightning.models.loading import ModelSpec, load_frozen_model, load_tokenizer
+from pbkd_lightning.sequences import prompt_text
 
 
 class Teacher:
@@ -59,7 +60,8 @@ class ResponseFileTeacher(Teacher):
     def respond(self, records: list[dict]) -> list[str]:
         missing = [r["prompt"] for r in records if not self.has_response(r["prompt"])]
         if missing:
-            raise DataError(f"{self.path}: no teacher response for prompt {missing[0]!r} ({len(missing)} missing)")
+            raise DataError(f"{self.path}: no teacher response for prompt {prompt_text(missing[0])[:60]!r} "
+                            f"({len(missing)} missing)")
         return [self._responses[r["prompt"]] for r in records]
 
     def describe(self) -> str:
@@ -106,11 +108,6 @@ class HFModelTeacher(Teacher):
 
     def answer(self, records: list[dict]) -> tuple[list[str], list[bool]]:
         tokenizer = load_tokenizer(ModelSpec(path=self.path, gguf_file=self.gguf_file))
-        turns = sum(not isinstance(r["prompt"], str) for r in records)
-        if turns and not getattr(tokenizer, "chat_template", None):
-            raise DataError(f"{self.path}: {turns} prompts are conversations of several turns, which the teacher's "
-                            "tokenizer renders through its chat template, and it has none; give the teacher a chat "
-                            "model's folder, or use records with one user turn")
         model = load_frozen_model(self.path, self.quantization, self.dtype, self.gguf_file)
         with torch.inference_mode():
             rollouts, _ = sample_rollouts(model, tokenizer, [r["prompt"] for r in records], self.generation, 1, self.batch_size)

@@ -23,6 +23,7 @@ from pbkd_lightning.callbacks import AtomicCheckpointIO  # noqa: E402
 from pbkd_lightning.data.datamodule import PreferenceDataModule  # noqa: E402
 from pbkd_lightning.data.records import DataError  # noqa: E402
 from pbkd_lightning.sequences import PromptError  # noqa: E402
+from pbkd_lightning.data.api import APIError  # noqa: E402
 from pbkd_lightning.module import DistillationModule  # noqa: E402
 
 DEFAULT_ROOT = os.path.join("runs", "default")
@@ -150,6 +151,6 @@ def main(args=None) -> None:
         return export_main(argv[1:])
     try:
         build_cli(args)
-    except (DataError, ConfigError, PromptError) as error:
+    except (DataError, ConfigError, PromptError, APIError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -281,7 +281,9 @@ class DistillationModule(LightningModule):
             # a sample cut at the length limit is scored without an eos, as in training
             cut = {(i, r.text.strip()) for i, group in enumerate(rollouts) for r in group if not r.ended}
             cut |= {(i, r["teacher"]) for i, r in enumerate(records) if not r.get("teacher_ended", True)}
-            self.heldout.update(records, samples, h.labeler, lambda texts: self.score_texts(records, texts, cut))
+            # a judge is not asked again every validation: its runs are measured against the teacher's labels
+            labeler = "teacher" if h.labeler == "judge" else h.labeler
+            self.heldout.update(records, samples, labeler, lambda texts: self.score_texts(records, texts, cut))
         return {"responses": responses}
 
     def test_step(self, records: list[dict], batch_idx: int):

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Sampler
 from pbkd_lightning.config import plain
 from pbkd_lightning.data.collate import CriticCollate, StudentCollate, collate_records
 from pbkd_lightning.data.generation import GenerationConfig
-from pbkd_lightning.data.labelers import label_pair, sample_pairs
+from pbkd_lightning.data.labelers import OpenAIJudge, label_pair, sample_pairs, verify
 from pbkd_lightning.data.formats import ROLES, Format, read_prompts
 from pbkd_lightning.data.records import DataError, read_jsonl, remove_partial_outputs, write_jsonl_atomic
 from pbkd_lightning.data.teachers import ResponseFileTeacher, TaskProgramTeacher, Teacher
@@ -74,7 +74,8 @@ class PreferenceDataModule(LightningDataModule):
         val_file: Optional[str] = None,
         format: Format = "auto",
         teacher: Optional[Teacher] = None,
-        labeler: Literal["teacher", "verifier", "both"] = "teacher",
+        labeler: Literal["teacher", "verifier", "both", "judge"] = "teacher",
+        judge: Optional[OpenAIJudge] = None,
         sample_pairs: bool = False,
         samples_per_prompt: PositiveInt = 4,
         prompts_per_epoch: Optional[PositiveInt] = None,
@@ -111,7 +112,10 @@ class PreferenceDataModule(LightningDataModule):
                 teacher answers and what held-out answers are scored against (ROUGE-L).
             teacher: who answers the prompts; default: the task program (``TaskProgramTeacher``).
             labeler: ``teacher`` (teacher always preferred, as in the paper), ``verifier`` (higher task score
-                preferred, ties dropped) or ``both`` (the verifier, with its ties going to the teacher).
+                preferred, ties dropped), ``both`` (the verifier, with its ties going to the teacher) or ``judge``
+                (``judge`` compares the two; its ties, unparseable and order-dependent verdicts dropped).
+            judge: the judge model of ``labeler: judge`` (an ``OpenAIJudge``); with ``sample_pairs`` it also ranks each
+                prompt's samples against each other.
             sample_pairs: black-box PbKD: also pair each prompt's samples with each other, the one the task
                 scores higher preferred (needs references): the rankings the student's advantages use.
             samples_per_prompt: K student samples per prompt.
@@ -149,7 +153,10 @@ class PreferenceDataModule(LightningDataModule):
         # Logged as ``response_teacher``: Lightning merges the module's and the data's hparams, and the
         # module's ``teacher`` is the white-box teacher model, a different thing.
         settings["response_teacher"] = settings.pop("teacher")
+        self.judge = judge
         self.save_hyperparameters(plain(settings))
+        if labeler == "judge" and judge is None:
+            raise ValueError("`data.labeler: judge` needs `data.judge` (e.g. class_path: pbkd_lightning.data.OpenAIJudge)")
         if not 0 < buffer_decay <= 1:
             raise ValueError(f"`data.buffer_decay` must be in (0, 1], got {buffer_decay}")
         if train_file is not None and val_file is None:
@@ -224,7 +231,7 @@ class PreferenceDataModule(LightningDataModule):
             if isinstance(self.teacher, TaskProgramTeacher):
                 needs_response = ("the default teacher, TaskProgramTeacher, answers with the record's response; give one "
                                   "or set `data.teacher`")
-            elif h.labeler != "teacher" or h.sample_pairs:
+            elif h.labeler in ("verifier", "both") or (h.sample_pairs and h.labeler != "judge"):
                 needs_response = (f"`data.labeler: {h.labeler}`{' and `data.sample_pairs`' if h.sample_pairs else ''} "
                                   "score samples against the record's response; give one, or set `data.labeler: teacher` "
                                   "and `data.sample_pairs: false`")
@@ -330,7 +337,8 @@ class PreferenceDataModule(LightningDataModule):
         path = self._iteration_path(iteration)
         fields = {"prompt": (str, list), "teacher": str, "samples": list, "sample_ids": list, "old_logprobs": list, "ended": list,
                   "preferences": list}
-        return [_restored(g) for g in read_jsonl(path, fields, {"eos": list, "rejected": str, "reference": (str, type(None))},
+        return [_restored(g) for g in read_jsonl(path, fields, {"eos": list, "rejected": str, "reference": (str, type(None)),
+                                                                "judged_sample_pairs": list},
                                                  check=_buffer_problem)]
 
     def connect(self, connection: DataConnection) -> None:
@@ -402,12 +410,59 @@ class PreferenceDataModule(LightningDataModule):
             rank_zero_info(f"data: iteration {iteration}: {cut} samples reached `data.generation.max_new_tokens` "
                            f"({self.generation.max_new_tokens}) without eos; they are scored without one")
         groups = []
-        for record, group in zip(records, rollouts):
-            preferences = [label_pair(h.labeler, record, record["teacher"], r.text) for r in group]
-            groups.append({**record, "rollouts": group, "preferences": preferences, "iteration": iteration})
+        judged = self._judge(records, rollouts) if h.labeler == "judge" else None
+        for index, (record, group) in enumerate(zip(records, rollouts)):
+            if judged is None:
+                preferences = [label_pair(h.labeler, record, record["teacher"], r.text) for r in group]
+                groups.append({**record, "rollouts": group, "preferences": preferences, "iteration": iteration})
+            else:
+                groups.append({**record, "rollouts": group, "preferences": judged[0][index], "iteration": iteration})
+                if h.sample_pairs:
+                    groups[-1]["judged_sample_pairs"] = judged[1][index]
         if self.trainer.is_global_zero:
             write_jsonl_atomic(self._iteration_path(iteration), (_stored(g) for g in groups))
         return groups
+
+    def _judge(self, records: list[dict], rollouts: list[list[Rollout]]) -> tuple[list, list]:
+        """The judge's labels of an iteration: per prompt, teacher vs each sample, and with ``sample_pairs`` the
+        ``[better, worse]`` texts of every two distinct samples it tells apart. Asked by rank 0 only (every rank then
+        holds its answers); the counts and the agreement with the task's verifier (where records have references)
+        go to the logged stats."""
+        result = [None]
+        if self.trainer is None or self.trainer.is_global_zero:
+            items = [(r["prompt"], r["teacher"], s.text) for r, group in zip(records, rollouts) for s in group]
+            distinct = [list(dict.fromkeys(s.text.strip() for s in group)) for group in rollouts]
+            among = [(r["prompt"], texts[i], texts[j]) for r, texts in zip(records, distinct) if self.hparams.sample_pairs
+                     for i in range(len(texts)) for j in range(i + 1, len(texts))]
+            verdicts, counts = self.judge.compare(items + among)
+            teacher_verdicts, sample_verdicts = verdicts[: len(items)], iter(verdicts[len(items):])
+            k = len(rollouts[0]) if rollouts else 0
+            preferences = [teacher_verdicts[i * k: (i + 1) * k] for i in range(len(records))]
+            ranked = []
+            for texts in distinct:
+                pairs = []
+                for i in range(len(texts)) if self.hparams.sample_pairs else ():
+                    for j in range(i + 1, len(texts)):
+                        verdict = next(sample_verdicts)
+                        if verdict:
+                            pairs.append([texts[i], texts[j]] if verdict > 0 else [texts[j], texts[i]])
+                ranked.append(pairs)
+            # agreement with the verifier on the teacher-vs-sample pairs both decide (tasks with a reference)
+            agree = [v == verify(r, r["teacher"], s.text) for r, group, row in zip(records, rollouts, preferences)
+                     for s, v in zip(group, row) if v and r.get("reference") is not None
+                     and verify(r, r["teacher"], s.text) != 0]
+            stats = {f"data/judge_{name}": float(value) for name, value in counts.items()}
+            if agree:
+                stats["data/judge_verifier_agreement"] = sum(agree) / len(agree)
+            result = [(preferences, ranked, stats)]
+        if self.trainer is not None and self.trainer.world_size > 1:
+            torch.distributed.broadcast_object_list(result, src=0)
+        preferences, ranked, stats = result[0]
+        self.stats.update(stats)
+        rank_zero_info(f"data: judge: {stats['data/judge_pairs']:.0f} pairs, {stats['data/judge_asked']:.0f} requests, "
+                       f"{stats['data/judge_ties']:.0f} ties, {stats['data/judge_unparsed']:.0f} unparseable, "
+                       f"{stats['data/judge_inconsistent']:.0f} order-dependent (no label)")
+        return preferences, ranked
 
     def _groups_for(self, iteration: int) -> list[dict]:
         if not self._buffer_checked:
@@ -455,9 +510,12 @@ class PreferenceDataModule(LightningDataModule):
                                   "preference": 1, "teacher_pair": False, "row": None, "iteration": iteration})
                 if self.hparams.sample_pairs:
                     by_text = {r.text.strip(): r for r in group["rollouts"]}
+                    ranked = group.get("judged_sample_pairs")  # the judge's, else the verifier's
+                    if ranked is None:
+                        ranked = sample_pairs(group, [r.text for r in group["rollouts"]])
                     pairs += [{"prompt": group["prompt"], "chosen": by_text[better], "rejected": by_text[worse],
                                "preference": 1, "teacher_pair": False, "row": None, "iteration": iteration}
-                              for better, worse in sample_pairs(group, [r.text for r in group["rollouts"]])]
+                              for better, worse in ranked]
         return pairs
 
     # ------------------------------------------------------------------ loaders

@@ -4,6 +4,7 @@ from typing import Literal, Optional
 
 import torch
 
+from pbkd_lightning.data.api import Endpoint, complete
 from pbkd_lightning.data.generation import GenerationConfig, sample_rollouts
 from pbkd_lightning.data.records import DataError, read_responses
 from pbkd_lightning.models.loading import ModelSpec, load_frozen_model, load_tokenizer
@@ -117,3 +118,76 @@ class HFModelTeacher(Teacher):
     def describe(self) -> str:
         return (f"HFModelTeacher({self.path}, {self.generation}, quantization={self.quantization}, dtype={self.dtype}, "
                 f"gguf_file={self.gguf_file})")
+
+
+def chat_messages(prompt, system_prompt: Optional[str] = None) -> list[dict]:
+    """A prompt (a text, or a conversation's turns) as chat-completion messages, after an optional system prompt."""
+    turns = (("user", prompt),) if isinstance(prompt, str) else prompt
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return system + [{"role": role, "content": content} for role, content in turns]
+
+
+class OpenAITeacher(Teacher):
+    """A served model answering through the OpenAI chat-completions protocol (vLLM, llama.cpp's server, a hosted API).
+
+    Requests run ``concurrency`` at a time and are retried with backoff; every answer is cached on disk as it arrives
+    (``cache_dir``), so an interrupted run resumes without asking again and a run with the same settings asks nothing.
+    The API key is read from the environment variable ``api_key_env`` when a request is sent, never stored.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str = "http://127.0.0.1:8000/v1",
+        api_key_env: Optional[str] = "OPENAI_API_KEY",
+        system_prompt: Optional[str] = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_new_tokens: Optional[int] = None,
+        concurrency: int = 8,
+        max_retries: int = 6,
+        timeout: float = 120.0,
+        retry_delay: float = 1.0,
+        cache_dir: Optional[str] = None,
+    ):
+        """
+        Args:
+            model: the model name the server serves.
+            base_url: the server's OpenAI-compatible root, e.g. ``http://127.0.0.1:8000/v1`` (vLLM),
+                ``http://127.0.0.1:8080/v1`` (llama.cpp), ``https://api.openai.com/v1``.
+            api_key_env: the environment variable that holds the API key (None: send none).
+            system_prompt: a system turn before every prompt.
+            temperature: 0 = greedy.
+            top_p: nucleus sampling.
+            max_new_tokens: ``max_tokens`` of each answer (the teacher's tokens); None: the data's response limit.
+            concurrency: requests in flight at once.
+            max_retries: retries of a rate-limited, failed or timed-out request.
+            timeout: seconds to wait for one answer.
+            retry_delay: the first retry's wait, doubled each retry (a ``Retry-After`` header wins).
+            cache_dir: the answer cache's folder; None: ``$PBKD_LIGHTNING_CACHE/api`` (``~/.cache/pbkd_lightning/api``).
+        """
+        self.model, self.base_url, self.api_key_env, self.system_prompt = model, base_url, api_key_env, system_prompt
+        self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
+        self.concurrency, self.max_retries, self.timeout, self.retry_delay = concurrency, max_retries, timeout, retry_delay
+        self.cache_dir = cache_dir
+        self.endpoint = Endpoint(base_url, model, api_key_env, concurrency, max_retries, timeout, retry_delay, cache_dir)
+
+    def set_max_new_tokens(self, max_new_tokens: int) -> None:
+        self.max_new_tokens = max_new_tokens
+
+    def request(self, prompt) -> dict:
+        body = {"messages": chat_messages(prompt, self.system_prompt), "temperature": self.temperature, "top_p": self.top_p}
+        if self.max_new_tokens is not None:
+            body["max_tokens"] = self.max_new_tokens
+        return body
+
+    def respond(self, records: list[dict]) -> list[str]:
+        return self.answer(records)[0]
+
+    def answer(self, records: list[dict]) -> tuple[list[str], list[bool]]:
+        answers = complete(self.endpoint, [self.request(r["prompt"]) for r in records], f"teacher {self.model}")
+        return [a["text"] for a in answers], [a["finish_reason"] != "length" for a in answers]
+
+    def describe(self) -> str:
+        return (f"OpenAITeacher({self.base_url}, {self.model}, system_prompt={self.system_prompt!r}, T={self.temperature}, "
+                f"top_p={self.top_p}, max_new_tokens={self.max_new_tokens})")

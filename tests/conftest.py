@@ -115,3 +115,21 @@ def read_jsonl(path):
 def checksum(model):
     return sum(p.detach().double().sum().item() for p in model.parameters())
 
+
+@pytest.fixture
+def server(monkeypatch):
+    """``server(judge=..., faults=..., delay_s=...)`` starts an OpenAI-compatible server on 127.0.0.1
+    (tests/api_server.py); every one started is shut down after the test."""
+    from api_server import ChatServer
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # a proxy in the environment is not between these tests and the server
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    started = []
+
+    def start(**kwargs):
+        started.append(ChatServer(**kwargs))
+        return started[-1]
+
+    yield start
+    for running in started:
+        running.close()

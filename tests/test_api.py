@@ -8,26 +8,12 @@ import sys
 
 import pytest
 
-from api_server import ChatServer
 from conftest import ROOT, run_cli, scalars, tiny_args
 
 from pbkd_lightning.data import OpenAIJudge, OpenAITeacher
 from pbkd_lightning.data.api import APIError, AnswerCache, request_key
 
 SECRET = "sk-test-0123456789-SECRET"
-
-
-@pytest.fixture
-def server():
-    started = []
-
-    def start(**kwargs):
-        started.append(ChatServer(**kwargs))
-        return started[-1]
-
-    yield start
-    for running in started:
-        running.close()
 
 
 def written_bytes(*folders):
@@ -73,10 +59,26 @@ def test_the_api_client_gives_up_with_a_clear_error_and_retries_a_timed_out_requ
     with pytest.raises(APIError, match=r"HTTP 401 .*\(is \$PBKD_TEST_KEY set\?\)"):
         teacher.respond([{"prompt": "1+1?"}])
     assert len(refusing.requests) == 1  # refused: not retried
-    slow = server(faults={1: "slow"}, delay_s=3.0)
-    teacher = OpenAITeacher("tiny", base_url=slow.url, api_key_env=None, timeout=0.5, retry_delay=0.01,
+    slow = server(faults={2: "slow"}, delay_s=8.0)
+    teacher = OpenAITeacher("tiny", base_url=slow.url, api_key_env=None, timeout=2.0, retry_delay=0.01,
                             cache_dir=str(tmp_path / "c"))
-    assert len(teacher.respond([{"prompt": "1+1?"}])) == 1 and len(slow.requests) == 2  # timed out, asked again
+    teacher.respond([{"prompt": "warm-up"}])  # the model's first generate is slow on its own
+    assert len(teacher.respond([{"prompt": "1+1?"}])) == 1 and len(slow.requests) == 3  # timed out, asked again
+    with pytest.raises(ValueError, match="names the environment variable that holds the key"):
+        OpenAITeacher("tiny", api_key_env="sk-proj-abc123")
+    with pytest.raises(ValueError, match="`base_url` must be an http"):
+        OpenAITeacher("tiny", base_url="127.0.0.1:8000/v1")
+
+
+def test_an_answer_cache_with_a_torn_last_line_keeps_every_answer_written_after_it(tmp_path):
+    from pbkd_lightning.data.api import Endpoint
+
+    endpoint = Endpoint(cache_dir=str(tmp_path))
+    AnswerCache(endpoint).add("a", {"text": "1"})
+    with open(AnswerCache(endpoint).path, "a") as handle:
+        handle.write('{"key": "b", "answ')  # a run killed mid-line
+    AnswerCache(endpoint).add("c", {"text": "3"})
+    assert AnswerCache(endpoint).answers == {"a": {"text": "1"}, "c": {"text": "3"}}
 
 
 def test_the_judge_asks_both_orders_and_drops_ties_unparseable_and_order_dependent_verdicts(server, tmp_path):
@@ -106,7 +108,7 @@ def api_args(url, cache, *extra):
 
 
 def test_a_short_black_box_pbkd_fit_with_the_api_teacher_and_the_judge_labeler_writes_no_key_and_reruns_asking_nothing(
-        server, tmp_path, monkeypatch):
+        server, tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("PBKD_TEST_KEY", SECRET)
     chat = server(judge=lambda prompt, a, b: "A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie",
                   faults={3: 429, 10: 500})
@@ -125,7 +127,9 @@ def test_a_short_black_box_pbkd_fit_with_the_api_teacher_and_the_judge_labeler_w
     assert logged["data/judge_pairs"] == [stats["data/judge_pairs"]] and logged["critic/bt"]  # the critic learned its labels
     groups = cli.datamodule._load_iteration(0)
     assert all("judged_sample_pairs" in g for g in groups)
+    assert {r["authorization"] for r in chat.requests} == {f"Bearer {SECRET}"}  # sent with every request
     assert not [path for path, data in written_bytes(root, cache) if SECRET.encode() in data]
+    assert SECRET not in "".join(capfd.readouterr())  # nor printed
     # the same run again from scratch: every teacher answer and every verdict comes from the cache
     run_cli("fit", *tiny_args(tmp_path / "again", *api_args(chat.url, cache), *judge, "--model.objective.critic_warmup_steps=0"))
     assert len(chat.requests) == asked

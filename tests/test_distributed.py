@@ -21,9 +21,12 @@ def _fit(root, *extra, strategy="ddp", config="configs/blackbox.yaml"):
                           timeout=600, env=env)
 
 
-def test_ddp_two_processes_train_store_each_pair_once_and_resume(tmp_path):
+def test_ddp_two_processes_train_store_each_pair_once_and_resume(tmp_path, server):
     root = tmp_path / "run"
-    first = _fit(root)
+    chat = server()  # a served teacher: rank 0 asks it, once per prompt
+    teacher = ["--data.teacher=pbkd_lightning.data.OpenAITeacher", "--data.teacher.model=tiny", f"--data.teacher.base_url={chat.url}",
+               f"--data.teacher.cache_dir={tmp_path}/api"]
+    first = _fit(root, *teacher)
     assert first.returncode == 0, first.stderr[-3000:]
     groups = [json.loads(line) for line in (root / "buffer" / "iter_0000.jsonl").read_text().splitlines()]
     prompts = [g["prompt"] for g in groups]
@@ -32,8 +35,11 @@ def test_ddp_two_processes_train_store_each_pair_once_and_resume(tmp_path):
     assert set(summary["student_final"]) == {"arithmetic", "reversal", "mean"}  # both tasks, reduced over ranks
     assert all(value == value for value in summary["student_final"].values())  # no NaN from a rank without a task
     ckpt = root / "checkpoints" / "last.ckpt"
-    resumed = _fit(root, "--trainer.max_epochs=2", f"--ckpt_path={ckpt}")
+    prompts_asked = [r["body"]["messages"][-1]["content"] for r in chat.requests]
+    assert len(prompts_asked) == len(set(prompts_asked)) == 16 + 8  # training and held-out prompts, each asked once
+    resumed = _fit(root, *teacher, "--trainer.max_epochs=2", f"--ckpt_path={ckpt}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len(chat.requests) == 16 + 8  # the resumed run asked nothing
     assert len([json.loads(line) for line in (root / "buffer" / "iter_0000.jsonl").read_text().splitlines()]) == 16
     assert "Restoring states from the checkpoint" in resumed.stderr + resumed.stdout
 

@@ -6,9 +6,11 @@ checkpoints, caches); the key itself is read from the environment when a request
 """
 
 import hashlib
+import http.client
 import json
 import os
 import random
+import re
 import threading
 import time
 import urllib.error
@@ -19,7 +21,7 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
-RETRIED_STATUS = (408, 409, 429, 500, 502, 503, 504)  # rate limits and a busy or restarting server
+RETRIED_STATUS = (408, 409, 429)  # and every 5xx: rate limits, a busy, overloaded or restarting server
 
 
 class APIError(RuntimeError):
@@ -40,8 +42,8 @@ class Endpoint:
     """The server's OpenAI-compatible root (``.../v1``); requests go to ``{base_url}/chat/completions``."""
     model: str = "default"
     """The model name the server knows."""
-    api_key_env: Optional[str] = "OPENAI_API_KEY"
-    """The environment variable holding the API key (sent as a bearer token when set; local servers need none)."""
+    api_key_env: Optional[str] = None
+    """The environment variable holding the API key, sent as a bearer token (None: none, as local servers need)."""
     concurrency: int = 8
     """Requests in flight at once."""
     max_retries: int = 6
@@ -54,6 +56,12 @@ class Endpoint:
     """Folder of the answer cache; None: :func:`api_cache_root`."""
 
     def __post_init__(self):
+        if not re.match(r"^https?://[^/\s]+", self.base_url):
+            raise ValueError(f"`base_url` must be an http(s) URL such as http://127.0.0.1:8000/v1, got {self.base_url!r}")
+        if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
+            # a key pasted here would be written into every config, hyperparameter file and checkpoint
+            raise ValueError("`api_key_env` names the environment variable that holds the key (e.g. OPENAI_API_KEY), "
+                             "not the key itself")
         if self.concurrency < 1 or self.max_retries < 0 or self.timeout <= 0 or self.retry_delay < 0:
             raise ValueError("an API endpoint needs concurrency >= 1, max_retries >= 0, timeout > 0 and retry_delay >= 0")
 
@@ -80,15 +88,33 @@ class AnswerCache:
     def add(self, key: str, answer: dict) -> None:
         with self._lock:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as handle:
+            with open(self.path, "a+", encoding="utf-8") as handle:
+                handle.seek(0, os.SEEK_END)
+                if handle.tell() and not _ends_with_newline(self.path):  # a killed writer's torn line: end it first
+                    handle.write("\n")
                 handle.write(json.dumps({"key": key, "answer": answer}) + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())
             self.answers[key] = answer
 
 
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) == b"\n"
+
+
+def _plain_numbers(value):
+    """0 and 0.0 the same in a request's key: numbers as floats (ints that are counts, like max_tokens, stay)."""
+    if isinstance(value, dict):
+        return {k: _plain_numbers(v) if k != "max_tokens" else v for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_numbers(v) for v in value]
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 def request_key(endpoint: Endpoint, body: dict) -> str:
-    return hashlib.sha256(json.dumps([endpoint.base_url, body], sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([endpoint.base_url, _plain_numbers(body)], sort_keys=True).encode()).hexdigest()
 
 
 def complete(endpoint: Endpoint, bodies: list[dict], what: str = "requests") -> list[dict]:
@@ -116,41 +142,58 @@ def complete(endpoint: Endpoint, bodies: list[dict], what: str = "requests") -> 
                     rate = tokens[0] / max(time.monotonic() - started, 1e-9)
                     bar.set_postfix(tokens=tokens[0], tokens_per_s=f"{rate:.0f}")
 
-            for future in [pool.submit(ask, key) for key in missing]:
-                future.result()  # the first failure stops the run (the answers received are cached)
+            futures = [pool.submit(ask, key) for key in missing]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:  # the first failure stops the run: the queued requests are not sent
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
     return [cache.answers[key] for key in keys]
 
 
 def _post(endpoint: Endpoint, body: dict) -> dict:
     url = endpoint.base_url.rstrip("/") + "/chat/completions"
     headers = {"Content-Type": "application/json"}
-    key = os.environ.get(endpoint.api_key_env) if endpoint.api_key_env else None
+    key = (os.environ.get(endpoint.api_key_env) or "").strip() if endpoint.api_key_env else ""
     if key:
         headers["Authorization"] = f"Bearer {key}"
-    data = json.dumps(body).encode()
+    request = urllib.request.Request(url, json.dumps(body).encode(), headers)
     last = ""
     for attempt in range(endpoint.max_retries + 1):
         wait = min(60.0, endpoint.retry_delay * 2 ** attempt) * (0.5 + random.random() / 2)
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=endpoint.timeout) as reply:
-                return _answer(url, json.loads(reply.read().decode("utf-8")))
+            with urllib.request.urlopen(request, timeout=endpoint.timeout) as reply:
+                raw = reply.read()
         except urllib.error.HTTPError as error:
-            said = " ".join(error.read().decode("utf-8", "replace").split())[:300]
-            last = f"HTTP {error.code} {error.reason}: {said}"
-            if error.code not in RETRIED_STATUS:
-                hint = f" (is ${endpoint.api_key_env} set?)" if error.code in (401, 403) and endpoint.api_key_env else ""
+            try:
+                said = " ".join(error.read().decode("utf-8", "replace").split())[:300]
+            except (OSError, http.client.HTTPException):
+                said = ""
+            last = _redact(f"HTTP {error.code} {error.reason}: {said}", key)
+            if error.code not in RETRIED_STATUS and error.code < 500:
+                hint = f" (is ${endpoint.api_key_env} set?)" if error.code in (401, 403) else ""
                 raise APIError(f"{url}: {last}{hint}") from None
             after = error.headers.get("Retry-After") if error.headers else None
             if after and after.replace(".", "", 1).isdigit():
                 wait = min(float(after), 300.0)
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
+        except (OSError, http.client.HTTPException) as error:  # refused, reset, timed out, a truncated reply
             reason = getattr(error, "reason", error)
-            last = f"{type(reason).__name__}: {reason}" if not isinstance(reason, str) else reason
-        except ValueError as error:  # not JSON
-            raise APIError(f"{url}: the server's answer is not JSON ({error})") from None
+            last = _redact(f"{type(reason).__name__}: {reason}", key)
+        except ValueError as error:  # http.client's refusal of a header value
+            raise APIError(f"{url}: the request could not be sent ({_redact(str(error), key)})") from None
+        else:
+            try:
+                return _answer(url, json.loads(raw.decode("utf-8")))
+            except ValueError as error:  # a reply cut short or not JSON: asked again
+                last = f"the answer is not JSON ({error})"
         if attempt < endpoint.max_retries:
             time.sleep(wait)
     raise APIError(f"{url}: no answer after {endpoint.max_retries + 1} tries; last: {last}")
+
+
+def _redact(text: str, key: str) -> str:
+    return text.replace(key, "<API key>") if key else text
 
 
 def _answer(url: str, reply: dict) -> dict:

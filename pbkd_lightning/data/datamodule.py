@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Sampler
 from pbkd_lightning.config import plain
 from pbkd_lightning.data.collate import CriticCollate, StudentCollate, collate_records
 from pbkd_lightning.data.generation import GenerationConfig
+from pbkd_lightning.data.api import APIError
 from pbkd_lightning.data.labelers import OpenAIJudge, label_pair, sample_pairs, verify
 from pbkd_lightning.data.formats import ROLES, Format, read_prompts
 from pbkd_lightning.data.records import DataError, read_jsonl, remove_partial_outputs, write_jsonl_atomic
@@ -264,12 +265,28 @@ class PreferenceDataModule(LightningDataModule):
             json.dumps([self.teacher.describe(), [r["prompt"] for r in records], "ended"]).encode()
         ).hexdigest()[:16]
         path = os.path.join(self.trainer.default_root_dir, "teacher", f"{key}.jsonl")
+        if self.trainer.world_size > 1:  # rank 0 asks the teacher once (a served one would be asked once per rank)
+            strategy = self.trainer.strategy
+            if not strategy.broadcast(os.path.exists(path), src=0):
+                failure = None
+                if self.trainer.is_global_zero:
+                    try:
+                        self._ask_teacher(records, path)
+                    except Exception as error:  # every rank stops, none waits at the barrier for rank 0
+                        failure = f"{type(error).__name__}: {error}"
+                failure = strategy.broadcast(failure, src=0)
+                if failure is not None:
+                    raise DataError(f"the teacher could not answer on rank 0: {failure}")
+                strategy.barrier("teacher")
         if os.path.exists(path):
             stored = read_jsonl(path, {"teacher": str, "ended": bool})
             if len(stored) != len(records):
                 raise DataError(f"{path}: {len(stored)} cached teacher responses for {len(records)} prompts; remove the "
                                 "file to ask the teacher again")
             return [r["teacher"] for r in stored], [r["ended"] for r in stored]
+        return self._ask_teacher(records, path)
+
+    def _ask_teacher(self, records: list[dict], path: str) -> tuple[list[str], list[bool]]:
         rank_zero_info(f"data: asking {self.teacher.describe()} for {len(records)} responses")
         responses, ended = self.teacher.answer(records)
         write_jsonl_atomic(path, ({"prompt": r["prompt"], "teacher": t, "ended": e} for r, t, e in zip(records, responses, ended)))
@@ -430,33 +447,38 @@ class PreferenceDataModule(LightningDataModule):
         go to the logged stats."""
         result = [None]
         if self.trainer is None or self.trainer.is_global_zero:
-            items = [(r["prompt"], r["teacher"], s.text) for r, group in zip(records, rollouts) for s in group]
-            distinct = [list(dict.fromkeys(s.text.strip() for s in group)) for group in rollouts]
-            among = [(r["prompt"], texts[i], texts[j]) for r, texts in zip(records, distinct) if self.hparams.sample_pairs
-                     for i in range(len(texts)) for j in range(i + 1, len(texts))]
-            verdicts, counts = self.judge.compare(items + among)
-            teacher_verdicts, sample_verdicts = verdicts[: len(items)], iter(verdicts[len(items):])
-            k = len(rollouts[0]) if rollouts else 0
-            preferences = [teacher_verdicts[i * k: (i + 1) * k] for i in range(len(records))]
-            ranked = []
-            for texts in distinct:
-                pairs = []
-                for i in range(len(texts)) if self.hparams.sample_pairs else ():
-                    for j in range(i + 1, len(texts)):
-                        verdict = next(sample_verdicts)
-                        if verdict:
-                            pairs.append([texts[i], texts[j]] if verdict > 0 else [texts[j], texts[i]])
-                ranked.append(pairs)
-            # agreement with the verifier on the teacher-vs-sample pairs both decide (tasks with a reference)
-            agree = [v == verify(r, r["teacher"], s.text) for r, group, row in zip(records, rollouts, preferences)
-                     for s, v in zip(group, row) if v and r.get("reference") is not None
-                     and verify(r, r["teacher"], s.text) != 0]
-            stats = {f"data/judge_{name}": float(value) for name, value in counts.items()}
-            if agree:
-                stats["data/judge_verifier_agreement"] = sum(agree) / len(agree)
-            result = [(preferences, ranked, stats)]
+            try:
+                items = [(r["prompt"], r["teacher"], s.text) for r, group in zip(records, rollouts) for s in group]
+                distinct = [list(dict.fromkeys(s.text.strip() for s in group)) for group in rollouts]
+                among = [(r["prompt"], texts[i], texts[j]) for r, texts in zip(records, distinct) if self.hparams.sample_pairs
+                         for i in range(len(texts)) for j in range(i + 1, len(texts))]
+                verdicts, counts = self.judge.compare(items + among)
+                teacher_verdicts, sample_verdicts = verdicts[: len(items)], iter(verdicts[len(items):])
+                k = len(rollouts[0]) if rollouts else 0
+                preferences = [teacher_verdicts[i * k: (i + 1) * k] for i in range(len(records))]
+                ranked = []
+                for texts in distinct:
+                    pairs = []
+                    for i in range(len(texts)) if self.hparams.sample_pairs else ():
+                        for j in range(i + 1, len(texts)):
+                            verdict = next(sample_verdicts)
+                            if verdict:
+                                pairs.append([texts[i], texts[j]] if verdict > 0 else [texts[j], texts[i]])
+                    ranked.append(pairs)
+                # agreement with the verifier on the teacher-vs-sample pairs both decide (tasks with a reference)
+                agree = [v == verify(r, r["teacher"], s.text) for r, group, row in zip(records, rollouts, preferences)
+                         for s, v in zip(group, row) if v and r.get("reference") is not None
+                         and verify(r, r["teacher"], s.text) != 0]
+                stats = {f"data/judge_{name}": float(value) for name, value in counts.items()}
+                if agree:
+                    stats["data/judge_verifier_agreement"] = sum(agree) / len(agree)
+                result = [(preferences, ranked, stats)]
+            except APIError as error:  # every rank stops with it, none waits for a broadcast that never comes
+                result = [("error", str(error))]
         if self.trainer is not None and self.trainer.world_size > 1:
             torch.distributed.broadcast_object_list(result, src=0)
+        if result[0][0] == "error":
+            raise APIError(result[0][1])
         preferences, ranked, stats = result[0]
         self.stats.update(stats)
         rank_zero_info(f"data: judge: {stats['data/judge_pairs']:.0f} pairs, {stats['data/judge_asked']:.0f} requests, "

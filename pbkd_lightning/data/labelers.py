@@ -89,7 +89,7 @@ class OpenAIJudge:
         self,
         model: str,
         base_url: str = "http://127.0.0.1:8000/v1",
-        api_key_env: Optional[str] = "OPENAI_API_KEY",
+        api_key_env: Optional[str] = None,
         template: str = JUDGE_TEMPLATE,
         system_prompt: Optional[str] = None,
         both_orders: bool = True,
@@ -113,6 +113,11 @@ class OpenAIJudge:
         """
         if not all(field in template for field in ("{prompt}", "{a}", "{b}")):
             raise ValueError("`data.judge.template` must hold {prompt}, {a} and {b}")
+        try:
+            template.format(prompt="", a="", b="")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(f"`data.judge.template` has other braces than {{prompt}}, {{a}} and {{b}} ({error!r}); "
+                             "write a literal brace as {{ or }}") from None
         self.model, self.base_url, self.api_key_env, self.template = model, base_url, api_key_env, template
         self.system_prompt, self.both_orders, self.max_new_tokens = system_prompt, both_orders, max_new_tokens
         self.concurrency, self.max_retries, self.timeout, self.retry_delay = concurrency, max_retries, timeout, retry_delay

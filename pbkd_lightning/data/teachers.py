@@ -139,7 +139,7 @@ class OpenAITeacher(Teacher):
         self,
         model: str,
         base_url: str = "http://127.0.0.1:8000/v1",
-        api_key_env: Optional[str] = "OPENAI_API_KEY",
+        api_key_env: Optional[str] = None,
         system_prompt: Optional[str] = None,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -155,7 +155,8 @@ class OpenAITeacher(Teacher):
             model: the model name the server serves.
             base_url: the server's OpenAI-compatible root, e.g. ``http://127.0.0.1:8000/v1`` (vLLM),
                 ``http://127.0.0.1:8080/v1`` (llama.cpp), ``https://api.openai.com/v1``.
-            api_key_env: the environment variable that holds the API key (None: send none).
+            api_key_env: the environment variable that holds the API key, e.g. ``OPENAI_API_KEY`` (None: send
+                none, as local servers need; never the key itself).
             system_prompt: a system turn before every prompt.
             temperature: 0 = greedy.
             top_p: nucleus sampling.

@@ -166,10 +166,12 @@ def test_export_writes_a_student_that_plain_transformers_loads_and_generates_the
     assert exported.stdout.strip() == repr(expected)
 
 
-def test_export_names_a_missing_checkpoint(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "pbkd_lightning", "export", f"--ckpt_path={tmp_path}/none.ckpt",
-                             f"--out={tmp_path}/out"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "does not exist" in result.stderr
+def test_export_names_a_missing_checkpoint(tmp_path, capsys):
+    from pbkd_lightning.cli import main  # the command as `python -m pbkd_lightning export` runs it, in this process
+
+    with pytest.raises(SystemExit) as done:
+        main(["export", f"--ckpt_path={tmp_path}/none.ckpt", f"--out={tmp_path}/out"])
+    assert done.value.code == 2 and "does not exist" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- loggers

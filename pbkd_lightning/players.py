@@ -62,21 +62,8 @@ class Players:
         Returns:
             ``(hidden (R, H), logits (R, V))``, logits cropped to :attr:`vocabulary`.
         """
-        lm = lm if lm is not None else self.student
-        positions, kept = sequences.scored_positions, {}
-
-        def project_scored_rows_only(head, args):
-            kept["hidden"] = args[0][:, :-1][positions]
-            return (kept["hidden"],)
-
-        # The model's own forward with its head fed the scored rows alone: under FSDP2 the root's hooks gather the
-        # (tied) embedding for the head, which calling decoder and head separately would bypass.
-        hook = lm.get_output_embeddings().register_forward_pre_hook(project_scored_rows_only)
-        try:
-            logits = lm(input_ids=sequences.input_ids, attention_mask=sequences.attention_mask, use_cache=False).logits
-        finally:
-            hook.remove()
-        return kept["hidden"], logits[:, : self.vocabulary] if self.vocabulary else logits
+        hidden, logits = scored_rows(lm if lm is not None else self.student, sequences)
+        return hidden, logits[:, : self.vocabulary] if self.vocabulary else logits
 
     def policy_logprobs(self, sequences: SequenceBatch, logits: Optional[Tensor] = None) -> Tensor:
         """log π_θ of the scored tokens under the sampling distribution, at their positions: ``(N, T-1)``, with grad.
@@ -110,9 +97,7 @@ class Players:
             return sequences.teacher_topk
         if self.teacher is None:
             raise RuntimeError("the teacher is not in memory (training from its cache) but a batch needs it")
-        device = _device(self.teacher)
-        logits = self.teacher(input_ids=sequences.input_ids.to(device), attention_mask=sequences.attention_mask.to(device)).logits
-        rows = logits[:, :-1][sequences.scored_positions.to(device)]
+        _, rows = scored_rows(self.teacher, sequences)  # the teacher's head sees the scored rows only, as the student's
         return rows[:, : self.vocabulary].float().to(self.device)
 
     # ------------------------------------------------------------------ the critic
@@ -135,3 +120,25 @@ class Players:
         rollouts, _ = sample_rollouts(model, self.tokenizer, prompts, self.sampling, 1, self.generation_batch_size,
                                       self.encoder.max_prompt_tokens, self.vocabulary)
         return self.encoder.batch(prompts, [group[0] for group in rollouts]).to(self.device)
+
+
+def scored_rows(lm: nn.Module, sequences: SequenceBatch) -> tuple[Tensor, Tensor]:
+    """``lm``'s last hidden states and logits at ``sequences``' scored positions only, on ``lm``'s device:
+    ``(R, H)``, ``(R, V)``. The vocabulary projection never sees a prompt or padding position, so no
+    ``N × T × V`` logits exist."""
+    device = _device(lm)
+    positions, kept = sequences.scored_positions.to(device), {}
+
+    def project_scored_rows_only(head, args):
+        kept["hidden"] = args[0][:, :-1][positions]
+        return (kept["hidden"],)
+
+    # The model's own forward with its head fed the scored rows alone: under FSDP2 the root's hooks gather the
+    # (tied) embedding for the head, which calling decoder and head separately would bypass.
+    hook = lm.get_output_embeddings().register_forward_pre_hook(project_scored_rows_only)
+    try:
+        logits = lm(input_ids=sequences.input_ids.to(device), attention_mask=sequences.attention_mask.to(device),
+                    use_cache=False).logits
+    finally:
+        hook.remove()
+    return kept["hidden"], logits

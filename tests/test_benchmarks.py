@@ -197,3 +197,12 @@ def test_bench_quick_writes_only_under_its_folder_and_its_report_agrees_with_the
     expected = [e for e in experiments(SIZES["quick"]) if e.section in sections.split(",")
                 and (not rows or e.name in rows.split(";"))]
     assert len(records) == len(expected) == (len(rows.split(";")) if rows else len(expected))  # each row's first seed
+
+
+def test_teacher_rows_benchmark_gives_the_same_rows_and_reports_its_speed_up(tmp_path, capsys):
+    from benchmarks.teacher_rows import main
+
+    [result] = main(["--quick", "--threads=1", f"--json={tmp_path}/rows.json"])
+    assert result["max_abs_difference"] < 1e-5 and result["full_ms"] > 0 and result["scored_ms"] > 0
+    assert result["scored_logits_mb"] < result["full_logits_mb"]  # 40 of 130 positions projected
+    assert json.loads((tmp_path / "rows.json").read_text()) == [result] and "| 512 |" in capsys.readouterr().out

@@ -21,3 +21,28 @@ def test_scored_rows_are_the_full_forward_at_response_positions(tmp_path):
     assert torch.allclose(hidden, full.hidden_states[-1][:, :-1][positions], atol=1e-5)
     logits.logsumexp(-1).sum().backward()
     assert module.student.get_input_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_the_teacher_projects_only_the_scored_rows_and_gives_the_full_forwards_logits_there():
+    """No ``N × T × V`` teacher logits: its head is fed the scored rows alone, which are the full forward's rows."""
+    from pbkd_lightning.models import ModelSpec, load_causal_lm
+    from pbkd_lightning.players import Players
+    from pbkd_lightning.sequences import Encoder
+
+    torch.manual_seed(0)
+    teacher, tokenizer = load_causal_lm(ModelSpec(layers=1, hidden=32, heads=2))
+    student, _ = load_causal_lm(ModelSpec(layers=1, hidden=16, heads=2))
+    batch = Encoder(tokenizer, 32, 16).batch(["1+1?", "Reverse: ab cd\n"], ["#### 2", "cd ab"])
+    seen = []
+    teacher.get_output_embeddings().register_forward_hook(lambda head, args, out: seen.append(tuple(args[0].shape)))
+    from pbkd_lightning.data import GenerationConfig
+
+    players = Players(student=student, tokenizer=tokenizer, sampling=GenerationConfig(), encoder=Encoder(tokenizer, 32, 16),
+                      teacher=teacher)
+    rows = players.teacher_rows(batch)
+    scored = int(batch.scored_positions.sum())
+    assert seen == [(scored, 32)] and rows.shape == (scored, teacher.config.vocab_size)
+    with torch.no_grad():
+        full = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    assert seen[1:] == [tuple(full.shape[:2]) + (32,)]  # the plain forward, for comparison, projects every position
+    assert torch.allclose(rows, full[:, :-1][batch.scored_positions], atol=1e-5)

@@ -197,12 +197,11 @@ def read_rows(
     empty: EmptyPolicy = "error",
     dropped: Optional[list] = None,
     check: Optional[Callable[[dict], Optional[str]]] = None,
-    values: Optional[list] = None,
 ) -> list[tuple[str, dict]]:
     """:func:`read_jsonl`, each record with its place (``path:line``, or ``path:row n`` in a table):
-    ``[(place, record), ...]``. ``values``: the file's :func:`read_values`, when already read."""
+    ``[(place, record), ...]``."""
     records, blanks = [], EmptyFields(path, empty, dropped)
-    for where, record in read_values(path) if values is None else values:
+    for where, record in read_values(path):
         check_fields(where, record, required, optional, choices)
         if check is not None:
             problem = check(record)

@@ -579,7 +579,7 @@ def test_a_corrupt_teacher_response_cache_in_the_run_folder_names_file_and_line(
 
     responses = write(tmp_path / "responses.jsonl", '{"prompt": "a", "teacher": "x"}\n{"prompt": "b", "teacher": "y"}\n')
     data = PreferenceDataModule(teacher=ResponseFileTeacher(responses))
-    data.trainer = SimpleNamespace(default_root_dir=str(tmp_path / "run"))
+    data.trainer = SimpleNamespace(default_root_dir=str(tmp_path / "run"), world_size=1)
     records = [{"prompt": "a"}, {"prompt": "b"}]
     assert data._teacher_responses(records) == (["x", "y"], [True, True])
     [cache] = (tmp_path / "run" / "teacher").iterdir()

@@ -172,13 +172,18 @@ def test_prompt_completion_and_preference_records_in_text_and_conversational_for
     preferences = jsonl(tmp_path, {"prompt": "1+1?", "chosen": "2", "rejected": "3"},
                         {"chosen": turn("user", "Hi") + turn("assistant", "Hello"),  # TRL's implicit prompt
                          "rejected": turn("user", "Hi") + turn("assistant", "Go away")}, name="prefs.jsonl")
-    assert read_prompts(preferences) == [{"prompt": "1+1?", "reference": "2", "task": "text", "rejected": "3"},
-                                         {"prompt": "Hi", "reference": "Hello", "task": "text", "rejected": "Go away"}]
+    assert read_prompts(preferences) == [{"prompt": "1+1?", "reference": "2", "task": "text", "rejected": ["3"]},
+                                         {"prompt": "Hi", "reference": "Hello", "task": "text", "rejected": ["Go away"]}]
     # UltraFeedback-binarized: the prompt, whole conversations as chosen and rejected, and "messages" beside them
     ultrafeedback = jsonl(tmp_path, {"prompt": "Hi", "chosen": turn("user", "Hi") + turn("assistant", "Hello"),
                                      "rejected": turn("user", "Hi") + turn("assistant", "Go away"),
                                      "messages": turn("user", "Hi") + turn("assistant", "Hello")}, name="uf.jsonl")
-    assert read_prompts(ultrafeedback) == [{"prompt": "Hi", "reference": "Hello", "task": "text", "rejected": "Go away"}]
+    assert read_prompts(ultrafeedback) == [{"prompt": "Hi", "reference": "Hello", "task": "text", "rejected": ["Go away"]}]
+    # several pairs of one prompt: one record (the student trains on the prompt once), every rejected response kept
+    pairs = jsonl(tmp_path, {"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "r", "chosen": "c", "rejected": "d"},
+                  {"prompt": "q", "chosen": "a", "rejected": "e"}, {"prompt": "q", "chosen": "a", "rejected": "b"}, name="pairs.jsonl")
+    assert read_prompts(pairs) == [{"prompt": "q", "reference": "a", "task": "text", "rejected": ["b", "e"]},
+                                   {"prompt": "r", "reference": "c", "task": "text", "rejected": ["d"]}]
     # TRL's prompt-only conversational records
     prompt_only = jsonl(tmp_path, {"prompt": turn("system", "Be brief.") + turn("user", "Hi")}, name="po.jsonl")
     assert read_prompts(prompt_only) == [{"prompt": (("system", "Be brief."), ("user", "Hi")), "reference": None,

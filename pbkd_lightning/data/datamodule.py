@@ -354,7 +354,7 @@ class PreferenceDataModule(LightningDataModule):
         path = self._iteration_path(iteration)
         fields = {"prompt": (str, list), "teacher": str, "samples": list, "sample_ids": list, "old_logprobs": list, "ended": list,
                   "preferences": list}
-        return [_restored(g) for g in read_jsonl(path, fields, {"eos": list, "rejected": str, "reference": (str, type(None)),
+        return [_restored(g) for g in read_jsonl(path, fields, {"eos": list, "rejected": list, "reference": (str, type(None)),
                                                                 "judged_sample_pairs": list},
                                                  check=_buffer_problem)]
 
@@ -524,12 +524,12 @@ class PreferenceDataModule(LightningDataModule):
                         pairs.append({"prompt": group["prompt"], "chosen": group["teacher"], "rejected": rollout,
                                       "chosen_ended": group.get("teacher_ended", True), "preference": preference,
                                       "teacher_pair": True, "row": group.get("row"), "iteration": iteration})
-                if file_pairs and iteration == upto_iteration and "rejected" in group \
-                        and group["rejected"].strip() != group["reference"].strip():
-                    # the file's own pair (a preference record), once, as made now: chosen as written in the file
-                    # (the teacher's answer is another text when `data.teacher` names a model)
-                    pairs.append({"prompt": group["prompt"], "chosen": group["reference"], "rejected": group["rejected"],
-                                  "preference": 1, "teacher_pair": False, "row": None, "iteration": iteration})
+                # the file's own pairs (a preference record), once, as made now: chosen as written in the file (the
+                # teacher's answer is another text when `data.teacher` names a model)
+                for rejected in group.get("rejected", []) if file_pairs and iteration == upto_iteration else ():
+                    if rejected.strip() != group["reference"].strip():
+                        pairs.append({"prompt": group["prompt"], "chosen": group["reference"], "rejected": rejected,
+                                      "preference": 1, "teacher_pair": False, "row": None, "iteration": iteration})
                 if self.hparams.sample_pairs:
                     by_text = {r.text.strip(): r for r in group["rollouts"]}
                     ranked = group.get("judged_sample_pairs")  # the judge's, else the verifier's
@@ -687,6 +687,8 @@ def _held_out(train: list[dict], val: list[dict], val_file: Optional[str]) -> li
 
 def _buffer_problem(stored: dict) -> Optional[str]:
     """What is wrong with a buffer line (one prompt's samples), or None: the per-sample lists must agree."""
+    if not all(isinstance(r, str) for r in stored.get("rejected", [])):
+        return "field 'rejected' must be a list of texts"
     prompt = stored["prompt"]
     if isinstance(prompt, list) and not (prompt and all(
             isinstance(t, list) and len(t) == 2 and t[0] in ROLES and isinstance(t[1], str) for t in prompt)):

@@ -1,6 +1,7 @@
 """The prompt-file formats users have, each read into the data module's prompt records.
 
-A prompt record is ``{"prompt", "reference", "task"}`` (and, from a preference file, ``"rejected"``): the prompt a
+A prompt record is ``{"prompt", "reference", "task"}`` (and, from a preference file, ``"rejected"``: a list, one text
+per pair the file gives the prompt): the prompt a
 text or a :data:`~pbkd_lightning.sequences.Conversation`; the reference what the default teacher
 (:class:`~pbkd_lightning.data.teachers.TaskProgramTeacher`) answers and what the held-out score compares with. Every
 format is read from JSONL, Parquet or a ``datasets`` folder (:func:`~pbkd_lightning.data.records.read_values`).
@@ -74,7 +75,7 @@ def read_prompts(path: str, format: Format = "auto", empty: EmptyPolicy = "error
     elif format not in SHAPES:
         raise DataError(f"`data.format` must be one of auto, {', '.join(SHAPES)}, got {format!r}")
     read = _READERS[format]
-    blanks, records, answered = EmptyFields(path, empty, dropped), [], {}
+    blanks, records, answered, paired = EmptyFields(path, empty, dropped), [], {}, {}
     for where, value in values:
         record = read(where, value)
         if needs_response and record["reference"] is None:
@@ -83,7 +84,7 @@ def read_prompts(path: str, format: Format = "auto", empty: EmptyPolicy = "error
             raise DataError(f"{where}: {what} ({needs_response})")
         prompt = record["prompt"] if isinstance(record["prompt"], str) else _last_user(record["prompt"])
         texts = [(_PROMPT_FIELD[format], prompt), (_RESPONSE_FIELD[format], record["reference"]),
-                 ("rejected", record.get("rejected"))]
+                 ("rejected", record.get("rejected", [None])[0])]
         if not blanks.keep(where, texts):
             continue
         if record["reference"] is not None:  # one teacher response per prompt (several pairs may share it)
@@ -91,6 +92,12 @@ def read_prompts(path: str, format: Format = "auto", empty: EmptyPolicy = "error
             if earlier[0] != record["reference"]:
                 raise DataError(f"{where}: field {_PROMPT_FIELD[format]!r}: {str(prompt)[:60]!r} already has a different "
                                 f"{_RESPONSE_FIELD[format]!r} at {earlier[1]}; keep one of the two records")
+            if "rejected" in record and record["prompt"] in paired:  # another pair of the same prompt: one record
+                rejected = paired[record["prompt"]]["rejected"]
+                rejected += [r for r in record["rejected"] if r not in rejected]
+                continue
+        if "rejected" in record:
+            paired[record["prompt"]] = record
         records.append((where, record))
     records = blanks.finish(records)
     return records if with_places else [r for _, r in records]
@@ -144,7 +151,7 @@ def _preference_record(where: str, value) -> dict:
         prompt = _prompt_of(where, "chosen", context)
         chosen, rejected = chosen[-1:], rejected[-1:]
     return {"prompt": prompt, "reference": _answer(where, "chosen", chosen), "task": "text",
-            "rejected": _answer(where, "rejected", rejected)}
+            "rejected": [_answer(where, "rejected", rejected)]}
 
 
 _READERS = {"prompt": _prompt_record, "gsm8k": _gsm8k_record, "chat": _chat_record, "completion": _completion_record,

@@ -221,8 +221,9 @@ def sample_mixed_rollouts(
             ids = encoded["input_ids"].repeat_interleave(num_samples, 0)
             mask = encoded["attention_mask"].repeat_interleave(num_samples, 0)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
-            outputs = [m(input_ids=ids.to(d), attention_mask=mask.to(d), position_ids=positions.to(d), use_cache=True)
-                       for m, d in zip(models, devices)]
+            # the prompt's last position only through the heads: the prefill never holds N × T × V logits
+            outputs = [m(input_ids=ids.to(d), attention_mask=mask.to(d), position_ids=positions.to(d), use_cache=True,
+                         logits_to_keep=1) for m, d in zip(models, devices)]
             finished = torch.zeros(ids.shape[0], dtype=torch.bool)
             generated, student_logprobs = [], []
             for _ in range(config.max_new_tokens):

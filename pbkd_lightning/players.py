@@ -128,6 +128,11 @@ def scored_rows(lm: nn.Module, sequences: SequenceBatch) -> tuple[Tensor, Tensor
     ``N × T × V`` logits exist."""
     device = _device(lm)
     positions, kept = sequences.scored_positions.to(device), {}
+    head = lm.get_output_embeddings()
+    if head is None:  # a model without a separate head module: its full logits, then the rows
+        out = lm(input_ids=sequences.input_ids.to(device), attention_mask=sequences.attention_mask.to(device),
+                 use_cache=False, output_hidden_states=True)
+        return out.hidden_states[-1][:, :-1][positions], out.logits[:, :-1][positions]
 
     def project_scored_rows_only(head, args):
         kept["hidden"] = args[0][:, :-1][positions]
@@ -135,7 +140,7 @@ def scored_rows(lm: nn.Module, sequences: SequenceBatch) -> tuple[Tensor, Tensor
 
     # The model's own forward with its head fed the scored rows alone: under FSDP2 the root's hooks gather the
     # (tied) embedding for the head, which calling decoder and head separately would bypass.
-    hook = lm.get_output_embeddings().register_forward_pre_hook(project_scored_rows_only)
+    hook = head.register_forward_pre_hook(project_scored_rows_only)
     try:
         logits = lm(input_ids=sequences.input_ids.to(device), attention_mask=sequences.attention_mask.to(device),
                     use_cache=False).logits

@@ -94,7 +94,7 @@ def read_prompts(path: str, format: Format = "auto", empty: EmptyPolicy = "error
                                 f"{_RESPONSE_FIELD[format]!r} at {earlier[1]}; keep one of the two records")
             if "rejected" in record and record["prompt"] in paired:  # another pair of the same prompt: one record
                 rejected = paired[record["prompt"]]["rejected"]
-                rejected += [r for r in record["rejected"] if r not in rejected]
+                rejected += [r for r in record["rejected"] if r.strip() not in {x.strip() for x in rejected}]
                 continue
         if "rejected" in record:
             paired[record["prompt"]] = record

@@ -39,14 +39,19 @@ def render_prompt(tokenizer, prompt: Prompt) -> str:
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         return prompt if isinstance(prompt, str) else prompt_text(prompt) + "\nassistant: "
-    turns = (("user", prompt),) if isinstance(prompt, str) else prompt
     try:
-        return tokenizer.apply_chat_template([{"role": role, "content": content} for role, content in turns],
-                                             tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(chat_messages(prompt), tokenize=False, add_generation_prompt=True)
     except Exception as error:  # jinja's TemplateError from the template's own raise_exception, and its kin
         raise PromptError(f"{type(tokenizer).__name__}'s chat template refuses the prompt {prompt_text(prompt)[:80]!r} "
                           f"({type(error).__name__}: {' '.join(str(error).split())[:160]}); change the record's turns or "
                           "use a tokenizer whose template takes them") from None
+
+
+def chat_messages(prompt: Prompt, system_prompt: Optional[str] = None) -> list[dict]:
+    """A prompt as chat messages (a text as one user turn), after an optional system turn."""
+    turns = (("user", prompt),) if isinstance(prompt, str) else prompt
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return system + [{"role": role, "content": content} for role, content in turns]
 
 
 def as_prompt(value):

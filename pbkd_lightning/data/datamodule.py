@@ -429,13 +429,11 @@ class PreferenceDataModule(LightningDataModule):
         groups = []
         judged = self._judge(records, rollouts) if h.labeler == "judge" else None
         for index, (record, group) in enumerate(zip(records, rollouts)):
-            if judged is None:
-                preferences = [label_pair(h.labeler, record, record["teacher"], r.text) for r in group]
-                groups.append({**record, "rollouts": group, "preferences": preferences, "iteration": iteration})
-            else:
-                groups.append({**record, "rollouts": group, "preferences": judged[0][index], "iteration": iteration})
-                if h.sample_pairs:
-                    groups[-1]["judged_sample_pairs"] = judged[1][index]
+            preferences = judged[0][index] if judged else [label_pair(h.labeler, record, record["teacher"], r.text)
+                                                           for r in group]
+            groups.append({**record, "rollouts": group, "preferences": preferences, "iteration": iteration})
+            if judged and h.sample_pairs:
+                groups[-1]["judged_sample_pairs"] = judged[1][index]
         if self.trainer.is_global_zero:
             write_jsonl_atomic(self._iteration_path(iteration), (_stored(g) for g in groups))
         return groups
@@ -449,36 +447,32 @@ class PreferenceDataModule(LightningDataModule):
         if self.trainer is None or self.trainer.is_global_zero:
             try:
                 items = [(r["prompt"], r["teacher"], s.text) for r, group in zip(records, rollouts) for s in group]
-                distinct = [list(dict.fromkeys(s.text.strip() for s in group)) for group in rollouts]
-                among = [(r["prompt"], texts[i], texts[j]) for r, texts in zip(records, distinct) if self.hparams.sample_pairs
-                         for i in range(len(texts)) for j in range(i + 1, len(texts))]
-                verdicts, counts = self.judge.compare(items + among)
-                teacher_verdicts, sample_verdicts = verdicts[: len(items)], iter(verdicts[len(items):])
+                # every two distinct samples of a prompt, with the prompt's index
+                among = []
+                for index, group in enumerate(rollouts) if self.hparams.sample_pairs else ():
+                    texts = list(dict.fromkeys(s.text.strip() for s in group))
+                    among += [(index, texts[i], texts[j]) for i in range(len(texts)) for j in range(i + 1, len(texts))]
+                verdicts, counts = self.judge.compare(items + [(records[i]["prompt"], a, b) for i, a, b in among])
                 k = len(rollouts[0]) if rollouts else 0
-                preferences = [teacher_verdicts[i * k: (i + 1) * k] for i in range(len(records))]
-                ranked = []
-                for texts in distinct:
-                    pairs = []
-                    for i in range(len(texts)) if self.hparams.sample_pairs else ():
-                        for j in range(i + 1, len(texts)):
-                            verdict = next(sample_verdicts)
-                            if verdict:
-                                pairs.append([texts[i], texts[j]] if verdict > 0 else [texts[j], texts[i]])
-                    ranked.append(pairs)
+                preferences = [verdicts[i * k: (i + 1) * k] for i in range(len(records))]
+                ranked = [[] for _ in records]
+                for (index, a, b), verdict in zip(among, verdicts[len(items):]):
+                    if verdict:
+                        ranked[index].append([a, b] if verdict > 0 else [b, a])
                 # agreement with the verifier on the teacher-vs-sample pairs both decide (tasks with a reference)
-                agree = [v == verify(r, r["teacher"], s.text) for r, group, row in zip(records, rollouts, preferences)
-                         for s, v in zip(group, row) if v and r.get("reference") is not None
-                         and verify(r, r["teacher"], s.text) != 0]
+                both = [(v, verify(r, r["teacher"], s.text)) for r, group, row in zip(records, rollouts, preferences)
+                        if r.get("reference") is not None for s, v in zip(group, row) if v]
+                agree = [v == checked for v, checked in both if checked != 0]
                 stats = {f"data/judge_{name}": float(value) for name, value in counts.items()}
                 if agree:
                     stats["data/judge_verifier_agreement"] = sum(agree) / len(agree)
                 result = [(preferences, ranked, stats)]
             except APIError as error:  # every rank stops with it, none waits for a broadcast that never comes
-                result = [("error", str(error))]
+                result = [str(error)]
         if self.trainer is not None and self.trainer.world_size > 1:
             torch.distributed.broadcast_object_list(result, src=0)
-        if result[0][0] == "error":
-            raise APIError(result[0][1])
+        if isinstance(result[0], str):  # rank 0's failure
+            raise APIError(result[0])
         preferences, ranked, stats = result[0]
         self.stats.update(stats)
         rank_zero_info(f"data: judge: {stats['data/judge_pairs']:.0f} pairs, {stats['data/judge_asked']:.0f} requests, "

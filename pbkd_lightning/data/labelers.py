@@ -9,7 +9,7 @@ import re
 from typing import Optional
 
 from pbkd_lightning.data.api import Endpoint, complete
-from pbkd_lightning.sequences import prompt_text
+from pbkd_lightning.sequences import chat_messages, prompt_text
 from pbkd_lightning.tasks import get_task
 
 LABELERS = ("teacher", "verifier", "both", "judge")
@@ -125,9 +125,8 @@ class OpenAIJudge:
         self.endpoint = Endpoint(base_url, model, api_key_env, concurrency, max_retries, timeout, retry_delay, cache_dir)
 
     def _request(self, prompt, a: str, b: str) -> dict:
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        messages.append({"role": "user", "content": self.template.format(prompt=prompt_text(prompt), a=a, b=b)})
-        return {"messages": messages, "temperature": 0.0, "max_tokens": self.max_new_tokens}
+        question = self.template.format(prompt=prompt_text(prompt), a=a, b=b)
+        return {"messages": chat_messages(question, self.system_prompt), "temperature": 0.0, "max_tokens": self.max_new_tokens}
 
     def compare(self, items: list[tuple]) -> tuple[list[int], dict[str, int]]:
         """Verdicts on ``(prompt, first, second)`` items: +1 ``first`` better, -1 ``second``, 0 no label; and the counts

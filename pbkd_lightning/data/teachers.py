@@ -8,7 +8,7 @@ from pbkd_lightning.data.api import Endpoint, complete
 from pbkd_lightning.data.generation import GenerationConfig, sample_rollouts
 from pbkd_lightning.data.records import DataError, read_responses
 from pbkd_lightning.models.loading import ModelSpec, load_frozen_model, load_tokenizer
-from pbkd_lightning.sequences import prompt_text
+from pbkd_lightning.sequences import chat_messages, prompt_text
 
 
 class Teacher:
@@ -118,13 +118,6 @@ class HFModelTeacher(Teacher):
     def describe(self) -> str:
         return (f"HFModelTeacher({self.path}, {self.generation}, quantization={self.quantization}, dtype={self.dtype}, "
                 f"gguf_file={self.gguf_file})")
-
-
-def chat_messages(prompt, system_prompt: Optional[str] = None) -> list[dict]:
-    """A prompt (a text, or a conversation's turns) as chat-completion messages, after an optional system prompt."""
-    turns = (("user", prompt),) if isinstance(prompt, str) else prompt
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return system + [{"role": role, "content": content} for role, content in turns]
 
 
 class OpenAITeacher(Teacher):

@@ -36,6 +36,7 @@ class Size:
     speed_steps: int  # timed training steps, after 2 warm-up steps
     sampling: dict  # benchmarks.sampling_speed:measure's arguments
     divergence: dict  # batch, tokens and vocabularies of the chunked-divergence check
+    fused: dict  # scored rows and vocabularies of the fused projection + divergence check
     scaling: dict  # batch; tokens (at vocabulary `vocab`) and vocabularies (at `at_tokens` tokens)
 
 
@@ -87,6 +88,7 @@ SIZES = {
         ),
         sampling=dict(tiny=True, prompts=16, max_new_tokens=12, samples=2),
         divergence=dict(batch=2, tokens=64, vocabs=(4096, 16384)),
+        fused=dict(rows=64, vocabs=(4096,)),
         scaling=dict(batch=2, tokens=(32, 64, 128), vocab=4096, vocabs=(1024, 4096, 16384), at_tokens=64),
     ),
     # The testbed as configs/ define it (the pool, 500 held-out prompts per task, the default models): what users run.
@@ -95,6 +97,7 @@ SIZES = {
         overrides=(),
         sampling=dict(tiny=False, prompts=128, max_new_tokens=40, samples=4),
         divergence=dict(batch=4, tokens=512, vocabs=(32000, 151936)),
+        fused=dict(rows=1792, vocabs=(32000, 151936)),  # batch 4 × 512 tokens, 1/8 of them prompt
         scaling=dict(batch=4, tokens=(128, 256, 512, 1024), vocab=32000, vocabs=(8192, 32000, 65536, 151936), at_tokens=512),
     ),
 }
@@ -125,6 +128,8 @@ def experiments(size: Size) -> list[Experiment]:
     d = size.divergence
     out += [Experiment(f"divergence, vocabulary {vocab}", "speed", measure="benchmarks.divergence_memory:compare",
                        params={"batch": d["batch"], "tokens": d["tokens"], "vocab": vocab}) for vocab in d["vocabs"]]
+    out += [Experiment(f"fused divergence, vocabulary {vocab}", "speed", measure="benchmarks.divergence_memory:compare_fused",
+                       params={"rows": size.fused["rows"], "vocab": vocab}) for vocab in size.fused["vocabs"]]
 
     s = size.scaling
     out += [Experiment(f"tokens {tokens}", "scaling", measure="benchmarks.divergence_memory:compare",

@@ -34,7 +34,9 @@ def measure(cli_args: list[str], warm: int, steps: int) -> dict:
         def on_train_epoch_end(self, trainer, module):
             self.starts.append(time.perf_counter())
 
-    cli = quiet_cli([*cli_args, f"--trainer.limit_train_batches={warm + steps}", "--trainer.limit_val_batches=0"], run=False)
+    # one epoch: the clock runs from the end of the warm-up steps to the end of the (first) epoch
+    cli = quiet_cli([*cli_args, f"--trainer.limit_train_batches={warm + steps}", "--trainer.limit_val_batches=0",
+                     "--trainer.max_epochs=1", "--trainer.min_epochs=1"], run=False)
     clock = StepClock()
     cli.trainer.callbacks.append(clock)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):

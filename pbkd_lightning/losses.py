@@ -6,7 +6,7 @@ mask with no scored token gives 0 (not NaN).
 """
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -560,6 +560,205 @@ def skew_reverse_kl(student_logits, teacher, labels, alpha=0.1, temperature=1.0,
 def total_variation(student_logits, teacher, labels, temperature=1.0, chunk_size=None, scale_by_temperature=False):
     """Total variation distance ``½ Σ |p_T − p_S|`` per scored token, averaged. Arguments as :func:`forward_kl`."""
     return _divergence(_tvd_rows, 0.0, student_logits, teacher, labels, temperature, chunk_size, scale_by_temperature)
+
+
+class HeadRows(NamedTuple):
+    """A model's last hidden states at R scored rows and its output projection, standing for the logits
+    ``hidden @ weight.T + bias`` without forming them.
+
+    Attributes:
+        hidden: ``(R, H)``.
+        weight: ``(V, H)``: the head's rows of the vocabulary the loss compares.
+        bias: ``(V,)`` or None.
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Optional[Tensor] = None
+
+    def logits(self, start: int = 0, stop: Optional[int] = None) -> Tensor:
+        """Rows ``start:stop`` of the logits, ``(stop − start, V)``."""
+        return F.linear(self.hidden[start:stop], self.weight, self.bias)
+
+
+ROW_DIVERGENCES = {
+    "forward_kl": _forward_kl_rows, "reverse_kl": _reverse_kl_rows, "generalized_jsd": _jsd_rows,
+    "skew_kl": _skew_kl_rows, "skew_reverse_kl": _skew_reverse_kl_rows, "total_variation": _tvd_rows,
+}
+"""Each divergence of this module by name, as a function of one chunk's ``(log p_T, log p_S)`` and its parameter
+(β of the generalized JSD, α of the skew divergences, unused by the others)."""
+
+
+def _teacher_chunk(teacher, start: int, stop: int):
+    """Rows ``start:stop`` of a teacher given as dense ``(R, V)`` logits, a :class:`SparseTeacher` with ``(R, k)``
+    fields or :class:`HeadRows`: dense logits or a sparse teacher of those rows."""
+    if isinstance(teacher, HeadRows):
+        return teacher.logits(start, stop)
+    if isinstance(teacher, SparseTeacher):
+        return SparseTeacher(*(field[start:stop] for field in teacher))
+    return teacher[start:stop]
+
+
+def _masked_product(p: Tensor, log_ratio: Tensor) -> Tensor:
+    """``p · log_ratio`` with 0 where p = 0 (not NaN), written into ``log_ratio``."""
+    return log_ratio.mul_(p).masked_fill_(p == 0, 0.0)
+
+
+def _dense_value_and_grad(divergence: str, student_logits: Tensor, teacher_logits: Tensor, parameter: float,
+                          temperature: float) -> tuple[Tensor, Tensor]:
+    """Σ over a chunk's rows of a divergence between dense distributions and its gradient with respect to the
+    student's logits, in closed form: a handful of ``chunk × V`` temporaries where autograd through the row
+    functions keeps about fifteen.
+
+    With ``u = z / τ``, ``p_S = softmax(u)`` and ``g = ∂D/∂p_S``, ``∂D/∂u = p_S ⊙ (g − Σ p_S g)``; forward KL's is
+    ``p_S − p_T``. Checked against autograd of the naive formulas in ``tests/test_divergences.py``.
+    """
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    scaled = (lambda z: z.to(dtype)) if temperature == 1.0 else (lambda z: z.to(dtype) / temperature)
+    log_s, log_t = F.log_softmax(scaled(student_logits), -1), F.log_softmax(scaled(teacher_logits), -1)
+    p_s, p_t = log_s.exp(), log_t.exp()
+    if divergence == "generalized_jsd" and parameter in (0.0, 1.0):  # the endpoints are the KL directions exactly
+        divergence = "forward_kl" if parameter == 0.0 else "reverse_kl"
+    if divergence == "forward_kl":
+        value = _masked_product(p_t, log_t - log_s).sum()
+        return value, p_s.sub_(p_t).div_(temperature)
+    if divergence == "total_variation":
+        value = 0.5 * (p_s - p_t).abs_().sum()
+        g = (p_s - p_t).sign_().mul_(0.5)
+    elif divergence == "reverse_kl":
+        ratio = log_s - log_t
+        rows = _masked_product(p_s, ratio.clone()).sum(-1)
+        value = rows.sum()
+        return value, ratio.sub_(rows[:, None]).mul_(p_s).div_(temperature)
+    elif divergence == "generalized_jsd":
+        beta = parameter
+        log_m = _mixture(log_t, log_s, beta)
+        value = beta * _masked_product(p_t, log_t - log_m).sum()
+        ratio = log_m.neg_().add_(log_s)  # log p_S / M
+        rows = _masked_product(p_s, ratio.clone()).sum(-1)
+        value = value + (1.0 - beta) * rows.sum()
+        return value, ratio.sub_(rows[:, None]).mul_(p_s).mul_((1.0 - beta) / temperature)
+    elif divergence == "skew_kl":
+        alpha = parameter
+        log_m = _mixture(log_t, log_s, alpha)
+        value = _masked_product(p_t, log_t - log_m).sum()
+        g = log_m.neg_().add_(log_t).exp_().mul_(-(1.0 - alpha))  # −(1 − α) p_T / M
+    elif divergence == "skew_reverse_kl":
+        alpha = parameter
+        log_m = _mixture(log_s, log_t, alpha)
+        ratio = log_m.neg_().add_(log_s)  # log p_S / M
+        value = _masked_product(p_s, ratio.clone()).sum()
+        g = ratio.sub_(ratio.exp().mul_(alpha))  # log(p_S / M) − α p_S / M (+ 1, which cancels)
+    else:
+        raise ValueError(f"unknown divergence {divergence!r}")
+    centred = g.sub_((p_s * g).sum(-1, keepdim=True))
+    return value, centred.mul_(p_s).div_(temperature)
+
+
+class _FusedProjectionDivergence(torch.autograd.Function):
+    """Mean divergence over R rows, from the student's hidden states and head weight, a chunk of rows at a time.
+
+    Forward projects a chunk, takes the divergence and its gradient with respect to the chunk's logits, and turns
+    that at once into the gradients of the chunk's hidden states and of the weight (and bias), so no more than
+    one chunk's logits of either model ever exist. Backward only scales what forward filled."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, teacher, divergence, parameter, temperature, chunk_size, scale):
+        rows, row_fn = hidden.shape[0], ROW_DIVERGENCES[divergence]
+        wants = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+        accumulate = torch.promote_types(weight.dtype, torch.float32)  # Σ over chunks in float32 at least
+        grad_hidden = torch.zeros_like(hidden) if wants[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if wants[1] else None
+        grad_bias = torch.zeros(bias.shape, dtype=accumulate, device=bias.device) if wants[2] else None
+        total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+        for start in range(0, rows, chunk_size):
+            stop = min(rows, start + chunk_size)
+            chunk_hidden = hidden[start:stop].detach()
+            with torch.no_grad():
+                logits = F.linear(chunk_hidden, weight, bias)
+                teacher_rows = _teacher_chunk(teacher, start, stop)
+            if isinstance(teacher_rows, SparseTeacher):  # k + 1 bins through a gather: autograd of the row function
+                logits.requires_grad_(any(wants))
+                with torch.enable_grad():
+                    log_t, log_s = _row_log_probs(logits, teacher_rows, torch.arange(stop - start, device=logits.device),
+                                                  temperature)
+                    loss = row_fn(log_t, log_s, parameter).sum() * (scale / max(1, rows))
+                grad_logits = torch.autograd.grad(loss, logits)[0] if any(wants) else None
+            else:
+                value, grad_logits = _dense_value_and_grad(divergence, logits, teacher_rows, parameter, temperature)
+                del logits, teacher_rows
+                loss = value * (scale / max(1, rows))
+                grad_logits = grad_logits.mul_(scale / max(1, rows))
+            if any(wants):
+                grad_logits = grad_logits.to(weight.dtype)
+                if grad_hidden is not None:
+                    grad_hidden[start:stop] = (grad_logits @ weight).to(grad_hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad_logits.T.to(accumulate), chunk_hidden.to(accumulate))
+                if grad_bias is not None:
+                    grad_bias += grad_logits.sum(0).to(accumulate)
+            total += loss.detach()
+        ctx.grads = (grad_hidden,
+                     grad_weight.to(weight.dtype) if grad_weight is not None else None,
+                     grad_bias.to(bias.dtype) if grad_bias is not None else None)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("a fused divergence supports one backward pass (retain_graph reuse is not supported)")
+        if not bool(grad_output == 1):
+            grads = tuple(g.mul_(grad_output.to(g.dtype)) if g is not None else None for g in grads)
+        return (*grads, None, None, None, None, None, None)
+
+
+FUSED_CHUNK_ELEMENTS = 1 << 22
+"""Rows per chunk of :func:`fused_divergence` when ``chunk_size`` is None: about this many logits (16 MiB in
+float32), at least ``MIN_CHUNK_ROWS`` rows. Larger than the unfused chunk because every chunk adds its share
+to the whole ``V × H`` weight gradient, a pass over memory that small chunks repeat too often."""
+
+
+def fused_divergence(
+    divergence: str, student: HeadRows, teacher, parameter: float = 0.0, temperature: float = 1.0,
+    chunk_size: Optional[int] = None, scale_by_temperature: bool = False,
+) -> Tensor:
+    """One of this module's divergences averaged over R scored rows, from the student's hidden states and head
+    weight: the logits are projected a chunk at a time, so neither model's ``R × V`` logits are ever held.
+
+    Equal to ``forward_kl(student.logits()[None], teacher[None], zeros((1, R)))`` and its siblings, gradients
+    included (to the hidden states, the weight and the bias).
+
+    Args:
+        divergence: a key of :data:`ROW_DIVERGENCES`.
+        student: the student's :class:`HeadRows` (gradients flow to its three tensors).
+        teacher: :class:`HeadRows` (never differentiated), dense logits ``(R, V)`` or a :class:`SparseTeacher`
+            with ``(R, k)`` fields.
+        parameter: β of ``generalized_jsd``, α of ``skew_kl`` and ``skew_reverse_kl``, in [0, 1].
+        temperature, scale_by_temperature: as :func:`forward_kl`.
+        chunk_size: rows per chunk; None: about ``FUSED_CHUNK_ELEMENTS`` logits a chunk.
+
+    >>> _ = torch.manual_seed(0)
+    >>> hidden, weight, teacher = torch.randn(3, 4), torch.randn(5, 4), torch.randn(3, 5)
+    >>> fused = fused_divergence("forward_kl", HeadRows(hidden, weight), teacher, chunk_size=2)
+    >>> bool(torch.isclose(fused, forward_kl((hidden @ weight.T)[None], teacher[None], torch.zeros(1, 3))))
+    True
+    """
+    if divergence not in ROW_DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {list(ROW_DIVERGENCES)}")
+    if divergence in ("generalized_jsd", "skew_kl", "skew_reverse_kl"):
+        _check_unit("beta" if divergence == "generalized_jsd" else "alpha", parameter)
+    if temperature <= 0:
+        raise ValueError(f"`temperature` must be > 0, got {temperature}")
+    if isinstance(teacher, SparseTeacher) and temperature != 1.0:
+        raise ValueError("a sparse (top-k) teacher holds temperature-1 probabilities; use temperature 1")
+    vocabulary = student.weight.shape[0]
+    if chunk_size is None:
+        chunk_size = max(MIN_CHUNK_ROWS, FUSED_CHUNK_ELEMENTS // vocabulary)
+    scale = temperature**2 if scale_by_temperature else 1.0
+    return _FusedProjectionDivergence.apply(student.hidden, student.weight, student.bias, teacher,
+                                            divergence, float(parameter), temperature, chunk_size, scale)
 
 
 def _check_unit(name: str, value: float) -> None:

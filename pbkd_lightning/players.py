@@ -6,7 +6,7 @@ unit-tested on tiny models or bare tensors without a Trainer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pbkd_lightning.data.generation import GenerationConfig, sample_rollouts
-from pbkd_lightning.losses import policy_logprobs, rows_to_positions
+from pbkd_lightning.losses import HeadRows, policy_logprobs, rows_to_positions
 from pbkd_lightning.models.critic import ImplicitReward, response_token_logprobs
 from pbkd_lightning.sequences import Encoder, SequenceBatch
 
@@ -47,6 +47,8 @@ class Players:
     """π_ref of an implicit reward model: the frozen student, or the teacher when the reward model is its copy."""
     vocabulary: Optional[int] = None
     """Logit columns shared with the teacher (white-box); None: all of the student's."""
+    _plain_heads: dict = field(default_factory=dict, repr=False)
+    """id(model) -> whether its logits are its head's plain projection of the last hidden states (checked once)."""
 
     @property
     def device(self) -> torch.device:
@@ -64,6 +66,38 @@ class Players:
         """
         hidden, logits = scored_rows(lm if lm is not None else self.student, sequences)
         return hidden, logits[:, : self.vocabulary] if self.vocabulary else logits
+
+    def head_rows(self, sequences: SequenceBatch, lm: Optional[nn.Module] = None) -> Optional[HeadRows]:
+        """The student's (or ``lm``'s) last hidden states at the scored rows with the head weight that projects them,
+        for :func:`~pbkd_lightning.losses.fused_divergence`: no logit is formed here.
+
+        None where the model's logits are not a plain linear projection of them (no head module, a head sharded
+        by FSDP2, soft-capped or scaled logits: checked once per model against its own forward); use :meth:`rows`.
+        """
+        lm = lm if lm is not None else self.student
+        head = lm.get_output_embeddings()
+        plain = self._plain_heads.get(id(lm))
+        if plain is None:
+            if not sequences.scored_positions.any():  # nothing to check against yet
+                return None
+            plain = self._plain_heads[id(lm)] = _is_plain_head(lm, head, sequences)
+        if not plain:
+            return None
+        hidden = scored_hidden(lm, sequences)
+        vocabulary = self.vocabulary or head.weight.shape[0]
+        bias = head.bias[:vocabulary] if head.bias is not None else None
+        return HeadRows(hidden, head.weight[:vocabulary], bias)
+
+    @torch.no_grad()
+    def teacher_head_rows(self, sequences: SequenceBatch):
+        """The teacher at the rows of :meth:`head_rows`, for the fused loss: its cached top-k, its :class:`HeadRows`
+        (on the student's device), or its dense logits (:meth:`teacher_rows`) where its head is not plain."""
+        if sequences.teacher_topk is not None or self.teacher is None:
+            return self.teacher_rows(sequences)
+        rows = self.head_rows(sequences, self.teacher)
+        if rows is None:
+            return self.teacher_rows(sequences)
+        return HeadRows(*(t.to(self.device) if t is not None else None for t in rows))
 
     def policy_logprobs(self, sequences: SequenceBatch, logits: Optional[Tensor] = None) -> Tensor:
         """log π_θ of the scored tokens under the sampling distribution, at their positions: ``(N, T-1)``, with grad.
@@ -120,6 +154,36 @@ class Players:
         rollouts, _ = sample_rollouts(model, self.tokenizer, prompts, self.sampling, 1, self.generation_batch_size,
                                       self.encoder.max_prompt_tokens, self.vocabulary)
         return self.encoder.batch(prompts, [group[0] for group in rollouts]).to(self.device)
+
+
+def scored_hidden(lm: nn.Module, sequences: SequenceBatch) -> Tensor:
+    """``lm``'s last hidden states at ``sequences``' scored positions, ``(R, H)``, from its own forward with the head
+    fed no row at all (one forward through the root module, as FSDP2 needs)."""
+    device = _device(lm)
+    positions, kept = sequences.scored_positions.to(device), {}
+
+    def keep_rows_project_none(head, args):
+        kept["hidden"] = args[0][:, :-1][positions]
+        return (kept["hidden"][:0],)
+
+    hook = lm.get_output_embeddings().register_forward_pre_hook(keep_rows_project_none)
+    try:
+        lm(input_ids=sequences.input_ids.to(device), attention_mask=sequences.attention_mask.to(device), use_cache=False)
+    finally:
+        hook.remove()
+    return kept["hidden"]
+
+
+def _is_plain_head(lm: nn.Module, head: Optional[nn.Module], sequences: SequenceBatch) -> bool:
+    """Whether ``lm``'s logits at ``sequences``' scored rows are ``head``'s linear map of its last hidden states."""
+    if not isinstance(head, nn.Linear) or not head.weight.is_floating_point():  # no head module, or a quantized one
+        return False
+    if type(head.weight).__name__ == "DTensor":  # sharded by FSDP2: whole only inside the model's forward
+        return False
+    with torch.no_grad():
+        hidden, logits = scored_rows(lm, sequences)
+        projected = F.linear(hidden, head.weight, head.bias)
+    return projected.shape == logits.shape and bool(torch.allclose(projected.float(), logits.float(), rtol=1e-3, atol=1e-3))
 
 
 def scored_rows(lm: nn.Module, sequences: SequenceBatch) -> tuple[Tensor, Tensor]:

@@ -21,6 +21,12 @@ def test_divergence_memory_benchmark_runs_and_reports_ratios(tmp_path):
     assert row["naive"]["loss"] == row["chunked"]["loss"] or abs(row["naive"]["loss"] - row["chunked"]["loss"]) < 1e-4
     assert row["memory_ratio"] == row["chunked"]["peak_extra_mb"] / row["naive"]["peak_extra_mb"]
     assert "memory ×" in result.stdout
+    fused = subprocess.run([sys.executable, "benchmarks/divergence_memory.py", "--quick", "--fused", "--threads=1", f"--json={out}"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert fused.returncode == 0, fused.stderr
+    [row] = json.loads(out.read_text())
+    assert row["fused"]["loss"] == pytest.approx(row["naive"]["loss"], rel=1e-4)
+    assert row["memory_ratio"] == row["fused"]["peak_extra_mb"] / row["naive"]["peak_extra_mb"] and "fused MB" in fused.stdout
 
 
 PLOTS = {"quality": ("learning_curves", "quality"), "iterations": ("iterations",), "pbkd": ("pbkd",), "scaling": ("scaling",)}
@@ -69,6 +75,11 @@ def check_speed_and_scaling(figures, lines, row_of):
     for row in figures.get("speed", {}).get("divergence", []):
         assert f"| {row['time_ratio']:.2f} | {row['naive']['peak_extra_mb']:.0f} | {row['chunked']['peak_extra_mb']:.0f} | " \
                f"{row['memory_ratio']:.2f} |" in row_of(f"{row['batch']} × {row['tokens']}", lambda line, v=row["vocab"]: f"| {v:,} |" in line)
+    for row in figures.get("speed", {}).get("fused", []):
+        assert row["memory_ratio"] == row["fused"]["peak_extra_mb"] / row["naive"]["peak_extra_mb"]
+        assert f"| {row['rows']:,} | {row['vocab']:,} | {row['naive']['seconds']:.2f} | {row['fused']['seconds']:.2f} | " \
+               f"{row['time_ratio']:.2f} | {row['naive']['peak_extra_mb']:.0f} | {row['fused']['peak_extra_mb']:.0f} | " \
+               f"{row['memory_ratio']:.2f} |" in lines
     for axis, rows in figures.get("scaling", {}).items():
         for row in rows:
             assert f"| {axis} | {row['x']:,} | {row['naive']['seconds']:.2f} | {row['chunked']['seconds']:.2f} | " \
@@ -83,7 +94,7 @@ def test_report_from_recorded_runs(tmp_path):
     from benchmarks.runner import load_records, wall_clock_budget
 
     records = load_records(FIXTURE)
-    assert len(records) == 24  # and the cut-off last line is ignored
+    assert len(records) == 25  # and the cut-off last line is ignored
     text = write(records, SIZES["quick"], "make bench-quick", str(tmp_path))
     figures = check_bench_output(tmp_path)
     assert text == (tmp_path / "RESULTS.md").read_text()

@@ -18,7 +18,7 @@ def naive_kl(p_logits, q_logits):
     return (lp.exp() * (lp - lq)).sum(-1)
 
 
-def naive(name, s, t, param=None):
+def naive(name, s, t, param=None, mask=None):
     ps, pt = s.softmax(-1), t.softmax(-1)
     if name == "forward_kl":
         rows = naive_kl(t, s)
@@ -35,7 +35,7 @@ def naive(name, s, t, param=None):
         rows = (ps * (ps / m).log()).sum(-1)
     else:
         rows = 0.5 * (pt - ps).abs().sum(-1)
-    return rows[MASK].mean()
+    return rows[MASK if mask is None else mask].mean()
 
 
 CASES = [
@@ -155,3 +155,85 @@ def test_bf16_logits_are_scored_in_float32_and_get_bf16_gradients():
 def test_out_of_range_parameters_are_refused(bad):
     with pytest.raises(ValueError, match="beta"):
         L.generalized_jsd(S, T, LABELS, **bad)
+
+
+# The fused projection: hidden states and head weights in, the same divergence and gradients out.
+HIDDEN, WEIGHT, BIAS = torch.randn(9, 5, dtype=torch.double), torch.randn(13, 5, dtype=torch.double), torch.randn(13, dtype=torch.double)
+TEACHER_HIDDEN, TEACHER_WEIGHT = torch.randn(9, 7, dtype=torch.double), torch.randn(13, 7, dtype=torch.double)
+
+
+def naive_rows(name, s, t, param):
+    """The naive formula over R rows (all scored)."""
+    return naive(name, s, t, param, mask=torch.ones(s.shape[:-1], dtype=torch.bool))
+
+
+@pytest.mark.parametrize("name, kwargs, param", CASES)
+@pytest.mark.parametrize("chunk_size", [1, 4, None])
+@pytest.mark.parametrize("teacher_kind", ["head", "dense"])
+def test_the_fused_projection_gives_the_naive_loss_and_its_gradients_to_hidden_weight_and_bias(name, kwargs, param, chunk_size, teacher_kind):
+    student = [t.clone().requires_grad_() for t in (HIDDEN, WEIGHT, BIAS)]
+    reference = [t.clone().requires_grad_() for t in (HIDDEN, WEIGHT, BIAS)]
+    teacher_logits = TEACHER_HIDDEN @ TEACHER_WEIGHT.T
+    teacher = L.HeadRows(TEACHER_HIDDEN, TEACHER_WEIGHT) if teacher_kind == "head" else teacher_logits
+    tau = 1.7 if teacher_kind == "dense" else 1.0
+    fused = L.fused_divergence(name, L.HeadRows(*student), teacher, param or 0.0, temperature=tau, chunk_size=chunk_size)
+    expected = naive_rows(name, (reference[0] @ reference[1].T + reference[2]) / tau, teacher_logits / tau, param)
+    torch.testing.assert_close(fused, expected.detach(), rtol=1e-10, atol=1e-12)
+    (0.7 * fused).backward()
+    (0.7 * expected).backward()
+    for got, want in zip(student, reference):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-8, atol=1e-12)
+
+
+def test_the_fused_projection_agrees_with_finite_differences_and_the_unfused_loss_in_float32():
+    torch.manual_seed(1)
+    hidden, weight = torch.randn(6, 4, dtype=torch.double), torch.randn(11, 4, dtype=torch.double)
+    teacher = torch.randn(6, 11, dtype=torch.double)
+    fused = lambda h, w: L.fused_divergence("generalized_jsd", L.HeadRows(h, w), teacher, 0.4, temperature=1.3, chunk_size=4)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = fused(h, w)
+    loss.backward(retain_graph=True)
+    directions, eps = (torch.randn_like(hidden), torch.randn_like(weight)), 1e-6
+    numeric = (fused(hidden + eps * directions[0], weight + eps * directions[1])
+               - fused(hidden - eps * directions[0], weight - eps * directions[1])) / (2 * eps)
+    analytic = (h.grad * directions[0]).sum() + (w.grad * directions[1]).sum()
+    assert numeric.item() == pytest.approx(analytic.item(), rel=1e-6)
+    with pytest.raises(RuntimeError, match="one backward pass"):  # its buffers are handed on, not kept
+        loss.backward()
+    # float32, a sparse (top-k) teacher, T² scaling: equal to the unfused chunked loss to 1e-5
+    h32, w32 = hidden.float().detach().requires_grad_(), weight.float().detach().requires_grad_()
+    logits = (h32 @ w32.T)
+    top = F.log_softmax(teacher.float(), -1).topk(4, -1)
+    sparse = L.SparseTeacher(top.values, top.indices, 1 - top.values.exp().sum(-1))
+    value = L.fused_divergence("forward_kl", L.HeadRows(h32, w32), sparse, chunk_size=5, scale_by_temperature=True)
+    unfused = L.forward_kl(logits[None], L.SparseTeacher(*(t[None] for t in sparse)), torch.zeros(1, 6), scale_by_temperature=True)
+    torch.testing.assert_close(value, unfused, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(value, (h32, w32))
+    want = torch.autograd.grad(unfused, (h32, w32))
+    for got, ref in zip(grads, want):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_the_fused_projection_never_holds_all_rows_logits_and_refuses_bad_settings():
+    """Each chunk's logits are the only ones formed: F.linear is asked for at most chunk_size rows at a time."""
+    seen = []
+    real_linear = F.linear
+
+    def spy(x, w, b=None):
+        seen.append(x.shape[0])
+        return real_linear(x, w, b)
+
+    hidden, weight = torch.randn(10, 4, requires_grad=True), torch.randn(50, 4, requires_grad=True)
+    try:
+        F.linear = spy
+        L.fused_divergence("forward_kl", L.HeadRows(hidden, weight), L.HeadRows(torch.randn(10, 3), torch.randn(50, 3)),
+                           chunk_size=4).backward()
+    finally:
+        F.linear = real_linear
+    assert seen and max(seen) == 4 and sum(seen) == 20  # 3 chunks of each model: 4 + 4 + 2 rows
+    assert hidden.grad.abs().sum() > 0 and weight.grad.abs().sum() > 0
+    head = L.HeadRows(hidden.detach(), weight.detach())
+    for kwargs, message in [({"divergence": "kl"}, "unknown divergence"), ({"parameter": 1.5, "divergence": "skew_kl"}, "alpha"),
+                            ({"temperature": 0.0}, "temperature")]:
+        with pytest.raises(ValueError, match=message):
+            L.fused_divergence(**{"divergence": "forward_kl", "student": head, "teacher": torch.randn(10, 50), **kwargs})

@@ -2,6 +2,7 @@
 micro-batching and data parallelism (every mean over the whole batch's tokens or pairs)."""
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -124,6 +125,51 @@ def test_divergence_on_policy_batches_are_fresh_student_samples():
     assert batch.samples is not None and len(batch.samples) == len(batch)
     terms = objective.student_loss(players, batch, Share.whole(batch))
     assert terms["on_policy"].item() == 1.0 and terms["scored_tokens"].item() == batch.samples.num_scored.item()
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "generalized_jsd", "skew_reverse_kl", "total_variation"])
+def test_the_fused_divergence_gives_the_unfused_loss_and_gradient_and_projects_no_logits_in_the_model(divergence):
+    """fused=True: the student's and teacher's heads see no row in their forward (the loss projects a chunk at a
+    time), yet the loss and the student's gradient are the unfused ones to 1e-5."""
+    from objective_helpers import gradient
+
+    results = {}
+    for fused in (False, True):
+        objective = DivergenceKD(divergence, fused=fused, temperature=1.5)
+        players = tiny_players(objective)
+        batch = student_batch(players, objective)
+        projected = []
+        hooks = [model.get_output_embeddings().register_forward_hook(lambda head, args, out: projected.append(out.shape[-2]))
+                 for model in (players.student, players.teacher)]
+        compute = lambda piece, share: objective.student_loss(players, piece, share)  # noqa: E731
+        results[fused] = (objective.student_loss(players, batch, Share.whole(batch))["loss"].item(),
+                          gradient(players.student, compute, batch, None), projected)
+        for hook in hooks:
+            hook.remove()
+    (loss, grad, projected), (fused_loss, fused_grad, fused_projected) = results[False], results[True]
+    assert fused_loss == pytest.approx(loss, rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(fused_grad, grad, rtol=1e-5, atol=1e-6)
+    assert min(projected) > 0 and len(projected) == 4
+    # the first call checks each head once against its model's real forward, then no head projects a row
+    assert [rows > 0 for rows in fused_projected] == [True, False, True, False, False, False]
+
+
+def test_the_fused_divergence_falls_back_where_the_logits_are_not_the_heads_projection():
+    """A model whose forward rescales its logits (as soft-capping models do) is scored unfused, with its real logits."""
+    objective = DivergenceKD("forward_kl")
+    players = tiny_players(objective)
+    batch = student_batch(players, objective)
+    players.student.get_output_embeddings().register_forward_hook(lambda head, args, out: out * 2.0)
+    assert players.head_rows(batch.teacher) is None
+    assert players.head_rows(replace(batch.teacher)) is None  # the check's result is kept
+    loss = objective.student_loss(players, batch, Share.whole(batch))["loss"]
+    unfused = DivergenceKD("forward_kl", fused=False).student_loss(players, batch, Share.whole(batch))["loss"]
+    assert loss.item() == unfused.item()
+    plain = tiny_players(objective)
+    rows = plain.head_rows(batch.teacher)
+    hidden, logits = plain.rows(batch.teacher)
+    torch.testing.assert_close(rows.hidden, hidden)
+    torch.testing.assert_close(rows.logits(), logits, rtol=1e-5, atol=1e-5)
 
 
 def test_minillm_refuses_truncated_sampling_and_weights_by_the_mixture():

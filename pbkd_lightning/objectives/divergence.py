@@ -61,7 +61,11 @@ class DivergenceKD(Objective):
     seq_kd: bool = False
     """Off-policy batches are sampled from the teacher model instead of the data's teacher responses."""
     chunk_size: Optional[PositiveInt] = None
-    """Scored tokens per chunk of the loss; None: about 1M logits (at least 32 tokens) a chunk."""
+    """Scored tokens per chunk of the loss; None: about 1M logits (4M fused) and at least 32 tokens a chunk."""
+    fused: bool = True
+    """Project the scored rows to logits inside the loss, a chunk at a time (``losses.fused_divergence``), so
+    neither model's ``R × V`` logits are held; where a model's logits are not its head's plain projection (FSDP2,
+    soft-capped logits), the unfused loss is used."""
     seed: int = 0
     """Seed of the on-policy draws."""
 
@@ -91,11 +95,17 @@ class DivergenceKD(Objective):
     def student_loss(self, players, batch, share, critic_trust=None) -> dict:
         sampled = batch.samples is not None
         sequences = batch.samples if sampled else batch.teacher
-        _, logits = players.rows(sequences)
-        teacher = players.teacher_rows(sequences)
-        loss = divergence_loss(self.divergence, logits, teacher, self.beta, self.skew, self.temperature,
-                               self.scale_by_temperature, self.chunk_size)
-        on_policy = self._on_policy
+        student = players.head_rows(sequences) if self.fused else None
+        if student is not None:
+            parameter = {"generalized_jsd": self.beta, "skew_kl": self.skew, "skew_reverse_kl": self.skew}.get(self.divergence, 0.0)
+            loss = losses.fused_divergence(self.divergence, student, players.teacher_head_rows(sequences), parameter,
+                                           self.temperature, self.chunk_size, self.scale_by_temperature)
+            scored = student.hidden.shape[0]
+        else:
+            _, logits = players.rows(sequences)
+            loss = divergence_loss(self.divergence, logits, players.teacher_rows(sequences), self.beta, self.skew,
+                                   self.temperature, self.scale_by_temperature, self.chunk_size)
+            scored = logits.shape[0]
         terms = {"loss": loss * share("sample_tokens" if sampled else "teacher_tokens"), "divergence": loss.detach(),
-                 "on_policy": torch.tensor(float(on_policy)), "scored_tokens": torch.tensor(float(logits.shape[0]))}
+                 "on_policy": torch.tensor(float(self._on_policy)), "scored_tokens": torch.tensor(float(scored))}
         return terms

@@ -604,6 +604,11 @@ def _masked_product(p: Tensor, log_ratio: Tensor) -> Tensor:
     return log_ratio.mul_(p).masked_fill_(p == 0, 0.0)
 
 
+CLOSED_FORM_GRADIENTS = ("forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "total_variation")
+"""The divergences :func:`_dense_value_and_grad` differentiates by hand; any other row function of
+:data:`ROW_DIVERGENCES` is fused through autograd (correct, with more ``chunk × V`` temporaries)."""
+
+
 def _dense_value_and_grad(divergence: str, student_logits: Tensor, teacher_logits: Tensor, parameter: float,
                           temperature: float) -> tuple[Tensor, Tensor]:
     """Σ over a chunk's rows of a divergence between dense distributions and its gradient with respect to the
@@ -677,7 +682,8 @@ class _FusedProjectionDivergence(torch.autograd.Function):
             with torch.no_grad():
                 logits = F.linear(chunk_hidden, weight, bias)
                 teacher_rows = _teacher_chunk(teacher, start, stop)
-            if isinstance(teacher_rows, SparseTeacher):  # k + 1 bins through a gather: autograd of the row function
+            if isinstance(teacher_rows, SparseTeacher) or divergence not in CLOSED_FORM_GRADIENTS:
+                # k + 1 bins through a gather, or a divergence without a closed form here: autograd of its row function
                 logits.requires_grad_(any(wants))
                 with torch.enable_grad():
                     log_t, log_s = _row_log_probs(logits, teacher_rows, torch.arange(stop - start, device=logits.device),

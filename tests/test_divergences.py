@@ -237,3 +237,20 @@ def test_the_fused_projection_never_holds_all_rows_logits_and_refuses_bad_settin
                             ({"temperature": 0.0}, "temperature")]:
         with pytest.raises(ValueError, match=message):
             L.fused_divergence(**{"divergence": "forward_kl", "student": head, "teacher": torch.randn(10, 50), **kwargs})
+
+
+def test_a_divergence_without_a_closed_form_gradient_is_fused_through_autograd_with_the_same_result(monkeypatch):
+    """A new row function needs no hand-written gradient: the fused loss falls back to autograd of its rows."""
+    teacher = L.HeadRows(TEACHER_HIDDEN, TEACHER_WEIGHT)
+    results = {}
+    for closed_form in (True, False):
+        if not closed_form:
+            monkeypatch.setattr(L, "CLOSED_FORM_GRADIENTS", ())
+        for name, _, param in CASES:
+            student = [t.clone().requires_grad_() for t in (HIDDEN, WEIGHT)]
+            value = L.fused_divergence(name, L.HeadRows(*student), teacher, param or 0.0, temperature=1.3, chunk_size=4)
+            value.backward()
+            results[closed_form, name, param] = (value.detach(), *(t.grad for t in student))
+    for (closed_form, name, param), got in results.items():
+        for a, b in zip(got, results[True, name, param]):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

@@ -12,7 +12,7 @@ from pbkd_lightning.config import validate_fields
 
 @dataclass
 class OptimizerConfig:
-    """AdamW with linear warm-up then constant or cosine learning rate, and gradient-norm clipping."""
+    """AdamW with linear warm-up then constant, cosine or linear learning rate, and gradient-norm clipping."""
 
     lr: PositiveFloat = 1e-3
     """Peak learning rate."""
@@ -20,8 +20,9 @@ class OptimizerConfig:
     """AdamW weight decay."""
     warmup_steps: NonNegativeInt = 0
     """Linear learning-rate warm-up, in optimizer steps."""
-    schedule: Literal["constant", "cosine"] = "constant"
-    """After warm-up: constant, or cosine decay to 0 at the end of training."""
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """After warm-up: constant, cosine decay to 0 at the end of training, or linear decay to 0 (Hugging Face's and
+    TRL's default)."""
     grad_clip: NonNegativeFloat = 1.0
     """Clip the gradient's global norm to this; 0 turns clipping off."""
 
@@ -47,14 +48,16 @@ def build_optimizer(name: str, model: torch.nn.Module, config: OptimizerConfig, 
 
 
 def lr_factor(config: OptimizerConfig, total_steps: int):
-    """The learning-rate multiplier at each step: linear warm-up, then constant or cosine to 0 at ``total_steps``."""
+    """The learning-rate multiplier at each step: linear warm-up, then constant, or cosine or linear to 0 at ``total_steps``."""
 
     def factor(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
+        progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
         if config.schedule == "cosine":
-            progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
             return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if config.schedule == "linear":
+            return 1.0 - progress
         return 1.0
 
     return factor

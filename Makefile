@@ -16,7 +16,7 @@ FIND_LINKS := $(foreach links,$(PIP_FIND_LINKS),--find-links $(links))
 # on 2 cores, for ~15,000 files of which the project imports ~3,400.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: install lock run test bench bench-quick tensorboard clean
+.PHONY: install lock run test bench-extra bench bench-quick tensorboard clean
 
 install: $(STAMP)
 
@@ -39,10 +39,13 @@ test: install
 	$(PY) -m pytest -q -n 2 --dist worksteal  # two workers: the suite is single-threaded per test (conftest), the machine has 2 cores
 
 # Each finished bench run is a line of runs/bench-<full|quick>/runs.jsonl: an interrupted bench continues where it stopped.
-bench: install  # the full benchmark suite: benchmarks/RESULTS.md, results.json, plots/ (resumable; see the README for its duration)
+bench-extra: install  # TRL, for the section against TRL's GKDTrainer (the package itself never imports it)
+	$(UV) pip install -q --python $(PY) $(FIND_LINKS) -c requirements.lock -e '.[dev,lora,bench]'
+
+bench: bench-extra  # the full benchmark suite: benchmarks/RESULTS.md, results.json, plots/ (resumable; see the README for its duration)
 	$(PY) -m benchmarks.run
 
-bench-quick: install  # the same tables at toy size, in minutes
+bench-quick: bench-extra  # the same tables at toy size, in minutes
 	$(PY) -m benchmarks.run --quick
 
 tensorboard: install

@@ -7,7 +7,7 @@ runs them and ``benchmarks/report.py`` turns their records into RESULTS.md.
 
 from dataclasses import dataclass, field
 
-SECTIONS = ("quality", "pbkd", "iterations", "speed", "scaling")
+SECTIONS = ("quality", "pbkd", "iterations", "speed", "trl", "scaling")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class Size:
     sampling: dict  # benchmarks.sampling_speed:measure's arguments
     divergence: dict  # batch, tokens and vocabularies of the chunked-divergence check
     fused: dict  # scored rows and vocabularies of the fused projection + divergence check
+    trl: dict  # vocabularies, warm-up and timed steps of the comparison with TRL's GKDTrainer
     scaling: dict  # batch; tokens (at vocabulary `vocab`) and vocabularies (at `at_tokens` tokens)
 
 
@@ -89,6 +90,7 @@ SIZES = {
         sampling=dict(tiny=True, prompts=16, max_new_tokens=12, samples=2),
         divergence=dict(batch=2, tokens=64, vocabs=(4096, 16384)),
         fused=dict(rows=64, vocabs=(4096,)),
+        trl=dict(vocabs=(1024,), warm=1, steps=2),
         scaling=dict(batch=2, tokens=(32, 64, 128), vocab=4096, vocabs=(1024, 4096, 16384), at_tokens=64),
     ),
     # The testbed as configs/ define it (the pool, 500 held-out prompts per task, the default models): what users run.
@@ -98,6 +100,7 @@ SIZES = {
         sampling=dict(tiny=False, prompts=128, max_new_tokens=40, samples=4),
         divergence=dict(batch=4, tokens=512, vocabs=(32000, 151936)),
         fused=dict(rows=1792, vocabs=(32000, 151936)),  # batch 4 × 512 tokens, 1/8 of them prompt
+        trl=dict(vocabs=(8192, 49152), warm=2, steps=10),
         scaling=dict(batch=4, tokens=(128, 256, 512, 1024), vocab=32000, vocabs=(8192, 32000, 65536, 151936), at_tokens=512),
     ),
 }
@@ -130,6 +133,10 @@ def experiments(size: Size) -> list[Experiment]:
                        params={"batch": d["batch"], "tokens": d["tokens"], "vocab": vocab}) for vocab in d["vocabs"]]
     out += [Experiment(f"fused divergence, vocabulary {vocab}", "speed", measure="benchmarks.divergence_memory:compare_fused",
                        params={"rows": size.fused["rows"], "vocab": vocab}) for vocab in size.fused["vocabs"]]
+
+    # needs the bench extra (TRL); a machine without it records the row as skipped
+    out += [Experiment(f"vocabulary {vocab}", "trl", measure="benchmarks.against_trl:compare",
+                       params={"vocab": vocab, "warm": size.trl["warm"], "steps": size.trl["steps"]}) for vocab in size.trl["vocabs"]]
 
     s = size.scaling
     out += [Experiment(f"tokens {tokens}", "scaling", measure="benchmarks.divergence_memory:compare",

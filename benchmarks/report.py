@@ -106,6 +106,8 @@ def results(records: list[dict], size: Size, command: str) -> dict:
                 speed["fused"].append(run["figures"])
             else:
                 speed["divergence"].append(run["figures"])
+    if grouped["trl"]:
+        out["trl"] = [run["figures"] for [run] in grouped["trl"].values()]
     if grouped["scaling"]:
         out["scaling"] = {"tokens": [], "vocab": []}
         for [run] in grouped["scaling"].values():
@@ -141,7 +143,7 @@ def markdown(r: dict) -> str:
     lines = header(r)
     for section, render in (("quality", quality_table), ("headline", headline), ("pbkd", pbkd_table),
                             ("iterations", iterations_table), ("quality", diversity_table), ("speed", speed_tables),
-                            ("scaling", scaling_table)):
+                            ("trl", trl_table), ("scaling", scaling_table)):
         if section in r:
             lines += render(r)
     lines += gpu(r) + commands(r)
@@ -293,6 +295,30 @@ def speed_tables(r: dict) -> list[str]:
         for row in s["fused"]:
             lines.append(f"| {row['rows']:,} | {row['vocab']:,} | {row['naive']['seconds']:.2f} | {row['fused']['seconds']:.2f} | "
                          f"{row['time_ratio']:.2f} | {row['naive']['peak_extra_mb']:.0f} | {row['fused']['peak_extra_mb']:.0f} | {row['memory_ratio']:.2f} |")
+    return lines
+
+
+def trl_table(r: dict) -> list[str]:
+    lines = ["", "## Against TRL", "", "GKD (generalized JSD, β = 0.5) through this library's CLI against TRL's `GKDTrainer` "
+             "(`benchmarks/against_trl.py`; TRL from the `bench` extra): the same random Qwen2 teacher (4 × 256) and student "
+             "(2 × 128) over a word-level tokenizer, 256 chat examples of ~130 tokens, batch 8, AdamW 1e-4 with a linear "
+             "schedule, clipping 1, on-policy samples of up to 72 tokens; each side in its own process, float32, 2 threads. "
+             "Off-policy is λ = 0 (the data's answers), on-policy λ = 1 (fresh student samples every step). Equal math: one "
+             "batch through both losses in float64, relative difference of the loss and of the student's gradient. "
+             "Goals: ≥ 4× TRL at vocabulary 8,192 and ≥ 8× at 49,152, off- and on-policy.", "",
+             "| vocabulary | policy | library steps/s | TRL steps/s | × TRL | library peak RSS MB | TRL peak RSS MB | scored tokens/step (library/TRL) | equal math: loss, gradient |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in r["trl"]:
+        if "skipped" in row:
+            lines.append(f"| {row['vocab']:,} | – | skipped: {row['skipped']} | | | | | | |")
+            continue
+        check = row["equal_math"]
+        for policy in ("off", "on"):
+            p = row[policy]
+            lines.append(f"| {row['vocab']:,} | {policy} | {p['library']['steps_per_s']:.2f} | {p['trl']['steps_per_s']:.2f} | "
+                         f"{p['ratio']:.2f} | {p['library']['peak_rss_mb']:.0f} | {p['trl']['peak_rss_mb']:.0f} | "
+                         f"{p['library']['scored_tokens_per_step']:.0f} / {p['trl']['scored_tokens_per_step']:.0f} | "
+                         f"{check['loss_rel_diff']:.1e}, {check['grad_rel_diff']:.1e} |")
     return lines
 
 

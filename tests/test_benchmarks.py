@@ -80,6 +80,17 @@ def check_speed_and_scaling(figures, lines, row_of):
         assert f"| {row['rows']:,} | {row['vocab']:,} | {row['naive']['seconds']:.2f} | {row['fused']['seconds']:.2f} | " \
                f"{row['time_ratio']:.2f} | {row['naive']['peak_extra_mb']:.0f} | {row['fused']['peak_extra_mb']:.0f} | " \
                f"{row['memory_ratio']:.2f} |" in lines
+    for row in figures.get("trl", []):  # both sides and the equal-math check from one run of the section
+        if "skipped" in row:
+            assert f"| {row['vocab']:,} | – | skipped: {row['skipped']} |" in "\n".join(lines)
+            continue
+        for policy in ("off", "on"):
+            p = row[policy]
+            assert p["ratio"] == p["library"]["steps_per_s"] / p["trl"]["steps_per_s"]
+            assert f"| {row['vocab']:,} | {policy} | {p['library']['steps_per_s']:.2f} | {p['trl']['steps_per_s']:.2f} | " \
+                   f"{p['ratio']:.2f} | {p['library']['peak_rss_mb']:.0f} | {p['trl']['peak_rss_mb']:.0f} | " \
+                   f"{p['library']['scored_tokens_per_step']:.0f} / {p['trl']['scored_tokens_per_step']:.0f} | " \
+                   f"{row['equal_math']['loss_rel_diff']:.1e}, {row['equal_math']['grad_rel_diff']:.1e} |" in lines
     for axis, rows in figures.get("scaling", {}).items():
         for row in rows:
             assert f"| {axis} | {row['x']:,} | {row['naive']['seconds']:.2f} | {row['chunked']['seconds']:.2f} | " \
@@ -94,7 +105,7 @@ def test_report_from_recorded_runs(tmp_path):
     from benchmarks.runner import load_records, wall_clock_budget
 
     records = load_records(FIXTURE)
-    assert len(records) == 25  # and the cut-off last line is ignored
+    assert len(records) == 27  # and the cut-off last line is ignored
     text = write(records, SIZES["quick"], "make bench-quick", str(tmp_path))
     figures = check_bench_output(tmp_path)
     assert text == (tmp_path / "RESULTS.md").read_text()
@@ -118,7 +129,7 @@ def test_report_from_recorded_runs(tmp_path):
     assert "Not run yet" not in text
 
     partial = markdown(results([r for r in records if r["section"] == "scaling"], SIZES["quick"], "make bench-quick"))
-    assert "Not run yet: quality, pbkd, iterations, speed." in partial and "| tokens | 32 |" in partial
+    assert "Not run yet: quality, pbkd, iterations, speed, trl." in partial and "| tokens | 32 |" in partial
     with pytest.raises(ValueError, match="has no recorded run yet"):
         wall_clock_budget([r for r in records if r["section"] != "quality"], "quality/Black-box PbKD, offline")
 

@@ -71,7 +71,8 @@ def check_speed_and_scaling(figures, lines, row_of):
         assert f"| {name} | {row['library_steps_per_s']:.2f} | {row['manual_steps_per_s']:.2f} | {row['ratio']:.2f} |" in lines
     if "speed" in figures:
         sampling = figures["speed"]["sampling"]
-        assert f"| {sampling['library_tokens_per_s']:.0f} | {sampling['plain_tokens_per_s']:.0f} | {sampling['ratio']:.2f} |" in lines
+        mixed = f"{sampling['mixed_tokens_per_s']:.0f} | {sampling['mixed_ratio']:.2f} |" if "mixed_ratio" in sampling else "– | – |"
+        assert f"| {sampling['library_tokens_per_s']:.0f} | {sampling['plain_tokens_per_s']:.0f} | {sampling['ratio']:.2f} | {mixed}" in lines
     for row in figures.get("speed", {}).get("divergence", []):
         assert f"| {row['time_ratio']:.2f} | {row['naive']['peak_extra_mb']:.0f} | {row['chunked']['peak_extra_mb']:.0f} | " \
                f"{row['memory_ratio']:.2f} |" in row_of(f"{row['batch']} × {row['tokens']}", lambda line, v=row["vocab"]: f"| {v:,} |" in line)

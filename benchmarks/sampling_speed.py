@@ -18,7 +18,7 @@ import torch
 
 def measure(tiny: bool, prompts: int, max_new_tokens: int, samples: int, batch: int = 64, smollm2: bool = False) -> dict:
     """``smollm2``: the real 135M model of configs/smollm2.yaml (its own tokenizer and chat template) instead."""
-    from pbkd_lightning.data.generation import GenerationConfig, end_tokens, generate, sample_mixed_rollouts
+    from pbkd_lightning.data.generation import GenerationConfig, _decoding, end_tokens, generate, sample_mixed_rollouts
     from pbkd_lightning.models import ModelSpec, load_causal_lm
     from pbkd_lightning.sequences import render_prompt
     from pbkd_lightning.tasks import get_task
@@ -42,7 +42,7 @@ def measure(tiny: bool, prompts: int, max_new_tokens: int, samples: int, batch: 
         for begin in range(0, len(texts), batch):
             rendered = [render_prompt(tokenizer, t) for t in texts[begin : begin + batch]]  # as the library renders them
             encoded = tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
-            with torch.no_grad():
+            with torch.no_grad(), _decoding(tokenizer, model):  # the model's own generation_config set aside, as the library does
                 out = model.generate(**encoded, do_sample=True, temperature=1.0, top_p=None, top_k=None,
                                      max_new_tokens=max_new_tokens, num_return_sequences=samples,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=ends, use_cache=True)

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import io
 import json
+import random
 import time
 
 import torch
@@ -63,9 +64,13 @@ def _timed(work) -> float:
     return time.perf_counter() - start
 
 
-def hand_loop(module, datamodule, warm: int, steps: int) -> tuple[float, int]:
+FLOP_STEPS = 8
+"""Steps whose FLOPs are counted (torch's FlopCounterMode, off the clock) and averaged per step."""
+
+
+def hand_loop(module, datamodule, warm: int, steps: int) -> tuple[float, float]:
     """The same objective losses, optimizers (AdamW) and clipping in a plain loop; returns its steps per second and the
-    FLOPs of one more step (critic and student steps, sampling included), counted by torch's FlopCounterMode."""
+    mean FLOPs of a step (critic and student steps, sampling included) over ``FLOP_STEPS`` more steps."""
     from torch.utils.flop_counter import FlopCounterMode
 
     objective, student, critic, players = module.objective, module.student, module.critic, module.players
@@ -105,6 +110,11 @@ def hand_loop(module, datamodule, warm: int, steps: int) -> tuple[float, int]:
         step(student, critic, optimizers["student"],
              lambda: objective.student_loss(players, student_batch, Share.whole(student_batch), module.critic_heldout_acc))
 
+    def same_draws():  # GKD's λ coin: the library's run drew from the objective's seed; so does each pass here
+        if hasattr(objective, "_draws"):
+            objective._draws = random.Random(objective.seed)
+
+    same_draws()
     start = None
     for index, (student_batch, critic_batch) in enumerate(batches):
         if index == warm:
@@ -113,11 +123,13 @@ def hand_loop(module, datamodule, warm: int, steps: int) -> tuple[float, int]:
             break
         one_step(student_batch, critic_batch)
     seconds = time.perf_counter() - start
-    counter = FlopCounterMode(display=False)  # one more step, from the start of a fresh pass over the loader
-    first = next(iter(zip(loader["student"], loader["critic"]) if paired else ((b, b) for b in loader)))
+    # FLOPs: the mean of a few more steps (a fresh pass, the same draws) under the counter, off the clock
+    counted, counter = min(steps, FLOP_STEPS), FlopCounterMode(display=False)
+    same_draws()
     with counter:
-        one_step(*first)
-    return steps / seconds, counter.get_total_flops()
+        for _, pair in zip(range(counted), zip(loader["student"], loader["critic"]) if paired else ((b, b) for b in loader)):
+            one_step(*pair)
+    return steps / seconds, counter.get_total_flops() / counted
 
 
 def main() -> None:

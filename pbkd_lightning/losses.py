@@ -401,7 +401,9 @@ def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
 
 
 def _mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
-    """log(w·a + (1 − w)·b) from log a and log b."""
+    """log(w·a + (1 − w)·b) from log a and log b (w = 0 or 1: the one side, where log 0 has no float)."""
+    if weight_a in (0.0, 1.0):
+        return (log_a if weight_a == 1.0 else log_b).clone()
     return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
 
 

@@ -6,12 +6,14 @@ unit-tested on tiny models or bare tensors without a Trainer.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from pbkd_lightning.data.generation import GenerationConfig, sample_rollouts
 from pbkd_lightning.losses import HeadRows, policy_logprobs, rows_to_positions
@@ -47,8 +49,8 @@ class Players:
     """π_ref of an implicit reward model: the frozen student, or the teacher when the reward model is its copy."""
     vocabulary: Optional[int] = None
     """Logit columns shared with the teacher (white-box); None: all of the student's."""
-    _plain_heads: dict = field(default_factory=dict, repr=False)
-    """id(model) -> whether its logits are its head's plain projection of the last hidden states (checked once)."""
+    _plain_heads: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
+    """model -> whether its logits are its head's plain projection of the last hidden states (checked once)."""
 
     @property
     def device(self) -> torch.device:
@@ -76,11 +78,11 @@ class Players:
         """
         lm = lm if lm is not None else self.student
         head = lm.get_output_embeddings()
-        plain = self._plain_heads.get(id(lm))
+        plain = self._plain_heads.get(lm)
         if plain is None:
             if not sequences.scored_positions.any():  # nothing to check against yet
                 return None
-            plain = self._plain_heads[id(lm)] = _is_plain_head(lm, head, sequences)
+            plain = self._plain_heads[lm] = _is_plain_head(lm, head, sequences)
         if not plain:
             return None
         hidden = scored_hidden(lm, sequences)
@@ -91,13 +93,12 @@ class Players:
     @torch.no_grad()
     def teacher_head_rows(self, sequences: SequenceBatch):
         """The teacher at the rows of :meth:`head_rows`, for the fused loss: its cached top-k, its :class:`HeadRows`
-        (on the student's device), or its dense logits (:meth:`teacher_rows`) where its head is not plain."""
-        if sequences.teacher_topk is not None or self.teacher is None:
+        (when it shares the student's device), or its dense logits (:meth:`teacher_rows`) where its head is not plain or the teacher
+        sits on another device (its whole head weight would move every step)."""
+        if sequences.teacher_topk is not None or self.teacher is None or _device(self.teacher) != self.device:
             return self.teacher_rows(sequences)
         rows = self.head_rows(sequences, self.teacher)
-        if rows is None:
-            return self.teacher_rows(sequences)
-        return HeadRows(*(t.to(self.device) if t is not None else None for t in rows))
+        return rows if rows is not None else self.teacher_rows(sequences)
 
     def policy_logprobs(self, sequences: SequenceBatch, logits: Optional[Tensor] = None) -> Tensor:
         """log π_θ of the scored tokens under the sampling distribution, at their positions: ``(N, T-1)``, with grad.
@@ -174,12 +175,19 @@ def scored_hidden(lm: nn.Module, sequences: SequenceBatch) -> Tensor:
     return kept["hidden"]
 
 
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale", "logit_softcapping")
+"""Model config fields by which a model's forward changes its head's logits (Gemma 2/3, Cohere, Granite, ...)."""
+
+
 def _is_plain_head(lm: nn.Module, head: Optional[nn.Module], sequences: SequenceBatch) -> bool:
     """Whether ``lm``'s logits at ``sequences``' scored rows are ``head``'s linear map of its last hidden states."""
     if not isinstance(head, nn.Linear) or not head.weight.is_floating_point():  # no head module, or a quantized one
         return False
-    if type(head.weight).__name__ == "DTensor":  # sharded by FSDP2: whole only inside the model's forward
+    if isinstance(head.weight, DTensor) or head.weight.device.type == "meta":  # sharded by FSDP2, or offloaded
         return False
+    config = getattr(lm, "config", None)
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return False  # soft-capped or scaled logits: a small first batch could pass the numeric check below
     with torch.no_grad():
         hidden, logits = scored_rows(lm, sequences)
         projected = F.linear(hidden, head.weight, head.bias)

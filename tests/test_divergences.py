@@ -254,3 +254,14 @@ def test_a_divergence_without_a_closed_form_gradient_is_fused_through_autograd_w
     for (closed_form, name, param), got in results.items():
         for a, b in zip(got, results[True, name, param]):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_skew_divergences_at_the_ends_of_their_interval_are_the_plain_ones_or_zero(alpha):
+    """α = 0: skew KL is forward KL and skew reverse KL is reverse KL; α = 1: both are 0 (the mixture is the first side)."""
+    for name, plain in (("skew_kl", "forward_kl"), ("skew_reverse_kl", "reverse_kl")):
+        value = getattr(L, name)(S, T, LABELS, alpha=alpha)
+        expected = getattr(L, plain)(S, T, LABELS) if alpha == 0.0 else torch.zeros((), dtype=S.dtype)
+        torch.testing.assert_close(value, expected, rtol=1e-10, atol=1e-12)
+        fused = L.fused_divergence(name, L.HeadRows(HIDDEN, WEIGHT), TEACHER_HIDDEN @ TEACHER_WEIGHT.T, alpha)
+        assert torch.isfinite(fused)

@@ -112,6 +112,15 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
+def new_cache(model):
+    """An empty dynamic KV cache laid out for ``model`` (sliding-window and other layer kinds from its config, as
+    ``generate`` builds it)."""
+    try:
+        return transformers.DynamicCache(config=model.config)
+    except TypeError:  # a transformers whose DynamicCache takes no config
+        return transformers.DynamicCache()
+
+
 def _write_in_place(layer, key_states, value_states, *args, **kwargs):
     """A preallocated layer's update: the step's keys and values written into its buffers, views of them returned."""
     length, new = layer.keys.shape[-2], key_states.shape[-2]
@@ -156,8 +165,7 @@ def _decode(model, encoded, config: GenerationConfig, num_samples: int, vocabula
     position is projected to logits. Returns ``(tokens, logprobs)``, both ``(B·K, steps)``; a sharded model decodes
     every step on every rank (they gather together).
     """
-    keyword = cache_keyword(model)
-    cache = transformers.DynamicCache()
+    keyword, cache = cache_keyword(model), new_cache(model)
     mask = encoded["attention_mask"]
     positions = (mask.long().cumsum(-1) - 1).masked_fill_(mask == 0, 1)  # generate's own position ids
     out = model(input_ids=encoded["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
@@ -270,7 +278,7 @@ def sample_mixed_rollouts(
             positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
             # each prompt prefilled once, its caches then expanded to its K samples and written in place (as
             # _decode); only the prompt's last position goes through the heads: no N × T × V logits
-            caches = [transformers.DynamicCache() for _ in models]
+            caches = [new_cache(m) for m in models]
             logits = [m(input_ids=encoded["input_ids"].to(d), attention_mask=mask.to(d), position_ids=positions.to(d),
                         use_cache=True, logits_to_keep=1, **{k: c}).logits[:, -1]
                       for m, d, k, c in zip(models, devices, keywords, caches)]

@@ -19,10 +19,11 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import time
+
+from benchmarks.divergence_memory import peak_mb  # VmHWM: ru_maxrss would carry over the forking parent's peak
 
 SIZES = {"full": dict(vocabs=(8192, 49152), warm=2, steps=10), "quick": dict(vocabs=(1024,), warm=1, steps=2)}
 EXAMPLES, WORDS_PER_TURN, MAX_NEW_TOKENS, BATCH, LR = 256, 64, 72, 8, 1e-4
@@ -116,7 +117,7 @@ def measure_library(folder: str, vocab: int, policy: str, warm: int, steps: int)
     cli.trainer.callbacks.append(clock)
     cli.trainer.fit(cli.model, cli.datamodule)
     return {"steps_per_s": steps / (clock.starts[-1] - clock.starts[warm]), "scored_tokens_per_step": sum(clock.scored[warm:]) / steps,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_mb()}
 
 
 def measure_trl(folder: str, vocab: int, policy: str, warm: int, steps: int) -> dict:
@@ -152,7 +153,7 @@ def measure_trl(folder: str, vocab: int, policy: str, warm: int, steps: int) -> 
                           processing_class=AutoTokenizer.from_pretrained(paths["tokenizer"]), callbacks=[Clock()])
     trainer.train()
     return {"steps_per_s": steps / (starts[-1] - starts[warm]), "scored_tokens_per_step": sum(scored[warm:]) / steps,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_mb()}
 
 
 def equal_math(folder: str, vocab: int) -> dict:

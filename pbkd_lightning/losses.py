@@ -454,6 +454,18 @@ def _row_log_probs(student_rows: Tensor, teacher, rows: Tensor, temperature: flo
     return log_t, log_s
 
 
+def _hand_on(grads, grad_output: Tensor, what: str) -> tuple:
+    """Gradients a loss filled in its forward, scaled in place by the upstream gradient and handed on: no second
+    copy, hence one backward pass only (``grads`` is None once handed on)."""
+    if grads is None:
+        raise RuntimeError(f"{what} supports one backward pass (retain_graph reuse is not supported)")
+    if not bool(grad_output == 1):
+        for grad in grads:
+            if grad is not None:
+                grad.mul_(grad_output.to(grad.dtype))
+    return grads
+
+
 class _ChunkedDivergence(torch.autograd.Function):
     """Mean divergence over scored rows; d loss / d student logits is filled chunk by chunk in forward."""
 
@@ -482,11 +494,7 @@ class _ChunkedDivergence(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        grad, ctx.grad = ctx.grad, None
-        if grad is None:
-            raise RuntimeError("a chunked divergence supports one backward pass (retain_graph reuse is not supported)")
-        if not bool(grad_output == 1):
-            grad.mul_(grad_output.to(grad.dtype))
+        (grad,), ctx.grad = _hand_on(None if ctx.grad is None else (ctx.grad,), grad_output, "a chunked divergence"), None
         return grad.reshape(ctx.shape), None, None, None, None, None, None, None
 
 
@@ -714,11 +722,7 @@ class _FusedProjectionDivergence(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        grads, ctx.grads = ctx.grads, None
-        if grads is None:
-            raise RuntimeError("a fused divergence supports one backward pass (retain_graph reuse is not supported)")
-        if not bool(grad_output == 1):
-            grads = tuple(g.mul_(grad_output.to(g.dtype)) if g is not None else None for g in grads)
+        grads, ctx.grads = _hand_on(ctx.grads, grad_output, "a fused divergence"), None
         return (*grads, None, None, None, None, None, None)
 
 

@@ -158,21 +158,9 @@ class Players:
 
 
 def scored_hidden(lm: nn.Module, sequences: SequenceBatch) -> Tensor:
-    """``lm``'s last hidden states at ``sequences``' scored positions, ``(R, H)``, from its own forward with the head
-    fed no row at all (one forward through the root module, as FSDP2 needs)."""
-    device = _device(lm)
-    positions, kept = sequences.scored_positions.to(device), {}
-
-    def keep_rows_project_none(head, args):
-        kept["hidden"] = args[0][:, :-1][positions]
-        return (kept["hidden"][:0],)
-
-    hook = lm.get_output_embeddings().register_forward_pre_hook(keep_rows_project_none)
-    try:
-        lm(input_ids=sequences.input_ids.to(device), attention_mask=sequences.attention_mask.to(device), use_cache=False)
-    finally:
-        hook.remove()
-    return kept["hidden"]
+    """``lm``'s last hidden states at ``sequences``' scored positions, ``(R, H)``: :func:`scored_rows` with the head
+    fed no row at all."""
+    return scored_rows(lm, sequences, project=False)[0]
 
 
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale", "logit_softcapping")
@@ -194,10 +182,10 @@ def _is_plain_head(lm: nn.Module, head: Optional[nn.Module], sequences: Sequence
     return projected.shape == logits.shape and bool(torch.allclose(projected.float(), logits.float(), rtol=1e-3, atol=1e-3))
 
 
-def scored_rows(lm: nn.Module, sequences: SequenceBatch) -> tuple[Tensor, Tensor]:
+def scored_rows(lm: nn.Module, sequences: SequenceBatch, project: bool = True) -> tuple[Tensor, Tensor]:
     """``lm``'s last hidden states and logits at ``sequences``' scored positions only, on ``lm``'s device:
     ``(R, H)``, ``(R, V)``. The vocabulary projection never sees a prompt or padding position, so no
-    ``N × T × V`` logits exist."""
+    ``N × T × V`` logits exist; with ``project=False`` it sees no row (the logits are ``(0, V)``)."""
     device = _device(lm)
     positions, kept = sequences.scored_positions.to(device), {}
     head = lm.get_output_embeddings()
@@ -208,7 +196,7 @@ def scored_rows(lm: nn.Module, sequences: SequenceBatch) -> tuple[Tensor, Tensor
 
     def project_scored_rows_only(head, args):
         kept["hidden"] = args[0][:, :-1][positions]
-        return (kept["hidden"],)
+        return (kept["hidden"] if project else kept["hidden"][:0],)
 
     # The model's own forward with its head fed the scored rows alone: under FSDP2 the root's hooks gather the
     # (tied) embedding for the head, which calling decoder and head separately would bypass.

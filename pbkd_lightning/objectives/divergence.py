@@ -16,6 +16,15 @@ Divergence = Literal["forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "
 DIVERGENCES = ("forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "total_variation")
 
 
+PARAMETER_NAMES = {"generalized_jsd": "beta", "skew_kl": "alpha", "skew_reverse_kl": "alpha"}
+"""The divergences that take a parameter, and its keyword in :mod:`pbkd_lightning.losses`."""
+
+
+def divergence_parameter(name: str, beta: float, skew: float) -> float:
+    """The parameter ``name`` takes: β for the generalized JSD, ``skew`` (α) for the skew divergences, else 0."""
+    return {"beta": beta, "alpha": skew}.get(PARAMETER_NAMES.get(name), 0.0)
+
+
 def divergence_loss(name: str, student_logits, teacher, beta: float, skew: float, temperature: float,
                     scale_by_temperature: bool, chunk_size: Optional[int] = None):
     """One of the chunked divergences of :mod:`pbkd_lightning.losses` over R scored rows.
@@ -28,7 +37,7 @@ def divergence_loss(name: str, student_logits, teacher, beta: float, skew: float
         raise ValueError(f"unknown divergence {name!r}; choose one of {list(DIVERGENCES)}")
     as_batch = SparseTeacher(*(t[None] for t in teacher)) if isinstance(teacher, SparseTeacher) else teacher[None]
     labels = torch.zeros(student_logits.shape[:1], dtype=torch.long, device=student_logits.device)[None]
-    extra = {"generalized_jsd": {"beta": beta}, "skew_kl": {"alpha": skew}, "skew_reverse_kl": {"alpha": skew}}.get(name, {})
+    extra = {PARAMETER_NAMES[name]: divergence_parameter(name, beta, skew)} if name in PARAMETER_NAMES else {}
     return getattr(losses, name)(student_logits[None], as_batch, labels, temperature=temperature, chunk_size=chunk_size,
                                  scale_by_temperature=scale_by_temperature, **extra)
 
@@ -97,7 +106,7 @@ class DivergenceKD(Objective):
         sequences = batch.samples if sampled else batch.teacher
         student = players.head_rows(sequences) if self.fused else None
         if student is not None:
-            parameter = {"generalized_jsd": self.beta, "skew_kl": self.skew, "skew_reverse_kl": self.skew}.get(self.divergence, 0.0)
+            parameter = divergence_parameter(self.divergence, self.beta, self.skew)
             loss = losses.fused_divergence(self.divergence, student, players.teacher_head_rows(sequences), parameter,
                                            self.temperature, self.chunk_size, self.scale_by_temperature)
             scored = student.hidden.shape[0]

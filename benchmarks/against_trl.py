@@ -19,11 +19,9 @@ import argparse
 import json
 import os
 import random
-import subprocess
-import sys
 import time
 
-from benchmarks.divergence_memory import peak_mb  # VmHWM: ru_maxrss would carry over the forking parent's peak
+from benchmarks.divergence_memory import peak_mb, run_isolated  # VmHWM: ru_maxrss carries the forking parent's peak
 
 SIZES = {"full": dict(vocabs=(8192, 49152), warm=2, steps=10), "quick": dict(vocabs=(1024,), warm=1, steps=2)}
 EXAMPLES, WORDS_PER_TURN, MAX_NEW_TOKENS, BATCH, LR = 256, 64, 72, 8, 1e-4
@@ -205,16 +203,12 @@ def equal_math(folder: str, vocab: int) -> dict:
     return out
 
 
-def run_isolated(function: str, **arguments) -> dict:
+ISOLATED_ENV = {"OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "TRL_EXPERIMENTAL_SILENCE": "1"}
+
+
+def isolated(function: str, **arguments) -> dict:
     """``function(**arguments)`` of this file in a fresh process (its peak RSS and threads its own)."""
-    code = (f"import json, sys; sys.path.insert(0, '.'); from benchmarks.against_trl import {function}; "
-            f"print('RESULT ' + json.dumps({function}(**json.loads(sys.argv[1]))))")
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(arguments)], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "TRL_EXPERIMENTAL_SILENCE": "1"})
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        raise RuntimeError(f"{function}({arguments}) failed:\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_isolated(f"benchmarks.against_trl:{function}", arguments, ISOLATED_ENV)
 
 
 def compare(vocab: int, warm: int, steps: int, folder: str = "runs/bench-trl") -> dict:
@@ -222,10 +216,10 @@ def compare(vocab: int, warm: int, steps: int, folder: str = "runs/bench-trl") -
     if not trl_available():
         return {"vocab": vocab, "skipped": "TRL is not installed (pip install -e '.[bench]')"}
     folder = os.path.abspath(os.path.join(folder, f"vocab-{vocab}"))
-    row = {"vocab": vocab, "equal_math": run_isolated("equal_math", folder=folder, vocab=vocab)}
+    row = {"vocab": vocab, "equal_math": isolated("equal_math", folder=folder, vocab=vocab)}
     for policy in ("off", "on"):
         sizes = dict(folder=folder, vocab=vocab, policy=policy, warm=warm, steps=steps)
-        library, trl = run_isolated("measure_library", **sizes), run_isolated("measure_trl", **sizes)
+        library, trl = isolated("measure_library", **sizes), isolated("measure_trl", **sizes)
         row[policy] = {"library": library, "trl": trl, "ratio": library["steps_per_s"] / trl["steps_per_s"],
                        "memory_ratio": library["peak_rss_mb"] / trl["peak_rss_mb"]}
     return row

@@ -18,6 +18,7 @@ forward KL on float32 logits, and both end holding the gradient of the logits.
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -108,20 +109,25 @@ def measure(variant: str, batch: int, tokens: int, vocab: int, threads: int) -> 
     return {"variant": variant, "vocab": vocab, "seconds": seconds, "peak_extra_mb": peak - baseline, "loss": float(loss)}
 
 
-def run_isolated(function: str, **arguments) -> dict:
-    """``function(**arguments)`` of this file in a fresh process (its peak RSS is then its own)."""
-    code = (
-        f"import json, sys; sys.path.insert(0, '.'); from benchmarks.divergence_memory import {function}; "
-        f"print(json.dumps({function}(**json.loads(sys.argv[1]))))"
-    )
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(arguments)], capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+def run_isolated(target: str, arguments: dict, env: dict | None = None) -> dict:
+    """``module:function`` called on ``arguments`` in a fresh process (its peak RSS, threads and imports are then its
+    own), with ``env`` added to the environment; its return value comes back as JSON."""
+    module, function = target.split(":")
+    code = (f"import json, sys; sys.path.insert(0, '.'); from {module} import {function}; "
+            f"print('RESULT ' + json.dumps({function}(**json.loads(sys.argv[1]))))")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(arguments)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"{target}({arguments}) failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def compare(batch: int, tokens: int, vocab: int, threads: int = 2) -> dict:
     """Naive and chunked, each in a fresh process, on the same inputs; they must agree on the loss."""
-    naive = run_isolated("measure", variant="naive", batch=batch, tokens=tokens, vocab=vocab, threads=threads)
-    chunked = run_isolated("measure", variant="chunked", batch=batch, tokens=tokens, vocab=vocab, threads=threads)
+    sizes = dict(batch=batch, tokens=tokens, vocab=vocab, threads=threads)
+    naive = run_isolated("benchmarks.divergence_memory:measure", dict(variant="naive", **sizes))
+    chunked = run_isolated("benchmarks.divergence_memory:measure", dict(variant="chunked", **sizes))
     assert abs(naive["loss"] - chunked["loss"]) <= 1e-4 * max(1.0, abs(naive["loss"])), (naive, chunked)
     return {"batch": batch, "tokens": tokens, "vocab": vocab, "naive": naive, "chunked": chunked,
             "time_ratio": chunked["seconds"] / naive["seconds"], "memory_ratio": chunked["peak_extra_mb"] / naive["peak_extra_mb"]}
@@ -130,8 +136,8 @@ def compare(batch: int, tokens: int, vocab: int, threads: int = 2) -> dict:
 def compare_fused(rows: int, vocab: int, hidden: int = 896, teacher_hidden: int = 1536, threads: int = 2) -> dict:
     """Naive projection + divergence and the fused one, each in a fresh process; loss and gradients must agree."""
     sizes = dict(rows=rows, vocab=vocab, hidden=hidden, teacher_hidden=teacher_hidden, threads=threads)
-    naive = run_isolated("measure_fused", variant="naive", **sizes)
-    fused = run_isolated("measure_fused", variant="fused", **sizes)
+    naive = run_isolated("benchmarks.divergence_memory:measure_fused", dict(variant="naive", **sizes))
+    fused = run_isolated("benchmarks.divergence_memory:measure_fused", dict(variant="fused", **sizes))
     for a, b in zip([naive["loss"], *naive["grad_norms"]], [fused["loss"], *fused["grad_norms"]]):
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (naive, fused)
     return {**sizes, "naive": naive, "fused": fused, "time_ratio": fused["seconds"] / naive["seconds"],

@@ -85,8 +85,8 @@ def hand_loop(module, datamodule, warm: int, steps: int) -> tuple[float, float]:
         loader = datamodule.train_dataloader()
     finally:
         progress.completed = done
-    paired = isinstance(loader, dict)
-    batches = zip(loader["student"], loader["critic"]) if paired else ((b, b) for b in loader)
+    def batches():  # (student batch, critic batch) pairs, a fresh pass over the loader each call
+        return zip(loader["student"], loader["critic"]) if isinstance(loader, dict) else ((b, b) for b in loader)
 
     def step(model, other, optimizer, loss_fn):
         for p in other.parameters() if other is not None else []:
@@ -116,7 +116,7 @@ def hand_loop(module, datamodule, warm: int, steps: int) -> tuple[float, float]:
 
     same_draws()
     start = None
-    for index, (student_batch, critic_batch) in enumerate(batches):
+    for index, (student_batch, critic_batch) in enumerate(batches()):
         if index == warm:
             start = time.perf_counter()
         if index == warm + steps:
@@ -127,7 +127,7 @@ def hand_loop(module, datamodule, warm: int, steps: int) -> tuple[float, float]:
     counted, counter = min(steps, FLOP_STEPS), FlopCounterMode(display=False)
     same_draws()
     with counter:
-        for _, pair in zip(range(counted), zip(loader["student"], loader["critic"]) if paired else ((b, b) for b in loader)):
+        for _, pair in zip(range(counted), batches()):
             one_step(*pair)
     return steps / seconds, counter.get_total_flops() / counted
 

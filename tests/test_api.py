@@ -3,12 +3,11 @@ OpenAIJudge), against a real HTTP server on 127.0.0.1 (tests/api_server.py)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, run_cli, scalars, tiny_args
+from conftest import run_cli, scalars, tiny_args
+from programs import Program
 
 from pbkd_lightning.data import OpenAIJudge, OpenAITeacher
 from pbkd_lightning.data.api import APIError, AnswerCache, request_key
@@ -140,12 +139,10 @@ def test_a_run_killed_while_asking_the_teacher_resumes_without_asking_again(serv
     cache, root = tmp_path / "cache", tmp_path / "run"
     args = tiny_args(root, *api_args(chat.url, cache, "--data.teacher.concurrency=1"), "--data.train_size=16",
                      config="configs/baselines/seqkd.yaml")
-    env = {**os.environ, "PBKD_TEST_KEY": SECRET}
-    process = subprocess.Popen([sys.executable, "-m", "pbkd_lightning", "fit", *args], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = Program(["fit", *args], env={**os.environ, "PBKD_TEST_KEY": SECRET})
     chat.kill_pid, chat.kill_after = process.pid, 7
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == -9, stderr[-2000:]
+    done = process.wait(timeout=300)
+    assert done.returncode == -9, done.stderr[-2000:]
     endpoint = OpenAITeacher("tiny-teacher", base_url=chat.url, cache_dir=str(cache)).endpoint
     kept = set(AnswerCache(endpoint).answers)
     assert 5 <= len(kept) <= 7  # what arrived before the kill (the last answers may have been in flight)

@@ -1,28 +1,23 @@
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from conftest import ROOT
+from programs import run_program
 
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "bench_runs.jsonl")  # a few records of every kind, round numbers
 
 
 def test_divergence_memory_benchmark_runs_and_reports_ratios(tmp_path):
     out = tmp_path / "memory.json"
-    result = subprocess.run(
-        [sys.executable, "benchmarks/divergence_memory.py", "--quick", "--threads=1", f"--json={out}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
+    result = run_program(["--quick", "--threads=1", f"--json={out}"], module="benchmarks.divergence_memory", timeout=300)
     assert result.returncode == 0, result.stderr
     [row] = json.loads(out.read_text())
     assert row["naive"]["loss"] == row["chunked"]["loss"] or abs(row["naive"]["loss"] - row["chunked"]["loss"]) < 1e-4
     assert row["memory_ratio"] == row["chunked"]["peak_extra_mb"] / row["naive"]["peak_extra_mb"]
     assert "memory ×" in result.stdout
-    fused = subprocess.run([sys.executable, "benchmarks/divergence_memory.py", "--quick", "--fused", "--threads=1", f"--json={out}"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    fused = run_program(["--quick", "--fused", "--threads=1", f"--json={out}"], module="benchmarks.divergence_memory", timeout=300)
     assert fused.returncode == 0, fused.stderr
     [row] = json.loads(out.read_text())
     assert row["fused"]["loss"] == pytest.approx(row["naive"]["loss"], rel=1e-4)
@@ -210,9 +205,9 @@ def test_bench_quick_writes_only_under_its_folder_and_its_report_agrees_with_the
     before = repository_files()
     rows = SMOKE_ROWS[sections]
     # one seed and one thread: the bench's own smoke size, while the other test worker runs beside it
-    result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", f"--sections={sections}", "--seeds=1",
-                             "--threads=1", f"--out={tmp_path}", *([f"--rows={rows}"] if rows else [])], cwd=ROOT,
-                            capture_output=True, text=True, timeout=1200, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+    result = run_program(["--quick", f"--sections={sections}", "--seeds=1", "--threads=1", f"--out={tmp_path}",
+                          *([f"--rows={rows}"] if rows else [])], module="benchmarks.run", timeout=1200,
+                         env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert repository_files() == before
     figures = check_bench_output(tmp_path)

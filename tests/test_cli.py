@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cli, tiny_args
+from programs import run_program
 
 OVERLAYS = {"online.yaml", "ddp.yaml"}  # partial configs, used on top of a method's config
 
@@ -90,11 +91,7 @@ def test_bad_jsonl_exits_nonzero_naming_file_line_and_field_before_models_load(t
     train.write_text('{"prompt": "1+1?", "reference": "#### 2"}\n{"prompt": 7}\n')
     val = tmp_path / "val.jsonl"
     val.write_text('{"prompt": "2+2?", "reference": "#### 4"}\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "pbkd_lightning", "fit", *tiny_args(tmp_path / "run"),
-         f"--data.train_file={train}", f"--data.val_file={val}"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
-    )
+    result = run_program(["fit", *tiny_args(tmp_path / "run"), f"--data.train_file={train}", f"--data.val_file={val}"], timeout=300)
     assert result.returncode == 2
     assert f"{train}:2: field 'prompt' must be str or list, got int" in result.stderr
     assert "Traceback" not in result.stderr
@@ -143,8 +140,7 @@ def test_export_writes_a_student_that_plain_transformers_loads_and_generates_the
     tiny_fit("--model.objective.critic_warmup_steps=0")
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     out = tmp_path / "student-hf"
-    result = subprocess.run([sys.executable, "-m", "pbkd_lightning", "export", f"--ckpt_path={ckpt}", f"--out={out}",
-                             "--reward_model"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_program(["export", f"--ckpt_path={ckpt}", f"--out={out}", "--reward_model"], timeout=300)
     assert result.returncode == 0, result.stderr
     assert (out / "model.safetensors").exists() and (out / "reward_model" / "model.safetensors").exists()
     # a fresh interpreter without this package's imports: plain transformers only

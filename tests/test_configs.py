@@ -10,7 +10,6 @@ import io
 import operator
 import os
 import re
-import subprocess
 import sys
 import types
 import typing
@@ -20,6 +19,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, TINY_TEACHER, run_cli, scalars, tiny_args
+from programs import run_program
 
 CONFIGS = os.path.join(ROOT, "configs")
 # Add-on overlays: used on top of a method's config, so checked on top of configs/blackbox.yaml.
@@ -209,15 +209,13 @@ def test_extends_errors_are_one_line_naming_the_file(tmp_path):
     with pytest.raises(ConfigError, match=r"a\.yaml: '# extends:' cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
         expand_extends(["--config", str(tmp_path / "a.yaml")])
     (tmp_path / "c.yaml").write_text("# extends: nowhere.yaml\n")
-    result = subprocess.run([sys.executable, "-m", "pbkd_lightning", "fit", "--config", str(tmp_path / "c.yaml")],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    result = run_program(["fit", "--config", str(tmp_path / "c.yaml")], timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {tmp_path}/c.yaml: '# extends:' names {tmp_path}/nowhere.yaml, which does not exist"
 
 
 def test_the_command_line_expands_extends_and_prints_the_whole_config():
-    result = subprocess.run([sys.executable, "-m", "pbkd_lightning", "fit", "--config", "configs/baselines/gkd.yaml",
-                             "--print_config"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    result = run_program(["fit", "--config", "configs/baselines/gkd.yaml", "--print_config"], timeout=300)
     assert result.returncode == 0, result.stderr
     assert "args parameter" not in result.stderr  # LightningCLI warns when given args and sys.argv both
     printed_config = yaml.safe_load(result.stdout)

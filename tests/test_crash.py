@@ -5,23 +5,20 @@ resumes, and ends where the uninterrupted run ends."""
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, TINY_TEACHER, tiny_args
+from programs import run_program
 
 pytestmark = pytest.mark.slow
 
 
 def _run(root, *extra, kill="", shard_size="", config="configs/blackbox.yaml"):
     args = tiny_args(root, "--model.num_threads=1", "--trainer.enable_model_summary=false", *extra, config=config)
-    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "tests"), "PBKD_TEST_KILL": kill, "PBKD_TEST_SHARD_SIZE": shard_size}
-    return subprocess.run([sys.executable, "-m", "kill_helpers", "fit", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=env)
+    return run_program(["fit", *args], module="kill_helpers", env={**os.environ, "PBKD_TEST_KILL": kill, "PBKD_TEST_SHARD_SIZE": shard_size})
 
 
 def _killed(run, moment):

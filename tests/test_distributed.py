@@ -2,23 +2,21 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from conftest import ROOT, TINY_TEACHER, run_cli, tiny_args
+from programs import run_program
 
 
 def _fit(root, *extra, strategy="ddp", config="configs/blackbox.yaml"):
     critic = [] if "seqkd" in config else ["--model.objective.critic_warmup_steps=0"]
     args = tiny_args(root, "--config", f"{ROOT}/configs/strategy/{strategy}.yaml", "--trainer.devices=2", "--model.num_threads=1",
                      *critic, *extra, config=config)
-    # Lightning relaunches the command line for rank 1, so this runs as its own program, not in pytest's process
-    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "tests")}
-    return subprocess.run([sys.executable, "-m", "pbkd_lightning", "fit", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=env)
+    # rank 0 is a program of its own (tests/programs.py), not pytest's process: Lightning starts rank 1 as a fresh
+    # `python -m pbkd_lightning.__main__` with rank 0's arguments, which imports the recorder below from tests/
+    return run_program(["fit", *args], env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "tests")})
 
 
 def test_ddp_two_processes_train_store_each_pair_once_and_resume(tmp_path, server):

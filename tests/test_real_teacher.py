@@ -18,7 +18,7 @@ def test_smollm2_config_runs_a_few_steps_with_the_real_teacher(tmp_path, monkeyp
                   "--trainer.limit_train_batches=2", "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false", "--model.warmup.steps=2",
                   f"--model.warmup.cache_dir={root}/cache", "--model.objective.critic_warmup_steps=0",
                   "--data.train_size=4", "--data.val_size=2", "--model.val_generation.max_new_tokens=16",
-                  "--data.generation.max_new_tokens=16", "--data.teacher.init_args.max_new_tokens=16", "--model.num_threads=2")
+                  "--data.generation.max_new_tokens=16", "--data.teacher.init_args.max_new_tokens=16", "--model.num_threads=1")
     student = cli.model.student
     assert student.config.num_hidden_layers == 4 and student.config.vocab_size == 49152  # its first blocks, its tokenizer
     summary = json.loads((root / "summary.json").read_text())

@@ -167,12 +167,16 @@ def _converted_gguf(folder: str, gguf_file: str) -> str:
 
 @contextmanager
 def _one_gguf_parse():
-    """Within this block every ``gguf.GGUFReader`` of one file is the same reader. transformers builds a new one
-    for each of the config, the weights and the tokenizer, and a reader parses every metadata field when built
-    (about 7 s each for SmolLM2's 49k-token vocabulary on 2 cores); the reader is only read from."""
+    """Within this block a GGUF file is parsed once. transformers builds a new ``gguf.GGUFReader`` for each of the
+    config, the weights and the tokenizer, and a reader parses every metadata field when built (about 7 s each for
+    SmolLM2's 49k-token vocabulary on 2 cores); it converts those fields to Python values again for the config and
+    for the tokenizer (~2 s each); and it builds gguf's tensor-name map anew for each of the model's ~400 modules
+    (~8 s). Readers and name maps are only read from; the parsed metadata is handed out as a copy."""
     import gguf
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
-    build, readers = gguf.GGUFReader, {}
+    build, name_map, load_checkpoint = gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.load_gguf_checkpoint
+    readers, maps, metadata = {}, {}, {}
 
     def shared_reader(path, mode="r"):
         key = (os.path.realpath(path), mode)
@@ -180,11 +184,25 @@ def _one_gguf_parse():
             readers[key] = build(path, mode)
         return readers[key]
 
-    gguf.GGUFReader = shared_reader  # transformers imports it from the module at each call
+    def shared_name_map(arch, n_blocks):
+        if (arch, n_blocks) not in maps:
+            maps[arch, n_blocks] = name_map(arch, n_blocks)
+        return maps[arch, n_blocks]
+
+    def shared_metadata(path, return_tensors=False, *args, **kwargs):
+        if return_tensors or args or kwargs:
+            return load_checkpoint(path, return_tensors, *args, **kwargs)
+        key = os.path.realpath(path)
+        if key not in metadata:
+            metadata[key] = load_checkpoint(path)
+        return copy.deepcopy(metadata[key])
+
+    # transformers imports all three from their modules at each call
+    gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.load_gguf_checkpoint = shared_reader, shared_name_map, shared_metadata
     try:
         yield
     finally:
-        gguf.GGUFReader = build
+        gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.load_gguf_checkpoint = build, name_map, load_checkpoint
 
 
 def add_lora(model, lora: LoraSpec):

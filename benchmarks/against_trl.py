@@ -77,7 +77,7 @@ def library_args(paths: dict, root: str, policy: str, steps: int) -> list[str]:
     """This library's fit of the same GKD: the student and teacher folders, the chat file, the same optimizer."""
     return [
         "--config", "configs/baselines/gkd.yaml", f"--trainer.default_root_dir={root}", "--trainer.logger=false",
-        "--trainer.enable_checkpointing=false", "--trainer.max_epochs=1", f"--trainer.limit_train_batches={steps}",
+        "--trainer.enable_checkpointing=false", "--trainer.log_every_n_steps=1", "--trainer.max_epochs=1", f"--trainer.limit_train_batches={steps}",
         "--trainer.limit_val_batches=0", "--trainer.reload_dataloaders_every_n_epochs=0",
         f"--model.student.path={paths['student']}", f"--model.student.tokenizer={paths['tokenizer']}",
         f"--model.teacher.path={paths['teacher']}", f"--model.teacher.tokenizer={paths['tokenizer']}", "--model.warmup.steps=0",

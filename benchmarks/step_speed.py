@@ -2,9 +2,10 @@
 
     python -m benchmarks.step_speed --steps 20 -- --config configs/blackbox.yaml --model.objective.critic_warmup_steps=0
 
-Both run one method as its CLI arguments build it: the library's ``trainer.fit`` is timed from the end of the
-warm-up steps to the end of the epoch, then a plain loop does the same objective losses, AdamW steps and
-clipping on batches from the same data module (no Lightning, no logging).
+Both run one method as its CLI arguments build it: the library's ``trainer.fit`` is timed from the start of the first
+batch after the warm-up steps to the end of the last batch (what happens once an epoch, e.g. saving last.ckpt, is not
+a step), then a plain loop does the same objective losses, AdamW steps and clipping on batches from the same data
+module (no Lightning, no logging).
 """
 
 import argparse
@@ -27,22 +28,22 @@ def measure(cli_args: list[str], warm: int, steps: int) -> dict:
 
     class StepClock(Callback):
         def __init__(self):
-            self.starts = []
+            self.starts, self.ends = [], []
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             self.starts.append(time.perf_counter())
 
-        def on_train_epoch_end(self, trainer, module):
-            self.starts.append(time.perf_counter())
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.ends.append(time.perf_counter())
 
-    # one epoch: the clock runs from the end of the warm-up steps to the end of the (first) epoch
+    # one epoch: the clock runs from the first batch after the warm-up steps to the end of the last one
     cli = quiet_cli([*cli_args, f"--trainer.limit_train_batches={warm + steps}", "--trainer.limit_val_batches=0",
                      "--trainer.max_epochs=1", "--trainer.min_epochs=1"], run=False)
     clock = StepClock()
     cli.trainer.callbacks.append(clock)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         cli.trainer.fit(cli.model, cli.datamodule)
-    library = steps / (clock.starts[-1] - clock.starts[warm])
+    library = steps / (clock.ends[-1] - clock.starts[warm])
     manual, flops = hand_loop(cli.model, cli.datamodule, warm, steps)
     peak = matmul_peak_flops()
     return {"library_steps_per_s": library, "manual_steps_per_s": manual, "ratio": library / manual, "flops_per_step": flops,

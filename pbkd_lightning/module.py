@@ -100,6 +100,7 @@ class DistillationModule(LightningModule):
         self.nonfinite_skips = {"student": 0, "critic": 0}
         self.critic_heldout_acc: Optional[float] = None  # the latest held-out preference accuracy (critic trust)
         self.training_batches_seen = 0  # counts the critic-only warm-up; saved in checkpoints
+        self.step_means = StepMeans()  # each step's losses and terms, logged as means every log_every_n_steps batches
 
     @property
     def needs_samples(self) -> bool:
@@ -219,6 +220,12 @@ class DistillationModule(LightningModule):
             finally:
                 self.student.train(mode)
         self.training_batches_seen += 1
+        every = self.trainer.log_every_n_steps
+        # the batches at which Lightning writes step metrics to the loggers (its count of batches equals ours, both
+        # restored on resume): only there are the means of the steps since the last write logged
+        if every and self.training_batches_seen % every == 0:
+            for name, value in self.step_means.pop().items():
+                self.log(name, value, prog_bar=name.endswith("/loss"))
 
     def _step(self, role, optimizer, scheduler, model, batch, compute, micro_batch_size) -> None:
         """toggle → zero_grad → (forward → manual_backward) per micro-batch → clip → step → untoggle.
@@ -241,9 +248,8 @@ class DistillationModule(LightningModule):
             self.nonfinite_skips[role] += 1
         optimizer.zero_grad(set_to_none=True)  # free this player's gradients before the other one runs
         self.untoggle_optimizer(optimizer)
-        self.log(f"{role}/loss", loss, prog_bar=True)
-        self.log(f"{role}/nonfinite_skips", float(self.nonfinite_skips[role]))
-        self.log_dict({(k if "/" in k else f"{role}/{k}"): v for k, v in terms.items()})
+        self.step_means.add({f"{role}/loss": loss, **{(k if "/" in k else f"{role}/{k}"): v for k, v in terms.items()}})
+        self.step_means.set(f"{role}/nonfinite_skips", float(self.nonfinite_skips[role]))
 
     def on_train_epoch_start(self) -> None:
         stats = getattr(self.trainer.datamodule, "stats", {})
@@ -355,6 +361,31 @@ class DistillationModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.critic_heldout_acc = checkpoint.get("critic_heldout_acc")
         self.training_batches_seen = checkpoint.get("training_batches_seen", 0)
+
+
+class StepMeans:
+    """Per-step values summed where they are (no host sync) and handed out as means since the last ``pop``.
+
+    ``self.log`` costs ~0.3 ms a call on CPU and a step logs about ten values, while Lightning writes step metrics
+    to its loggers only every ``log_every_n_steps`` batches: logging each step was ~10% of a small model's step."""
+
+    def __init__(self):
+        self.sums: dict = {}
+
+    def add(self, values: dict) -> None:
+        for name, value in values.items():
+            value = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+            total, count = self.sums.get(name, (0.0, 0))
+            self.sums[name] = (total + value, count + 1)
+
+    def set(self, name: str, value: float) -> None:
+        """A value that is not averaged (a count so far)."""
+        self.sums[name] = (value, 1)
+
+    def pop(self) -> dict:
+        means = {name: total / count for name, (total, count) in self.sums.items()}
+        self.sums = {}
+        return means
 
 
 def _computed(metric) -> Optional[torch.Tensor]:

@@ -695,3 +695,19 @@ def test_minillm_config_runs_two_on_policy_epochs(tmp_path):
         assert tag in logged, tag
     assert all(0 < w <= 1 / 0.8 + 1e-4 for w in logged["student/importance_weight"])
     assert (root / "buffer" / "iter_0001.jsonl").exists()  # a second iteration of samples
+
+
+def test_step_values_are_logged_as_their_means_over_each_log_every_n_steps_batches(tmp_path):
+    """The same deterministic fit logged every batch and every 2 batches: each value of the second is the mean of
+    two of the first (losses, terms), the skip count is the count so far, and nothing is logged between."""
+    def fit(name, every):
+        run_cli("fit", *tiny_args(tmp_path / name, "--model.objective.critic_warmup_steps=0", "--trainer.limit_val_batches=0",
+                                  f"--trainer.log_every_n_steps={every}", "--trainer.max_epochs=2"))
+        return scalars(tmp_path / name)
+
+    each, pairs = fit("each", 1), fit("pairs", 2)
+    assert len(each["student/loss"]) == 8 and len(pairs["student/loss"]) == 4  # 4 batches an epoch, 2 epochs
+    for name in ("student/loss", "critic/loss", "critic/reward_gap"):
+        means = [(a + b) / 2 for a, b in zip(each[name][::2], each[name][1::2])]
+        assert pairs[name] == pytest.approx(means, rel=1e-5), name
+    assert pairs["student/nonfinite_skips"] == each["student/nonfinite_skips"][1::2]

@@ -215,3 +215,56 @@ def test_the_sampler_draws_what_generate_draws_with_the_same_seed(sampling):
     assert [group[0].token_ids for group in ours] == [row[: len(group[0].token_ids)] for group, row in zip(ours, theirs)]
     assert all(group[0].ended == (len(group[0].token_ids) < len(row) and row[len(group[0].token_ids)] in end_tokens(model, tokenizer))
                for group, row in zip(ours, theirs))
+
+
+def _llama_and_qwen2_with_grouped_heads():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                                         intermediate_size=128, num_hidden_layers=2))
+    qwen2 = Qwen2ForCausalLM(Qwen2Config(vocab_size=101, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                         intermediate_size=128, num_hidden_layers=2))  # 2 query heads per kv head, q/k/v biases
+    return [llama.eval(), qwen2.eval()]
+
+
+@pytest.mark.parametrize("model", _llama_and_qwen2_with_grouped_heads(), ids=["llama", "qwen2-grouped-heads"])
+def test_shared_prefix_steps_give_the_models_own_logits(model):
+    """Each decode step with the prompts' keys and values held once per prompt gives the logits of the model's own
+    forward over the whole sequence (left-padded prompts of different lengths, K = 3 samples each, 6 steps)."""
+    from pbkd_lightning.data.generation import _Decoder
+
+    ids = torch.randint(3, 101, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[0, :4], mask[1, :1] = 0, 0
+    encoded = {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+    decoder = _Decoder(model, encoded, num_samples=3, steps=6)
+    assert decoder.shared is not None
+    drawn, logits = [], decoder.logits
+    for _ in range(6):
+        drawn.append(torch.randint(3, 101, (9,)))
+        logits = decoder.step(drawn[-1])
+    # the model's own forward of prompt + drawn tokens, every row whole
+    full_ids = torch.cat([encoded["input_ids"].repeat_interleave(3, 0), torch.stack(drawn, 1)], 1)
+    full_mask = torch.cat([mask.repeat_interleave(3, 0), torch.ones(9, 6, dtype=torch.long)], 1)
+    positions = (full_mask.cumsum(-1) - 1).masked_fill_(full_mask == 0, 1)
+    with torch.no_grad():
+        expected = model(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).logits[:, -1]
+    assert torch.allclose(logits, expected, atol=1e-5, rtol=1e-5), (logits - expected).abs().max()
+
+
+def test_shared_prefix_sampling_draws_what_the_expanded_cache_draws():
+    """K = 4 samples per prompt through the shared-prefix path and through the model's forward on an expanded cache,
+    from the same seed: the same tokens, and log π_old within float rounding."""
+    from pbkd_lightning.data.generation import _decode
+
+    for model in _llama_and_qwen2_with_grouped_heads():
+        mask = torch.ones(3, 9, dtype=torch.long)
+        mask[0, :4] = 0
+        encoded = {"input_ids": torch.randint(3, 101, (3, 9)).masked_fill(mask == 0, 0), "attention_mask": mask}
+        runs = []
+        for shared in (True, False):
+            torch.manual_seed(1)
+            runs.append(_decode(model, encoded, GenerationConfig(max_new_tokens=10), 4, None, [2], 0, False, shared_prefix=shared))
+        (tokens, logprobs), (expected_tokens, expected_logprobs) = runs
+        assert torch.equal(tokens, expected_tokens) and torch.allclose(logprobs, expected_logprobs, atol=1e-5)

@@ -12,6 +12,7 @@ import transformers
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
 
 from pbkd_lightning.config import TopP, validate_fields
+from pbkd_lightning.data import shared_prefix as shared_prefix_decoding
 from pbkd_lightning.losses import sampling_logits
 from pbkd_lightning.parallel import is_sharded
 from pbkd_lightning.sequences import Rollout, render_prompt
@@ -154,27 +155,51 @@ def _preallocate(cache, steps: int) -> None:
         layer.update = types.MethodType(_write_in_place, layer)
 
 
-def _decode(model, encoded, config: GenerationConfig, num_samples: int, vocabulary, eos_ids: list[int], pad_id: int,
-            synced: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``num_samples`` continuations of each encoded (left-padded) prompt and log π_old of every token drawn.
+class _Decoder:
+    """One model decoding ``num_samples`` continuations of each encoded (left-padded) prompt: the prompts prefilled
+    once each (``generate`` with ``num_return_sequences`` prefills every copy, and projects every position to
+    logits; here only the last), then :meth:`step` gives the next logits of all B·K rows (prompt 0's K samples
+    first). A Llama or Qwen2 model keeps each prompt's keys and values once for its K samples
+    (:mod:`pbkd_lightning.data.shared_prefix`); another has its KV cache expanded to the K samples and written in
+    place. ``shared=False`` (a sharded model, whose ranks decode in step) always takes the model's own forward."""
 
-    Each prompt is prefilled once and its KV cache expanded to its K samples (``generate`` with
-    ``num_return_sequences`` prefills every copy), the cache then written in place; then one token a step for all
-    rows, drawn as ``generate`` draws (``multinomial`` of the softmax; argmax when greedy) from
-    :func:`sampling_logits` of the step's logits, a row that has ended continuing with padding. Only the last
-    position is projected to logits. Returns ``(tokens, logprobs)``, both ``(B·K, steps)``; a sharded model decodes
-    every step on every rank (they gather together).
-    """
-    keyword, cache = cache_keyword(model), new_cache(model)
-    mask = encoded["attention_mask"]
-    positions = (mask.long().cumsum(-1) - 1).masked_fill_(mask == 0, 1)  # generate's own position ids
-    out = model(input_ids=encoded["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                **{keyword: cache})
-    logits, last = out.logits[:, -1], positions[:, -1]
-    if num_samples > 1:
-        cache.batch_repeat_interleave(num_samples)
-        logits, mask, last = (t.repeat_interleave(num_samples, dim=0) for t in (logits, mask, last))
-    _preallocate(cache, config.max_new_tokens)
+    def __init__(self, model, encoded, num_samples: int, steps: int, shared: bool = True):
+        self.model, self.keyword, self.cache = model, cache_keyword(model), new_cache(model)
+        self.device = next(model.parameters()).device
+        mask = encoded["attention_mask"].to(self.device)
+        positions = (mask.long().cumsum(-1) - 1).masked_fill_(mask == 0, 1)  # generate's own position ids
+        out = model(input_ids=encoded["input_ids"].to(self.device), attention_mask=mask, position_ids=positions, use_cache=True,
+                    logits_to_keep=1, **{self.keyword: self.cache})
+        self.logits = out.logits[:, -1].repeat_interleave(num_samples, 0)  # the first token's, (B·K, vocab)
+        self.last = positions[:, -1].repeat_interleave(num_samples, 0)
+        self.shared = None
+        if shared and num_samples > 1 and shared_prefix_decoding.supports(model):
+            self.shared = shared_prefix_decoding.SharedPrefixDecoder(model, self.cache, mask, num_samples, steps)
+        else:
+            if num_samples > 1:
+                self.cache.batch_repeat_interleave(num_samples)
+            _preallocate(self.cache, steps)
+        self.mask = mask.repeat_interleave(num_samples, 0)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The next logits ``(B·K, vocab)`` after each row's ``tokens`` ``(B·K,)``."""
+        tokens, self.last = tokens.to(self.device), self.last + 1
+        if self.shared is not None:
+            return self.shared.step(tokens, self.last)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=-1)
+        return self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.last[:, None], use_cache=True,
+                          **{self.keyword: self.cache}).logits[:, -1]
+
+
+def _decode(model, encoded, config: GenerationConfig, num_samples: int, vocabulary, eos_ids: list[int], pad_id: int,
+            synced: bool, shared_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num_samples`` continuations of each encoded (left-padded) prompt (:class:`_Decoder`) and log π_old of every
+    token drawn: one token a step for all rows, drawn as ``generate`` draws (``multinomial`` of the softmax; argmax
+    when greedy) from :func:`sampling_logits` of the step's logits, a row that has ended continuing with padding.
+    Returns ``(tokens, logprobs)``, both ``(B·K, steps)``; a sharded model decodes every step on every rank (they
+    gather together)."""
+    decoder = _Decoder(model, encoded, num_samples, config.max_new_tokens, shared=shared_prefix and not synced)
+    logits = decoder.logits
     ends = torch.tensor(eos_ids, device=logits.device)
     finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     tokens, logprobs = [], []
@@ -191,10 +216,7 @@ def _decode(model, encoded, config: GenerationConfig, num_samples: int, vocabula
         finished |= torch.isin(drawn, ends)
         if step == config.max_new_tokens - 1 or (not synced and bool(finished.all())):  # one host sync a step, as generate
             break
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-        last = last + 1
-        logits = model(input_ids=drawn[:, None], attention_mask=mask, position_ids=last[:, None], use_cache=True,
-                       **{keyword: cache}).logits[:, -1]
+        logits = decoder.step(drawn)
     if not tokens:
         empty = torch.zeros(logits.shape[0], 0, device=logits.device)
         return empty.long(), empty
@@ -266,28 +288,16 @@ def sample_mixed_rollouts(
         log π_old of each token (what MiniLLM's ratio and importance weights divide by), not the mixture's.
     """
     models = (student, teacher)
-    devices = [next(m.parameters()).device for m in models]
     eos_ids, pad = end_tokens(student, tokenizer), tokenizer.pad_token_id
-    ends, keywords = torch.tensor(eos_ids), [cache_keyword(m) for m in models]
+    ends = torch.tensor(eos_ids)
     rollouts, new_tokens, start = [], 0, time.perf_counter()
     warp = lambda logits: sampling_logits(logits, config.temperature, config.top_k, config.top_p).log_softmax(-1)  # noqa: E731
     with _decoding(tokenizer, *models):
         for begin in range(0, len(prompts), batch_size):
             encoded = _encode_prompts(tokenizer, prompts[begin : begin + batch_size], max_prompt_tokens)
-            mask = encoded["attention_mask"]
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
-            # each prompt prefilled once, its caches then expanded to its K samples and written in place (as
-            # _decode); only the prompt's last position goes through the heads: no N × T × V logits
-            caches = [new_cache(m) for m in models]
-            logits = [m(input_ids=encoded["input_ids"].to(d), attention_mask=mask.to(d), position_ids=positions.to(d),
-                        use_cache=True, logits_to_keep=1, **{k: c}).logits[:, -1]
-                      for m, d, k, c in zip(models, devices, keywords, caches)]
-            for cache in caches:
-                cache.batch_repeat_interleave(num_samples)
-                _preallocate(cache, config.max_new_tokens)
-            logits = [l.repeat_interleave(num_samples, 0) for l in logits]
-            mask, positions = mask.repeat_interleave(num_samples, 0), positions[:, -1:].repeat_interleave(num_samples, 0)
-            finished = torch.zeros(mask.shape[0], dtype=torch.bool)
+            decoders = [_Decoder(m, encoded, num_samples, config.max_new_tokens) for m in models]
+            logits = [d.logits for d in decoders]
+            finished = torch.zeros(logits[0].shape[0], dtype=torch.bool)
             generated, student_logprobs = [], []
             for step in range(config.max_new_tokens):
                 log_s, log_t = (warp(l[:, :vocabulary].float().cpu()) for l in logits)
@@ -299,12 +309,8 @@ def sample_mixed_rollouts(
                 finished |= torch.isin(token, ends)
                 if step == config.max_new_tokens - 1 or bool(finished.all()):
                     break
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                positions = positions + 1
-                logits = [m(input_ids=token[:, None].to(d), attention_mask=mask.to(d), position_ids=positions.to(d),
-                            use_cache=True, **{k: c}).logits[:, -1]
-                          for m, d, k, c in zip(models, devices, keywords, caches)]
-            tokens = torch.stack(generated, dim=1) if generated else torch.zeros(mask.shape[0], 0, dtype=torch.long)
+                logits = [d.step(token) for d in decoders]
+            tokens = torch.stack(generated, dim=1) if generated else torch.zeros(finished.shape[0], 0, dtype=torch.long)
             logprobs = torch.stack(student_logprobs, dim=1) if student_logprobs else tokens.float()
             batch = _rollouts(tokens, logprobs, tokenizer, eos_ids)
             new_tokens += sum(len(r.token_ids) + r.ended for r in batch)

@@ -225,8 +225,13 @@ class Encoder:
         ids = self.tokenizer(render_prompt(self.tokenizer, prompt), add_special_tokens=False)["input_ids"]
         return ids[-self.max_prompt_tokens :]
 
-    def prompt_length(self, prompt: Prompt) -> int:
-        return len(self.tokenizer(render_prompt(self.tokenizer, prompt), add_special_tokens=False)["input_ids"])
+    def lengths(self, prompts: list[Prompt] = (), responses: list[str] = ()) -> tuple[list[int], list[int]]:
+        """Tokens of each rendered prompt and of each response text, in one batched tokenizer call each (a pool of
+        60,000 prompts took ~5 s one call at a time on 2 cores)."""
+        def count(texts):
+            return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+
+        return count([render_prompt(self.tokenizer, p) for p in prompts]), count(list(responses))
 
     def response_ids(self, response: str, ended: bool = True) -> tuple[list[int], bool]:
         """``(ids, ended)``: a response longer than the limit keeps its start and does not end; ``ended=False``: the

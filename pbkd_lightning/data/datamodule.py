@@ -366,11 +366,11 @@ class PreferenceDataModule(LightningDataModule):
         self._check_chat_templates(connection)
         encoder = self.encoder(connection.tokenizer)
         cut_by_teacher = sum(not r.get("teacher_ended", True) for r in self.train_records)
-        for record in self.train_records:
-            encoder.response_ids(record["teacher"])
-        self.stats["data/truncated_teacher_responses"] = float(encoder.truncated + cut_by_teacher)
-        self.stats["data/truncated_responses"] = float(encoder.truncated + cut_by_teacher)
-        self._warn_truncated(encoder.truncated, "teacher responses")
+        _, lengths = encoder.lengths(responses=[r["teacher"] for r in self.train_records])
+        too_long = sum(length > encoder.max_response_tokens for length in lengths)
+        self.stats["data/truncated_teacher_responses"] = float(too_long + cut_by_teacher)
+        self.stats["data/truncated_responses"] = float(too_long + cut_by_teacher)
+        self._warn_truncated(too_long, "teacher responses")
         if cut_by_teacher:
             rank_zero_warn(f"{cut_by_teacher} teacher answers stopped at the teacher's own token limit without eos; they "
                            "are trained on without one (raise the teacher's `max_new_tokens` to get whole answers)")
@@ -539,7 +539,9 @@ class PreferenceDataModule(LightningDataModule):
         return Encoder(tokenizer, self.hparams.max_prompt_tokens, self.generation.max_new_tokens)
 
     def _check_prompt_lengths(self, encoder: Encoder) -> None:
-        too_long = [r for r in self.train_records + self.val_records if encoder.prompt_length(r["prompt"]) > encoder.max_prompt_tokens]
+        records = self.train_records + self.val_records
+        lengths, _ = encoder.lengths(prompts=[r["prompt"] for r in records])
+        too_long = [r for r, length in zip(records, lengths) if length > encoder.max_prompt_tokens]
         self.stats["data/truncated_prompts"] = float(len(too_long))
         if too_long and self.hparams.truncation == "error":
             raise DataError(

@@ -13,12 +13,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import weakref
 
 from conftest import ROOT
 
-# imported once in the server, before it forks: the command line, the test helper that kills it, what a fit imports
-# on first use (its TensorBoard writer, the config resolvers), and the benchmark runner
-PRELOAD = ["pbkd_lightning.cli", "pbkd_lightning.build", "kill_helpers", "torch.utils.tensorboard", "omegaconf", "benchmarks.run"]
+# imported once in the server, before it forks: this module first (it notes the environment the server started with),
+# the command line, the test helper that kills it, what a fit imports on first use (its TensorBoard writer, the config
+# resolvers), and the benchmark runner
+PRELOAD = ["programs", "pbkd_lightning.cli", "pbkd_lightning.build", "kill_helpers", "torch.utils.tensorboard", "omegaconf",
+           "benchmarks.run"]
+_STARTED_WITH = dict(os.environ)
 _context = None
 
 
@@ -36,34 +40,43 @@ def _program(module: str, argv: list[str], cwd: str, env: dict, out: str, err: s
         file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(file, fd)
         os.close(file)
+    # what the preloaded modules set when imported (pbkd_lightning.cli's offline defaults) stays, as in a fresh run
+    set_on_import = {k: v for k, v in os.environ.items() if k not in _STARTED_WITH}
     os.environ.clear()
-    os.environ.update(env)
+    os.environ.update({**set_on_import, **env})
     os.chdir(cwd)
     sys.argv = [module, *argv]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+def _stop(process, folder: str) -> None:
+    if process.is_alive():  # a test that failed before waiting: no run outlives it
+        process.kill()
+        process.join()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 class Program:
     """A started run; ``wait()`` gives its ``subprocess.CompletedProcess`` (a signal's death as ``-signal``)."""
 
     def __init__(self, args, module="pbkd_lightning", cwd=ROOT, env=None):
-        self.args, self._folder = [module, *args], tempfile.mkdtemp(prefix="program-")
-        self._out, self._err = os.path.join(self._folder, "stdout"), os.path.join(self._folder, "stderr")
+        self.args, folder = [module, *args], tempfile.mkdtemp(prefix="program-")
+        self._out, self._err = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
         self._process = _forkserver().Process(target=_program, args=(module, list(args), str(cwd), dict(os.environ if env is None else env),
                                                                      self._out, self._err))
         self._process.start()
         self.pid = self._process.pid
+        self._stop = weakref.finalize(self, _stop, self._process, folder)
 
     def wait(self, timeout=600) -> subprocess.CompletedProcess:
         self._process.join(timeout)
-        if self._process.exitcode is None:
-            self._process.kill()
-            self._process.join()
-            raise subprocess.TimeoutExpired(self.args, timeout)
         try:
-            return subprocess.CompletedProcess(self.args, self._process.exitcode, _read(self._out), _read(self._err))
+            out, err = _read(self._out), _read(self._err)
+            if self._process.exitcode is None:
+                raise subprocess.TimeoutExpired(self.args, timeout, output=out, stderr=err)
+            return subprocess.CompletedProcess(self.args, self._process.exitcode, out, err)
         finally:
-            shutil.rmtree(self._folder, ignore_errors=True)
+            self._stop()
 
 
 def _read(path: str) -> str:

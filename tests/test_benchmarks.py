@@ -70,7 +70,9 @@ def check_speed_and_scaling(figures, lines, row_of):
     if "speed" in figures:
         sampling = figures["speed"]["sampling"]
         mixed = f"{sampling['mixed_tokens_per_s']:.0f} | {sampling['mixed_ratio']:.2f} |" if "mixed_ratio" in sampling else "– | – |"
-        assert f"| {sampling['library_tokens_per_s']:.0f} | {sampling['plain_tokens_per_s']:.0f} | {sampling['ratio']:.2f} | {mixed}" in lines
+        both = (f" {sampling['teacher_tokens_per_s']:.0f} | {sampling['mixed_bound_ratio']:.2f} |" if "mixed_bound_ratio" in sampling
+                else " – | – |")
+        assert f"| {sampling['library_tokens_per_s']:.0f} | {sampling['plain_tokens_per_s']:.0f} | {sampling['ratio']:.2f} | {mixed}{both}" in lines
     for row in figures.get("speed", {}).get("divergence", []):
         assert f"| {row['time_ratio']:.2f} | {row['naive']['peak_extra_mb']:.0f} | {row['chunked']['peak_extra_mb']:.0f} | " \
                f"{row['memory_ratio']:.2f} |" in row_of(f"{row['batch']} × {row['tokens']}", lambda line, v=row["vocab"]: f"| {v:,} |" in line)
@@ -206,8 +208,7 @@ def test_bench_quick_writes_only_under_its_folder_and_its_report_agrees_with_the
     rows = SMOKE_ROWS[sections]
     # one seed and one thread: the bench's own smoke size, while the other test worker runs beside it
     result = run_program(["--quick", f"--sections={sections}", "--seeds=1", "--threads=1", f"--out={tmp_path}",
-                          *([f"--rows={rows}"] if rows else [])], module="benchmarks.run", timeout=1200,
-                         env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+                          *([f"--rows={rows}"] if rows else [])], module="benchmarks.run", timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     assert repository_files() == before
     figures = check_bench_output(tmp_path)

@@ -10,6 +10,7 @@ format is read from JSONL, Parquet or a ``datasets`` folder (:func:`~pbkd_lightn
 from typing import Literal, Optional
 
 from pbkd_lightning.data.records import DataError, EmptyFields, EmptyPolicy, kind_of, check_fields, check_text, read_values
+from pbkd_lightning.tasks import TASKS
 
 Format = Literal["auto", "prompt", "gsm8k", "chat", "completion", "preference"]
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -104,8 +105,6 @@ def read_prompts(path: str, format: Format = "auto", empty: EmptyPolicy = "error
 
 
 def _prompt_record(where: str, value) -> dict:
-    from pbkd_lightning.tasks import TASKS  # here, not at the top: tasks import torchmetrics, reading stays light
-
     check_fields(where, value, {"prompt": TEXT_OR_TURNS}, {"reference": str, "task": str}, choices={"task": TASKS})
     # TRL's prompt-only conversational form too: a list of turns
     return {"prompt": _given_prompt(where, value["prompt"]), "reference": value.get("reference"),

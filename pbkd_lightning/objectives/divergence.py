@@ -1,5 +1,6 @@
 """Token-level divergence baselines: forward/reverse KL, GKD's generalized JSD, skew KL/RKL, TVD."""
 
+import inspect
 import random
 from dataclasses import dataclass, replace
 from typing import Literal, Optional
@@ -12,12 +13,14 @@ from pbkd_lightning.config import validate_fields
 from pbkd_lightning.losses import SparseTeacher
 from pbkd_lightning.objectives.base import OBJECTIVE_KEY, Objective
 
-Divergence = Literal["forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "total_variation"]
-DIVERGENCES = ("forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "total_variation")
+DIVERGENCES = tuple(losses.ROW_DIVERGENCES)
+"""Every divergence of :mod:`pbkd_lightning.losses`, by the name of its public function there (a new one in the loss
+module is a choice here, in the config and in X-KD's ``kd``)."""
+Divergence = Literal[DIVERGENCES]
 
-
-PARAMETER_NAMES = {"generalized_jsd": "beta", "skew_kl": "alpha", "skew_reverse_kl": "alpha"}
-"""The divergences that take a parameter, and its keyword in :mod:`pbkd_lightning.losses`."""
+PARAMETER_NAMES = {name: keyword for name in DIVERGENCES for keyword in ("beta", "alpha")
+                   if keyword in inspect.signature(getattr(losses, name)).parameters}
+"""The divergences that take a parameter, and its keyword in :mod:`pbkd_lightning.losses` (β or α)."""
 
 
 def divergence_parameter(name: str, beta: float, skew: float) -> float:
@@ -55,8 +58,8 @@ class DivergenceKD(Objective):
     needs_teacher_logits = True
 
     divergence: Divergence = "forward_kl"
-    """Which divergence: ``forward_kl``, ``reverse_kl``, ``generalized_jsd``, ``skew_kl``, ``skew_reverse_kl``,
-    ``total_variation``."""
+    """Which divergence: the name of its function in :mod:`pbkd_lightning.losses` (``DIVERGENCES``); the generalized
+    JSD takes ``beta``, the skew divergences ``skew``."""
     beta: ClosedUnitInterval = 0.5
     """Generalized JSD only: β in [0, 1]; 0 is forward KL and 1 reverse KL, exactly."""
     skew: ClosedUnitInterval = 0.1

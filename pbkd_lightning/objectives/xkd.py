@@ -11,9 +11,9 @@ from torch import nn
 from pbkd_lightning.config import validate_fields
 from pbkd_lightning.losses import avril_terms, next_token_values, rows_to_positions
 from pbkd_lightning.objectives.base import OBJECTIVE_KEY, Objective
-from pbkd_lightning.objectives.divergence import divergence_loss
+from pbkd_lightning.objectives.divergence import DIVERGENCES, divergence_loss
 
-KD = Literal["nll", "forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "total_variation"]
+KD = Literal[("nll",) + DIVERGENCES]
 
 
 class RewardPosteriorHead(nn.Module):

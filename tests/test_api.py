@@ -106,6 +106,7 @@ def api_args(url, cache, *extra):
             f"--data.teacher.cache_dir={cache}", *extra]
 
 
+@pytest.mark.slow
 def test_a_short_black_box_pbkd_fit_with_the_api_teacher_and_the_judge_labeler_writes_no_key_and_reruns_asking_nothing(
         server, tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("PBKD_TEST_KEY", SECRET)
@@ -134,6 +135,7 @@ def test_a_short_black_box_pbkd_fit_with_the_api_teacher_and_the_judge_labeler_w
     assert len(chat.requests) == asked
 
 
+@pytest.mark.slow
 def test_a_run_killed_while_asking_the_teacher_resumes_without_asking_again(server, tmp_path, monkeypatch):
     chat = server()
     cache, root = tmp_path / "cache", tmp_path / "run"

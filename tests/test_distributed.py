@@ -9,6 +9,8 @@ import torch
 from conftest import ROOT, TINY_TEACHER, run_cli, tiny_args
 from programs import run_program
 
+pytestmark = pytest.mark.slow  # every test here but the last starts two processes
+
 
 def _fit(root, *extra, strategy="ddp", config="configs/blackbox.yaml"):
     critic = [] if "seqkd" in config else ["--model.objective.critic_warmup_steps=0"]

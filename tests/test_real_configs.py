@@ -28,6 +28,7 @@ def _stand_in(folder, config_class: str, hidden: int):
     tokenizer.save_pretrained(folder)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_full_size_config_runs_a_step_with_tiny_models_of_its_architecture(tmp_path, name):
     config = f"{ROOT}/configs/real/{name}.yaml"

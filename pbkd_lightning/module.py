@@ -252,6 +252,9 @@ class DistillationModule(LightningModule):
         self.step_means.set(f"{role}/nonfinite_skips", float(self.nonfinite_skips[role]))
 
     def on_train_epoch_start(self) -> None:
+        # kept reference log-probs are an epoch's: a run resumed from an epoch's checkpoint computes what the
+        # uninterrupted run did, to the bit
+        self.players.forget_reference_logprobs()
         stats = getattr(self.trainer.datamodule, "stats", {})
         for name, value in stats.items():
             self.log(name, value, on_step=False, on_epoch=True, sync_dist=False)

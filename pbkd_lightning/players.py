@@ -18,7 +18,12 @@ from torch.distributed.tensor import DTensor
 from pbkd_lightning.data.generation import GenerationConfig, sample_rollouts
 from pbkd_lightning.losses import HeadRows, policy_logprobs, rows_to_positions
 from pbkd_lightning.models.critic import ImplicitReward, response_token_logprobs
+from pbkd_lightning.parallel import is_sharded
 from pbkd_lightning.sequences import Encoder, SequenceBatch
+
+
+REFERENCE_CACHE_SEQUENCES = 400_000
+"""Sequences whose log π_ref :meth:`Players.reference_logprobs` keeps (~160 MB at 100 tokens); emptied when full."""
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -51,6 +56,8 @@ class Players:
     """Logit columns shared with the teacher (white-box); None: all of the student's."""
     _plain_heads: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
     """model -> whether its logits are its head's plain projection of the last hidden states (checked once)."""
+    _reference_logprobs: dict = field(default_factory=dict, repr=False)
+    """A sequence's real tokens -> log π_ref of its tokens 1.. (see :meth:`reference_logprobs`)."""
 
     @property
     def device(self) -> torch.device:
@@ -138,14 +145,42 @@ class Players:
     # ------------------------------------------------------------------ the critic
     def reward_model_score(self, sequences: SequenceBatch) -> Tensor:
         """r_φ(x, y) of black-box PbKD's reward model for each sequence: ``(N,)``."""
-        ref = None
-        if isinstance(self.critic, ImplicitReward):
-            with torch.no_grad():
-                model = self.implicit_reference
-                device = _device(model)
-                ref = response_token_logprobs(model, sequences.input_ids.to(device), sequences.attention_mask.to(device))
-                ref = ref.to(self.device)
+        ref = self.reference_logprobs(sequences) if isinstance(self.critic, ImplicitReward) else None
         return self.critic(sequences.input_ids, sequences.attention_mask, sequences.loss_mask, ref_logprobs=ref)
+
+    def forget_reference_logprobs(self) -> None:
+        self._reference_logprobs.clear()
+
+    @torch.no_grad()
+    def reference_logprobs(self, sequences: SequenceBatch) -> Tensor:
+        """log π_ref of the tokens 1..T-1 of each (right-padded) sequence, ``(N, T-1)``, 0 past its end.
+
+        π_ref is frozen, so a sequence's are computed once and kept: the critic draws the same pairs in several of its
+        steps, a teacher response is in all of its prompt's pairs, and the student step scores the samples the critic
+        trained on. The module forgets them at each epoch's start. A sharded reference (whose ranks must all run the
+        same forwards) or left padding is scored whole each time."""
+        model, ids, mask = self.implicit_reference, sequences.input_ids, sequences.attention_mask
+        device = _device(model)
+        if is_sharded(model) or not bool((mask[:, :-1] >= mask[:, 1:]).all()):
+            return response_token_logprobs(model, ids.to(device), mask.to(device)).to(self.device)
+        cache = self._reference_logprobs
+        keys = [tuple(row[:length]) for row, length in zip(ids.tolist(), mask.sum(1).tolist())]
+        if not keys:
+            return torch.zeros(0, ids.shape[1] - 1, device=self.device)
+        first = {}
+        for row, key in enumerate(keys):
+            if key not in cache:
+                first.setdefault(key, row)
+        if first:  # the unseen rows as they are in this batch (a batch seen for the first time: exactly its forward)
+            if len(cache) + len(first) > REFERENCE_CACHE_SEQUENCES:
+                cache.clear()
+            rows = torch.tensor(list(first.values()), device=ids.device)
+            for key, values in zip(first, response_token_logprobs(model, ids[rows].to(device), mask[rows].to(device))):
+                cache[key] = values[: len(key) - 1]
+        out = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=cache[keys[0]].dtype, device=device)
+        for row, key in enumerate(keys):
+            out[row, : len(key) - 1] = cache[key]
+        return out.to(self.device)
 
     # ------------------------------------------------------------------ sampling within a step
     def sample(self, prompts: list[str], model: Optional[nn.Module] = None) -> SequenceBatch:

@@ -46,3 +46,31 @@ def test_the_teacher_projects_only_the_scored_rows_and_gives_the_full_forwards_l
         full = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     assert seen[1:] == [tuple(full.shape[:2]) + (32,)]  # the plain forward, for comparison, projects every position
     assert torch.allclose(rows, full[:, :-1][batch.scored_positions], atol=1e-5)
+
+
+
+def test_the_implicit_rewards_reference_log_probs_are_computed_once_per_sequence_and_equal_a_fresh_forward():
+    """π_ref is frozen: a sequence scored again (in another batch, with other padding) costs no forward, and the kept
+    log-probabilities are the reference's own on the whole batch (0 past each sequence's end)."""
+    from objective_helpers import pair_batch, tiny_players
+
+    from pbkd_lightning.models.critic import response_token_logprobs
+    from pbkd_lightning.objectives import BlackBoxPbKD
+
+    players = tiny_players(BlackBoxPbKD())
+    pairs = pair_batch(players)
+    forwards = []
+    players.implicit_reference.register_forward_hook(lambda module, args, out: forwards.append(1))
+    first = players.reference_logprobs(pairs.chosen)
+    with torch.no_grad():
+        expected = response_token_logprobs(players.implicit_reference, pairs.chosen.input_ids, pairs.chosen.attention_mask)
+    real = pairs.chosen.attention_mask[:, 1:].bool()
+    assert torch.allclose(first[real], expected[real], atol=1e-6) and (first[~real] == 0).all()
+    forwards.clear()
+    again = players.reference_logprobs(pairs.chosen)  # every sequence known: no forward
+    both = players.reference_logprobs(pairs.rejected)  # only the rejected ones not seen yet go through the reference
+    assert forwards == [1] and torch.equal(again, first)
+    with torch.no_grad():
+        expected = response_token_logprobs(players.implicit_reference, pairs.rejected.input_ids, pairs.rejected.attention_mask)
+    real = pairs.rejected.attention_mask[:, 1:].bool()
+    assert torch.allclose(both[real], expected[real], atol=1e-6)

@@ -18,7 +18,7 @@ ALLOWED = {
     "models": {"config", "losses", "sequences", "parallel"},
     "data": {"config", "losses", "sequences", "parallel", "models", "tasks"},
     "eval": {"data", "tasks", "sequences"},
-    "players": {"data", "losses", "models", "sequences"},
+    "players": {"data", "losses", "models", "parallel", "sequences"},
     "objectives": {"config", "data", "losses", "sequences"},
     "optim": {"config"},
 }

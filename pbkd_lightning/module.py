@@ -369,8 +369,8 @@ class DistillationModule(LightningModule):
 class StepMeans:
     """Per-step values summed where they are (no host sync) and handed out as means since the last ``pop``.
 
-    ``self.log`` costs ~0.3 ms a call on CPU and a step logs about ten values, while Lightning writes step metrics
-    to its loggers only every ``log_every_n_steps`` batches: logging each step was ~10% of a small model's step."""
+    A step logs about ten values, while Lightning writes step metrics to its loggers only every ``log_every_n_steps``
+    batches: ``self.log`` and Lightning's step-metric update were 12% of SeqKD's step time under cProfile."""
 
     def __init__(self):
         self.sums: dict = {}

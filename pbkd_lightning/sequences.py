@@ -225,13 +225,17 @@ class Encoder:
         ids = self.tokenizer(render_prompt(self.tokenizer, prompt), add_special_tokens=False)["input_ids"]
         return ids[-self.max_prompt_tokens :]
 
-    def lengths(self, prompts: list[Prompt] = (), responses: list[str] = ()) -> tuple[list[int], list[int]]:
-        """Tokens of each rendered prompt and of each response text, in one batched tokenizer call each (a pool of
-        60,000 prompts took ~5 s one call at a time on 2 cores)."""
-        def count(texts):
-            return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    def prompt_lengths(self, prompts: list[Prompt]) -> list[int]:
+        """Tokens of each rendered prompt, untruncated, in one batched tokenizer call (1.8 s against 2.3 s one call at
+        a time for 20,000 prompts on the character tokenizer)."""
+        return self._token_counts([render_prompt(self.tokenizer, p) for p in prompts])
 
-        return count([render_prompt(self.tokenizer, p) for p in prompts]), count(list(responses))
+    def response_lengths(self, responses: list[str]) -> list[int]:
+        """Tokens of each response text, uncut, in one batched tokenizer call."""
+        return self._token_counts(list(responses))
+
+    def _token_counts(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
 
     def response_ids(self, response: str, ended: bool = True) -> tuple[list[int], bool]:
         """``(ids, ended)``: a response longer than the limit keeps its start and does not end; ``ended=False``: the

@@ -366,7 +366,7 @@ class PreferenceDataModule(LightningDataModule):
         self._check_chat_templates(connection)
         encoder = self.encoder(connection.tokenizer)
         cut_by_teacher = sum(not r.get("teacher_ended", True) for r in self.train_records)
-        _, lengths = encoder.lengths(responses=[r["teacher"] for r in self.train_records])
+        lengths = encoder.response_lengths([r["teacher"] for r in self.train_records])
         too_long = sum(length > encoder.max_response_tokens for length in lengths)
         self.stats["data/truncated_teacher_responses"] = float(too_long + cut_by_teacher)
         self.stats["data/truncated_responses"] = float(too_long + cut_by_teacher)
@@ -540,7 +540,7 @@ class PreferenceDataModule(LightningDataModule):
 
     def _check_prompt_lengths(self, encoder: Encoder) -> None:
         records = self.train_records + self.val_records
-        lengths, _ = encoder.lengths(prompts=[r["prompt"] for r in records])
+        lengths = encoder.prompt_lengths([r["prompt"] for r in records])
         too_long = [r for r, length in zip(records, lengths) if length > encoder.max_prompt_tokens]
         self.stats["data/truncated_prompts"] = float(len(too_long))
         if too_long and self.hparams.truncation == "error":

@@ -179,7 +179,7 @@ class _Decoder:
             if num_samples > 1:
                 self.cache.batch_repeat_interleave(num_samples)
             _preallocate(self.cache, steps)
-        self.mask = mask.repeat_interleave(num_samples, 0)
+            self.mask = mask.repeat_interleave(num_samples, 0)  # what the model's own forward is given each step
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """The next logits ``(B·K, vocab)`` after each row's ``tokens`` ``(B·K,)``."""

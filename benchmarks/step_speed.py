@@ -111,11 +111,14 @@ def hand_loop(module, datamodule, warm: int, steps: int) -> tuple[float, float]:
         step(student, critic, optimizers["student"],
              lambda: objective.student_loss(players, student_batch, Share.whole(student_batch), module.critic_heldout_acc))
 
-    def same_draws():  # GKD's λ coin: the library's run drew from the objective's seed; so does each pass here
+    def fresh_pass():
+        """Each pass starts as the library's epoch did: GKD's λ coin from the objective's seed, and no reference
+        log-probs kept from another pass (the module forgets them at an epoch's start)."""
         if hasattr(objective, "_draws"):
             objective._draws = random.Random(objective.seed)
+        players.forget_reference_logprobs()
 
-    same_draws()
+    fresh_pass()
     start = None
     for index, (student_batch, critic_batch) in enumerate(batches()):
         if index == warm:
@@ -126,7 +129,7 @@ def hand_loop(module, datamodule, warm: int, steps: int) -> tuple[float, float]:
     seconds = time.perf_counter() - start
     # FLOPs: the mean of a few more steps (a fresh pass, the same draws) under the counter, off the clock
     counted, counter = min(steps, FLOP_STEPS), FlopCounterMode(display=False)
-    same_draws()
+    fresh_pass()
     with counter:
         for _, pair in zip(range(counted), batches()):
             one_step(*pair)

@@ -7,7 +7,7 @@ runs them and ``benchmarks/report.py`` turns their records into RESULTS.md.
 
 from dataclasses import dataclass, field
 
-SECTIONS = ("quality", "pbkd", "iterations", "speed", "trl", "scaling")
+SECTIONS = ("quality", "pbkd", "iterations", "outside", "speed", "trl", "scaling")
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,10 @@ class Experiment:
     params: dict = field(default_factory=dict)  # the measuring function's arguments
     tags: dict = field(default_factory=dict)  # what the report groups and plots the row by
     same_wall_clock_as: str = ""  # "section/name": --trainer.max_time = that row's mean wall time over its seeds
+    # "module:function" writing the fit's data files into a folder of the work folder, called as
+    # function(folder, **data_params) before its runs; "{data}" in the overrides is that folder
+    data: str = ""
+    data_params: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class Size:
     sampling: dict  # benchmarks.sampling_speed:measure's arguments
     divergence: dict  # batch, tokens and vocabularies of the chunked-divergence check
     fused: dict  # scored rows and vocabularies of the fused projection + divergence check
+    outside: dict  # training and held-out prompts of the task kept outside the project (benchmarks/outside_task.py)
     trl: dict  # vocabularies, warm-up and timed steps of the comparison with TRL's GKDTrainer
     scaling: dict  # batch; tokens (at vocabulary `vocab`) and vocabularies (at `at_tokens` tokens)
 
@@ -76,6 +81,12 @@ PBKD_VARIANTS = [
 ]
 WALL_CLOCK_OF = "quality/Black-box PbKD, offline"  # the SeqKD row given the same wall-clock budget
 
+# The method ordering again on a task outside the project (benchmarks/outside_task.py), through the CLI as a user
+# runs it: JSONL prompts and a response-file teacher. Black-box methods only: a response file has no probabilities.
+OUTSIDE_METHODS = ("SeqKD", "Black-box PbKD, offline", "Black-box PbKD, online", "X-KD, sequence-level")
+OUTSIDE_DATA = ("--data.train_file={data}/train.jsonl", "--data.val_file={data}/val.jsonl",
+                "--data.teacher=pbkd_lightning.data.ResponseFileTeacher", "--data.teacher.path={data}/teacher.jsonl")
+
 SIZES = {
     # Toy size: every table and plot, in minutes.
     "quick": Size(
@@ -89,6 +100,7 @@ SIZES = {
         ),
         sampling=dict(tiny=True, prompts=16, max_new_tokens=12, samples=2),
         divergence=dict(batch=2, tokens=64, vocabs=(4096, 16384)),
+        outside=dict(train_size=16, val_size=4),
         fused=dict(rows=64, vocabs=(4096,)),
         trl=dict(vocabs=(1024,), warm=1, steps=2),
         scaling=dict(batch=2, tokens=(32, 64, 128), vocab=4096, vocabs=(1024, 4096, 16384), at_tokens=64),
@@ -99,6 +111,7 @@ SIZES = {
         overrides=(),
         sampling=dict(tiny=False, prompts=128, max_new_tokens=40, samples=4),
         divergence=dict(batch=4, tokens=512, vocabs=(32000, 151936)),
+        outside=dict(train_size=20000, val_size=500),
         fused=dict(rows=1792, vocabs=(32000, 151936)),  # batch 4 × 512 tokens, 1/8 of them prompt
         trl=dict(vocabs=(8192, 49152), warm=2, steps=10),
         scaling=dict(batch=4, tokens=(128, 256, 512, 1024), vocab=32000, vocabs=(8192, 32000, 65536, 151936), at_tokens=512),
@@ -122,6 +135,10 @@ def experiments(size: Size) -> list[Experiment]:
     out.append(Experiment(f"offline, {last} epochs", "iterations", BLACKBOX, (), shared, size.seeds, last, tags={"iterations": 0}))
     out += [Experiment(f"online, {n} iteration{'s' if n > 1 else ''}", "iterations", BLACKBOX + ("configs/online.yaml",), (), shared,
                        size.seeds, n, tags={"iterations": n}) for n in size.online_iterations]
+
+    out += [Experiment(name, "outside", configs, overrides + OUTSIDE_DATA, shared, size.seeds, size.epochs,
+                       data="benchmarks.outside_task:write", data_params=size.outside, tags={"baseline": name == BASELINE})
+            for name, configs, overrides in METHODS if name in OUTSIDE_METHODS]
 
     for name, configs, overrides in METHODS:
         if name in SPEED_METHODS:  # critic_warmup_steps=0: student steps are timed too, from the first batch

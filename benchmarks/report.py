@@ -71,13 +71,29 @@ def with_deltas(rows: dict, baseline: Optional[dict]) -> dict:
     return rows
 
 
-def results(records: list[dict], size: Size, command: str) -> dict:
-    """results.json: every figure the report shows, per section; sections without records are left out."""
+SECTION_KEYS = {"quality": ("quality", "headline")}  # results.json's keys of each section (default: its own name)
+
+
+def carried_sections(grouped: dict, previous: Optional[dict], mode: str) -> dict:
+    """The sections of ``previous`` (the results.json being rewritten) that have no records now, with their figures:
+    a section measured before its records were kept next to the report is not lost by re-running another."""
+    if not previous or previous.get("mode") != mode:
+        return {}
+    return {section: meta for section, meta in previous.get("sections", {}).items()
+            if section in grouped and not grouped[section]}
+
+
+def results(records: list[dict], size: Size, command: str, previous: Optional[dict] = None) -> dict:
+    """results.json: every figure the report shows, per section; sections without records are taken from
+    ``previous`` where it has them (marked ``carried``), else left out."""
     grouped = {section: by_row(records, size, section) for section in SECTIONS}
     out = {"mode": size.name, "command": command, "size": dataclasses.asdict(size)}
-    quality = {name: fit_row(runs) for name, runs in grouped["quality"].items()}
+    carried = carried_sections(grouped, previous, size.name)
+    for section in carried:
+        out.update({key: previous[key] for key in SECTION_KEYS.get(section, (section,)) if key in previous})
+    quality = {name: fit_row(runs) for name, runs in grouped["quality"].items()} or out.get("quality", {})
     baseline = quality.get(BASELINE)
-    if quality:
+    if grouped["quality"]:
         out["quality"] = with_deltas(quality, baseline)
         out["headline"] = {name: quality[name]["delta"] + [len(quality[name]["by_seed"])] for name in HEADLINE[1:] if name in quality}
     if grouped["pbkd"]:
@@ -95,6 +111,12 @@ def results(records: list[dict], size: Size, command: str) -> dict:
     if grouped["iterations"]:
         out["iterations"] = {name: dict(fit_row(runs), iterations=runs[0]["tags"]["iterations"])
                              for name, runs in grouped["iterations"].items()}
+    if grouped["outside"]:
+        rows = {name: fit_row(runs) for name, runs in grouped["outside"].items()}
+        out["outside"] = {"rows": with_deltas(rows, rows.get(BASELINE)),
+                          "order": sorted(rows, key=lambda n: -rows[n]["tasks"]["mean"][0]),
+                          "testbed_order": sorted((n for n in rows if n in quality), key=lambda n: -quality[n]["tasks"]["mean"][0]),
+                          "testbed_delta": {n: quality[n]["delta"] for n in rows if n in quality and "delta" in quality[n]}}
     if grouped["speed"]:
         speed = out["speed"] = {"steps": {}, "sampling": None, "divergence": [], "fused": []}
         for name, [run] in grouped["speed"].items():
@@ -115,9 +137,11 @@ def results(records: list[dict], size: Size, command: str) -> dict:
     runs = {section: [r for seeds in rows.values() for r in seeds] for section, rows in grouped.items()}
     out["sections"] = {section: {"started": min(r["started"] for r in done), "commits": sorted({r["machine"]["commit"] for r in done}),
                                  "minutes": sum(r["seconds"] for r in done) / 60} for section, done in runs.items() if done}
+    out["sections"].update({section: dict(meta, carried=True) for section, meta in carried.items()})
+    out["sections"] = {section: out["sections"][section] for section in SECTIONS if section in out["sections"]}
     every = sorted((r for done in runs.values() for r in done), key=lambda r: r["started"])
-    out["machine"] = every[-1]["machine"] if every else {}
-    out["seconds"] = sum(r["seconds"] for r in every)
+    out["machine"] = every[-1]["machine"] if every else previous.get("machine", {}) if carried else {}
+    out["seconds"] = sum(r["seconds"] for r in every) + sum(60 * meta["minutes"] for meta in carried.values())
     return out
 
 
@@ -142,7 +166,7 @@ def per_epoch(pairs) -> str:
 def markdown(r: dict) -> str:
     lines = header(r)
     for section, render in (("quality", quality_table), ("headline", headline), ("pbkd", pbkd_table),
-                            ("iterations", iterations_table), ("quality", diversity_table), ("speed", speed_tables),
+                            ("iterations", iterations_table), ("outside", outside_table), ("quality", diversity_table), ("speed", speed_tables),
                             ("trl", trl_table), ("scaling", scaling_table)):
         if section in r:
             lines += render(r)
@@ -164,6 +188,7 @@ def header(r: dict) -> list[str]:
     if len({c for v in sections.values() for c in v["commits"]}) > 1:  # e.g. a section re-run later with --fresh
         lines += ["", "Not every section comes from the same commit; each from:", ""]
         lines += [f"- {name}: runs from {v['started']}, commit {', '.join(v['commits'])}, {v['minutes']:.1f} min"
+                  + (" (kept from the previous report: its runs' records are not in runs.jsonl)" if v.get("carried") else "")
                   for name, v in sections.items()]
     missing = [s for s in SECTIONS if s not in r]
     if missing:
@@ -247,6 +272,45 @@ def iterations_table(r: dict) -> list[str]:
     accs = [m for row in rows.values() for m, _ in row.get("reward_acc_per_epoch", [])]
     if accs:
         lines.append(f"\nReward model at or above 90% in {sum(x >= 0.9 for x in accs)} of {len(accs)} epochs/iterations above.")
+    return lines
+
+
+def verdict(delta) -> str:
+    """Where a paired difference's 95% interval lies: above 0, below 0, or across it."""
+    mean, half = delta
+    if math.isnan(mean) or math.isnan(half):
+        return "–"
+    return "better" if mean - half > 0 else "worse" if mean + half < 0 else "same"
+
+
+def outside_table(r: dict) -> list[str]:
+    """The method ordering on the task outside the project, beside the testbed's."""
+    o = r["outside"]
+    rows, testbed = o["rows"], o["testbed_delta"]
+    first = next(iter(rows.values()))
+    lines = ["", "## The ordering on a task outside the project", "",
+             "`benchmarks/outside_task.py`: sort a list of digits, scored by ROUGE-L against the sorted list; "
+             f"{r['size']['outside']['train_size']:,} training and {r['size']['outside']['val_size']:,} held-out prompts as JSONL "
+             "files, a response-file teacher that swaps two neighbouring digits in about 5% of its answers, through the CLI "
+             f"(`data.train_file`, `data.val_file`, `data.teacher: ResponseFileTeacher`); {r['size']['epochs']} epoch(s), the "
+             "testbed's settings otherwise. Black-box methods only (a response file has no probabilities). `vs SeqKD`: "
+             "where the paired difference's 95% interval lies (better, worse, or same: across 0).", "",
+             "| method | held-out score | Δ vs SeqKD | vs SeqKD | testbed Δ vs SeqKD | testbed vs SeqKD | wall s / run |",
+             "|---|---|---|---|---|---|---|",
+             f"| teacher responses | {first['teacher'].get('mean', float('nan')):.3f} | | | | | |",
+             f"| student, after warm-up | {pm(first['start'])} | | | | | |"]
+    for name, row in rows.items():
+        base = name == BASELINE
+        mark = testbed.get(name)
+        lines.append(f"| {name} | {pm(row['tasks']['mean'])} | {'baseline' if base else signed(row['delta'])} | "
+                     f"{'' if base else verdict(row['delta'])} | {'' if base or not mark else signed(mark)} | "
+                     f"{'' if base or not mark else verdict(mark)} | {row['seconds'][0]:.0f} |")
+    compared = [n for n in rows if n != BASELINE and n in testbed]
+    agree = sum(verdict(rows[n]["delta"]) == verdict(testbed[n]) for n in compared)
+    lines += ["", f"Order by mean, outside: {' > '.join(o['order'])}."]
+    if o["testbed_order"]:
+        lines += [f"Order by mean, testbed: {' > '.join(o['testbed_order'])}.",
+                  f"Against SeqKD, the two agree for {agree} of {len(compared)} methods."]
     return lines
 
 
@@ -356,6 +420,7 @@ def commands(r: dict) -> list[str]:
     rows = [(name, row) for name, row in r.get("quality", {}).items()]
     rows += [(f"PbKD table: {label}", row) for label, row in r.get("pbkd", {}).get("rows", {}).items()]
     rows += [(f"Iterations table: {label}", row) for label, row in r.get("iterations", {}).items()]
+    rows += [(f"Outside task: {label}", row) for label, row in r.get("outside", {}).get("rows", {}).items()]
     lines = ["", "## Exact commands", "", f"`{r['command']}`" + ("; each fit is `python -m pbkd_lightning fit` with the method's "
              "config and (besides its own folder and the shared caches):" if rows else "."), ""]
     lines += [f"- {name}: `{' '.join(row['args'])}`" for name, row in rows]
@@ -449,8 +514,13 @@ def plots(r: dict, folder: str) -> None:
 
 
 def write(records: list[dict], size: Size, command: str, out: str) -> str:
-    """results.json, plots/ and RESULTS.md in ``out``, from ``records``; returns RESULTS.md's text."""
-    figures = json.loads(json.dumps(results(records, size, command)))  # rendered from exactly what results.json holds
+    """results.json, plots/ and RESULTS.md in ``out``, from ``records`` (and the sections of the results.json already
+    there that have no records); returns RESULTS.md's text."""
+    previous = None
+    if os.path.exists(os.path.join(out, "results.json")):
+        with open(os.path.join(out, "results.json")) as handle:
+            previous = json.load(handle)
+    figures = json.loads(json.dumps(results(records, size, command, previous)))  # rendered from exactly what results.json holds
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as handle:
         json.dump(figures, handle, indent=1)
@@ -465,16 +535,16 @@ def write(records: list[dict], size: Size, command: str, out: str) -> str:
 
 
 def main(argv=None) -> None:
-    from benchmarks.run import OUT, default_work
+    from benchmarks.run import OUT, records_file
     from benchmarks.runner import load_records
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the quick size's records")
     parser.add_argument("--out", default=OUT, help="folder for RESULTS.md, results.json and plots/")
-    parser.add_argument("--records", help="the runner's records (default: runs.jsonl in the run's work folder)")
+    parser.add_argument("--records", help="the runner's records (default: runs.jsonl next to the report)")
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
-    path = args.records or os.path.join(default_work(args.out, mode), "runs.jsonl")
+    path = args.records or records_file(args.out)
     records = [r for r in load_records(path) if r["mode"] == mode]
     if not records:
         raise SystemExit(f"no {mode} records in {path}")

@@ -6,9 +6,10 @@
     python -m benchmarks.run --quick --out DIR   # everything (runs, caches, records, report) under DIR
 
 The experiments are data (benchmarks/experiments.py); benchmarks/runner.py runs them, appending one JSON line
-per finished run to ``runs.jsonl`` in the work folder, and skips runs already there, so an interrupted bench
-continues where it stopped (``--fresh`` measures the selected sections again). benchmarks/report.py then writes
-RESULTS.md, results.json and plots/ from every recorded run of the mode.
+per finished run to ``runs.jsonl`` next to the report (committed with it: a fresh clone continues the bench, and
+re-running one section keeps the others' runs), and skips runs already there, so an interrupted bench continues
+where it stopped (``--fresh`` measures the selected sections again). benchmarks/report.py then writes RESULTS.md,
+results.json and plots/ from every recorded run of the mode.
 """
 
 import argparse
@@ -26,8 +27,13 @@ ROOT = runner.ROOT
 OUT = os.path.join(ROOT, "benchmarks")
 
 
+def records_file(out: str) -> str:
+    """The runs' records: next to the report they make."""
+    return os.path.join(os.path.abspath(out), "runs.jsonl")
+
+
 def default_work(out: str, mode: str) -> str:
-    """Fit folders, caches and records: runs/bench-<mode> for the repository's report, else under ``out``."""
+    """Fit folders and caches: runs/bench-<mode> for the repository's report, else under ``out``."""
     if os.path.abspath(out) == OUT:
         return os.path.join(ROOT, "runs", f"bench-{mode}")
     return os.path.join(out, "work")
@@ -37,7 +43,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="toy sizes: the same tables in minutes")
     parser.add_argument("--out", default=OUT, help="folder for RESULTS.md, results.json and plots/")
-    parser.add_argument("--work", help="folder for the fits, the shared caches and runs.jsonl "
+    parser.add_argument("--work", help="folder for the fits and the shared caches "
                                        "(default: runs/bench-<mode>, or <out>/work when --out is given)")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated subset of {','.join(SECTIONS)} to run; the report still shows every "
@@ -55,7 +61,7 @@ def main(argv=None) -> None:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
     out = os.path.abspath(args.out)
     work = os.path.abspath(args.work or default_work(out, mode))
-    records_path = os.path.join(work, "runs.jsonl")
+    records_path = records_file(out)
 
     os.chdir(ROOT)  # configs are named relative to the repository root
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

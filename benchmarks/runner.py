@@ -83,15 +83,29 @@ def config_args(experiment: Experiment) -> list[str]:
     return [arg for config in experiment.configs for arg in ("--config", config)]
 
 
-def fit_args(experiment: Experiment, seed: int, budget_s: int | None = None) -> list[str]:
+def fit_args(experiment: Experiment, seed: int, budget_s: int | None = None, data: str = "") -> list[str]:
     """The fit's arguments that decide its result: configs, the size's overrides whose key the method's config
-    has, the experiment's own overrides, epochs and seed (folders and caches come on top: :func:`folder_args`)."""
+    has, the experiment's own overrides (``{data}`` in them: ``data``, the folder of its data files), epochs and
+    seed (folders and caches come on top: :func:`folder_args`)."""
     config = method_config(experiment)
-    args = config_args(experiment) + [o for o in experiment.shared_overrides if has_key(config, o)] + list(experiment.overrides)
+    own = [o.replace("{data}", data) for o in experiment.overrides]
+    args = config_args(experiment) + [o for o in experiment.shared_overrides if has_key(config, o)] + own
     if budget_s is not None:
         args.append(f"--trainer.max_time=00:00:{budget_s // 60:02d}:{budget_s % 60:02d}")
     return args + [f"--trainer.max_epochs={experiment.epochs}", f"--seed_everything={seed}", f"--model.student.init_seed={seed}",
                    "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--model.num_threads=2"]
+
+
+def data_folder(experiment: Experiment, work: str) -> str:
+    """The experiment's data files, written by its ``data`` function under ``work`` (named relative to the
+    repository when inside it, so its records read the same on every clone)."""
+    if not experiment.data:
+        return ""
+    module, name = experiment.data.split(":")
+    folder = os.path.join(work, "data", module.rsplit(".", 1)[-1])
+    getattr(importlib.import_module(module), name)(folder, **experiment.data_params)
+    inside = os.path.abspath(folder).startswith(ROOT + os.sep)
+    return os.path.relpath(folder, ROOT) if inside else os.path.abspath(folder)
 
 
 def folder_args(experiment: Experiment, root: str, cache: str) -> list[str]:
@@ -205,11 +219,12 @@ def run(experiments: list[Experiment], mode: str, records_path: str, work: str) 
     skipped = 0
     with tqdm(total=total, desc=f"bench ({mode})", unit="run", dynamic_ncols=True) as progress:
         for experiment in experiments:
+            data = data_folder(experiment, work)
             for seed in experiment.seeds:
                 budget_s = None
                 if experiment.same_wall_clock_as:
                     budget_s = max(1, round(wall_clock_budget(records, experiment.same_wall_clock_as)))  # never 0 s
-                args = fit_args(experiment, seed, budget_s) if experiment.configs else []
+                args = fit_args(experiment, seed, budget_s, data) if experiment.configs else []
                 record = {"mode": mode, "section": experiment.section, "name": experiment.name, "seed": seed, "args": args,
                           "measure": experiment.measure, "params": experiment.params, "tags": experiment.tags}
                 if budget_s is not None:

@@ -215,7 +215,7 @@ def test_bench_quick_writes_only_under_its_folder_and_its_report_agrees_with_the
     command = f"python -m benchmarks.run --quick --sections {sections}" + (f" --rows '{rows}'" if rows else "") + " --seeds 1"
     assert figures["mode"] == "quick" and figures["command"] == command
     assert set(sections.split(",")) <= set(figures)  # each section asked for ran and is reported
-    records = [json.loads(line) for line in (tmp_path / "work" / "runs.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     expected = [e for e in experiments(SIZES["quick"]) if e.section in sections.split(",")
                 and (not rows or e.name in rows.split(";"))]
     assert len(records) == len(expected) == (len(rows.split(";")) if rows else len(expected))  # each row's first seed

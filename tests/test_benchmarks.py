@@ -49,6 +49,9 @@ def check_bench_output(folder):
         assert len(row["curve"]) == len(row["curve_steps"]) == len(row["curve_seconds"]) == figures["size"]["epochs"] + 1
     for name, row in figures.get("iterations", {}).items():
         assert row_of(name).startswith(f"| {name} | {pm(row['tasks']['mean'])} | ")
+    for name, row in figures.get("outside", {}).get("rows", {}).items():
+        line = row_of(name, lambda line: "±" in line and line.count("|") == 8)  # the outside table: 7 columns
+        assert line.startswith(f"| {name} | {pm(row['tasks']['mean'])} | {'baseline' if name == 'SeqKD' else signed(row['delta'])} |")
     if "pbkd" in figures:
         for label, row in figures["pbkd"]["rows"].items():
             assert f"| {pm(row['tasks']['mean'])} | {signed(row['delta'])} |" in row_of(label)
@@ -106,7 +109,7 @@ def test_report_from_recorded_runs(tmp_path):
     from benchmarks.runner import load_records, wall_clock_budget
 
     records = load_records(FIXTURE)
-    assert len(records) == 27  # and the cut-off last line is ignored
+    assert len(records) == 31  # and the cut-off last line is ignored
     text = write(records, SIZES["quick"], "make bench-quick", str(tmp_path))
     figures = check_bench_output(tmp_path)
     assert text == (tmp_path / "RESULTS.md").read_text()
@@ -128,11 +131,39 @@ def test_report_from_recorded_runs(tmp_path):
     assert "Reward model at or above 90% in 1 of 3 epochs/iterations above" in text
     assert "Not every section comes from the same commit" in text and "- speed: runs from 2026-12-02 09:00 UTC, commit def5678" in text
     assert "Not run yet" not in text
+    # outside: PbKD 0.5, 0.59 against SeqKD 0.6, 0.7: differences -0.10, -0.11, the interval below 0; the testbed's across 0
+    assert figures["outside"]["rows"]["Black-box PbKD, offline"]["delta"] == pytest.approx([-0.105, 12.706 * 0.005], rel=1e-4)
+    assert "| Black-box PbKD, offline | 0.545 ± 0.572 | -10.5 ± 6.4 | worse | +15.0 ± 63.5 | same | 52 |" in text
+    assert "Order by mean, outside: SeqKD > Black-box PbKD, offline." in text and "agree for 0 of 1 methods" in text
 
     partial = markdown(results([r for r in records if r["section"] == "scaling"], SIZES["quick"], "make bench-quick"))
-    assert "Not run yet: quality, pbkd, iterations, speed, trl." in partial and "| tokens | 32 |" in partial
+    assert "Not run yet: quality, pbkd, iterations, outside, speed, trl." in partial and "| tokens | 32 |" in partial
     with pytest.raises(ValueError, match="has no recorded run yet"):
         wall_clock_budget([r for r in records if r["section"] != "quality"], "quality/Black-box PbKD, offline")
+
+
+def test_a_report_keeps_the_sections_of_its_previous_results_that_have_no_records(tmp_path):
+    """Re-running one section (here: only scaling's records) rewrites it and keeps the others, marked as kept; the
+    figures of a kept section are the previous report's, and a report of another mode keeps nothing."""
+    from benchmarks.experiments import SIZES
+    from benchmarks.report import write
+    from benchmarks.runner import load_records
+
+    records = load_records(FIXTURE)
+    write(records, SIZES["quick"], "make bench-quick", str(tmp_path))
+    before = json.loads((tmp_path / "results.json").read_text())
+    scaling = [dict(r, figures={**r["figures"], "naive": {**r["figures"]["naive"], "seconds": 9.99}}) for r in records
+               if r["section"] == "scaling"]
+    text = write(scaling, SIZES["quick"], "python -m benchmarks.run --quick --sections scaling", str(tmp_path))
+    after = check_bench_output(tmp_path)
+    for key in ("quality", "headline", "pbkd", "iterations", "outside", "speed", "trl"):
+        assert after[key] == before[key]
+    assert after["scaling"] != before["scaling"] and {row["naive"]["seconds"] for row in after["scaling"]["tokens"]} == {9.99}
+    assert after["sections"]["quality"] == dict(before["sections"]["quality"], carried=True) and "carried" not in after["sections"]["scaling"]
+    assert "- quality: runs from 2026-12-01 08:00 UTC, commit abc1234" in text and "(kept from the previous report" in text
+    assert "Not run yet" not in text
+    full = write(scaling, SIZES["full"], "make bench", str(tmp_path))  # the folder's results are quick ones: nothing kept
+    assert "Not run yet: quality, pbkd, iterations, outside, speed, trl" in full
 
 
 CALLS = []
@@ -191,9 +222,10 @@ SMOKE_ROWS = {"quality,pbkd": "SeqKD;Black-box PbKD, offline;White-box PbKD;X-KD
                               "paper: scalar head (last token), teacher labels, 1 critic step;"
                               "SeqKD, same wall-clock as Black-box PbKD, offline",
               # iterations: offline and one online row; of speed, a black-box and a white-box step-speed row (the
-              # others run the same step code), sampling, one divergence size
-              "iterations,speed": "offline, 2 epochs;online, 1 iteration;"
-                                  "Black-box PbKD, offline;White-box PbKD;sampling;divergence, vocabulary 4096"}
+              # others run the same step code), sampling, one divergence size; the outside task's black-box PbKD
+              # (JSONL files and a response-file teacher; the name also picks the speed row)
+              "iterations,speed,outside": "offline, 2 epochs;online, 1 iteration;"
+                                          "Black-box PbKD, offline;White-box PbKD;sampling;divergence, vocabulary 4096"}
 
 
 @pytest.mark.slow
@@ -218,7 +250,8 @@ def test_bench_quick_writes_only_under_its_folder_and_its_report_agrees_with_the
     records = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     expected = [e for e in experiments(SIZES["quick"]) if e.section in sections.split(",")
                 and (not rows or e.name in rows.split(";"))]
-    assert len(records) == len(expected) == (len(rows.split(";")) if rows else len(expected))  # each row's first seed
+    assert len(records) == len(expected) and {r["name"] for r in records} == set(rows.split(";"))  # each row's first seed
+    assert "outside" not in sections or figures["outside"]["rows"]["Black-box PbKD, offline"]["teacher"]["mean"] > 0.9
 
 
 def test_teacher_rows_benchmark_gives_the_same_rows_and_reports_its_speed_up(tmp_path, capsys):

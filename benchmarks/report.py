@@ -64,6 +64,31 @@ def fit_row(runs: list[dict]) -> dict:
     return row
 
 
+def iterations_at(rows: dict[str, list[dict]], counts: tuple[int, ...]) -> dict:
+    """Offline against online after each of ``counts`` epochs / iterations, read off the long runs' per-epoch held-out
+    scores: each side's mean and interval over seeds, online − offline paired by seed, the online reward model's
+    held-out accuracy at that iteration, and the student steps and seconds it took."""
+    sides = {"offline" if runs[0]["tags"]["iterations"] == 0 else "online": runs for runs in rows.values()}
+    at = {}
+    for n in counts:
+        row = {}
+        for side, runs in sides.items():
+            runs = [r for r in runs if len(r["curve"]) > n]
+            if not runs:
+                continue
+            row[side] = {"score": mean_ci([r["curve"][n] for r in runs]), "by_seed": {str(r["seed"]): r["curve"][n] for r in runs},
+                         "steps": statistics.fmean(r["curve_steps"][n] for r in runs),
+                         "seconds": statistics.fmean(r["curve_seconds"][n] for r in runs)}
+            history = [r["summary"].get("heldout_pref_acc_per_epoch") or [] for r in runs]
+            if all(len(h) >= n and "all" in h[n - 1] for h in history):
+                row[side]["reward_acc"] = mean_ci([h[n - 1]["all"] for h in history])
+        if "offline" in row and "online" in row:
+            row["delta"] = paired_difference(row["online"]["by_seed"], row["offline"]["by_seed"])
+        if row:
+            at[str(n)] = row
+    return at
+
+
 def with_deltas(rows: dict, baseline: Optional[dict]) -> dict:
     """Each row with ``delta``: its paired difference to ``baseline`` over the seeds both ran (mean, 95% half-width)."""
     for row in rows.values():
@@ -109,8 +134,9 @@ def results(records: list[dict], size: Size, command: str, previous: Optional[di
             out["pbkd"]["same_wall_clock"] = {"row": label, "of": WALL_CLOCK_OF.split("/", 1)[1],
                                               "delta": paired_difference(measured["by_seed"], row["by_seed"])}
     if grouped["iterations"]:
-        out["iterations"] = {name: dict(fit_row(runs), iterations=runs[0]["tags"]["iterations"])
-                             for name, runs in grouped["iterations"].items()}
+        out["iterations"] = {"runs": {name: dict(fit_row(runs), iterations=runs[0]["tags"]["iterations"])
+                                      for name, runs in grouped["iterations"].items()},
+                             "at": iterations_at(grouped["iterations"], size.online_iterations)}
     if grouped["outside"]:
         rows = {name: fit_row(runs) for name, runs in grouped["outside"].items()}
         out["outside"] = {"rows": with_deltas(rows, rows.get(BASELINE)),
@@ -262,16 +288,29 @@ def pbkd_table(r: dict) -> list[str]:
 
 
 def iterations_table(r: dict) -> list[str]:
-    rows = r["iterations"]
+    at = r["iterations"]["at"]
     lines = ["", "## Offline against online iterations (black-box PbKD, recommended settings)", "",
-             "| run | held-out mean | reward model held-out accuracy per epoch / iteration | student steps | wall s |",
-             "|---|---|---|---|---|"]
-    for label, row in rows.items():
-        lines.append(f"| {label} | {pm(row['tasks']['mean'])} | {per_epoch(row.get('reward_acc_per_epoch'))} | "
-                     f"{_steps(row)} | {row['seconds'][0]:.0f} |")
-    accs = [m for row in rows.values() for m, _ in row.get("reward_acc_per_epoch", [])]
+             "Read off one offline and one online run per seed, each as long as the longest count: after n iterations is "
+             "the held-out score after epoch n (an online run's first n iterations do not depend on how many follow; "
+             "offline, epoch n of a run whose samples were drawn for all its epochs at the start). `online − offline`: "
+             "paired by seed, in points. Reward model: its held-out preference accuracy at that epoch's end (the "
+             "student's surrogate opens at 0.9).", "",
+             "| after n epochs / iterations | offline held-out | online held-out | online − offline | reward model acc, offline | "
+             "reward model acc, online | student steps | seconds, offline / online |", "|---|---|---|---|---|---|---|---|"]
+
+    def cell(row, side, key):
+        return pm(row[side][key]) if side in row and key in row[side] else "–"
+
+    for n, row in at.items():
+        any_side = row.get("online") or row.get("offline")
+        seconds = " / ".join(f"{row[side]['seconds']:.0f}" if side in row else "–" for side in ("offline", "online"))
+        lines.append(f"| {n} | {cell(row, 'offline', 'score')} | {cell(row, 'online', 'score')} | "
+                     f"{signed(row['delta']) if 'delta' in row else '–'} | {cell(row, 'offline', 'reward_acc')} | "
+                     f"{cell(row, 'online', 'reward_acc')} | {any_side['steps']:.0f} | {seconds} |")
+    accs = [m for row in r["iterations"]["runs"].values() for m, _ in row.get("reward_acc_per_epoch", [])]
     if accs:
-        lines.append(f"\nReward model at or above 90% in {sum(x >= 0.9 for x in accs)} of {len(accs)} epochs/iterations above.")
+        lines.append(f"\nReward model at or above 90% in {sum(x >= 0.9 for x in accs)} of {len(accs)} epochs/iterations "
+                     "(both runs, every epoch, means over seeds).")
     return lines
 
 
@@ -419,7 +458,7 @@ def gpu(r: dict) -> list[str]:
 def commands(r: dict) -> list[str]:
     rows = [(name, row) for name, row in r.get("quality", {}).items()]
     rows += [(f"PbKD table: {label}", row) for label, row in r.get("pbkd", {}).get("rows", {}).items()]
-    rows += [(f"Iterations table: {label}", row) for label, row in r.get("iterations", {}).items()]
+    rows += [(f"Iterations table: {label}", row) for label, row in r.get("iterations", {}).get("runs", {}).items()]
     rows += [(f"Outside task: {label}", row) for label, row in r.get("outside", {}).get("rows", {}).items()]
     lines = ["", "## Exact commands", "", f"`{r['command']}`" + ("; each fit is `python -m pbkd_lightning fit` with the method's "
              "config and (besides its own folder and the shared caches):" if rows else "."), ""]
@@ -471,7 +510,7 @@ def plots(r: dict, folder: str) -> None:
 
     if it := r.get("iterations"):
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-        for label, row in it.items():
+        for label, row in it["runs"].items():
             accs = [m for m, _ in row.get("reward_acc_per_epoch", [])]
             left.plot(range(len(accs)), accs, marker="o", label=label)
             right.plot(row.get("curve_steps", list(range(len(row["curve"])))), row["curve"], marker="o", label=label)

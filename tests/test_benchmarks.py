@@ -47,8 +47,8 @@ def check_bench_output(folder):
         assert f"{pm(row['tasks']['mean'])}" in line
         assert (f"| {signed(row['delta'])} |" if name != "SeqKD" else "| baseline |") in line
         assert len(row["curve"]) == len(row["curve_steps"]) == len(row["curve_seconds"]) == figures["size"]["epochs"] + 1
-    for name, row in figures.get("iterations", {}).items():
-        assert row_of(name).startswith(f"| {name} | {pm(row['tasks']['mean'])} | ")
+    for n, row in figures.get("iterations", {}).get("at", {}).items():  # each count: both sides, their paired difference
+        assert row_of(n).startswith(f"| {n} | {pm(row['offline']['score'])} | {pm(row['online']['score'])} | {signed(row['delta'])} | ")
     for name, row in figures.get("outside", {}).get("rows", {}).items():
         line = row_of(name, lambda line: "±" in line and line.count("|") == 8)  # the outside table: 7 columns
         assert line.startswith(f"| {name} | {pm(row['tasks']['mean'])} | {'baseline' if name == 'SeqKD' else signed(row['delta'])} |")
@@ -109,7 +109,7 @@ def test_report_from_recorded_runs(tmp_path):
     from benchmarks.runner import load_records, wall_clock_budget
 
     records = load_records(FIXTURE)
-    assert len(records) == 31  # and the cut-off last line is ignored
+    assert len(records) == 33  # and the cut-off last line is ignored
     text = write(records, SIZES["quick"], "make bench-quick", str(tmp_path))
     figures = check_bench_output(tmp_path)
     assert text == (tmp_path / "RESULTS.md").read_text()
@@ -127,8 +127,12 @@ def test_report_from_recorded_runs(tmp_path):
     same = figures["pbkd"]["same_wall_clock"]  # PbKD (0.5, 0.6) against SeqKD given its 52 s (0.35, 0.35)
     assert same["row"] == "SeqKD, same wall-clock as Black-box PbKD, offline (52 s)" and same["delta"][0] == pytest.approx(0.2)
     assert "(52 s): **+20.0 ± 63.5 points** (same wall-clock)" in text
-    assert "| offline, 2 epochs | 0.400 ± – | 0.70, 0.92 |" in text  # one seed: no interval
-    assert "Reward model at or above 90% in 1 of 3 epochs/iterations above" in text
+    # iterations, read off 2-epoch runs: after 1, offline 0.35, 0.3 and online 0.3, 0.32 (differences -0.05, +0.02)
+    at = figures["iterations"]["at"]
+    assert at["1"]["delta"] == pytest.approx([-0.015, 12.706 * 0.035]) and at["2"]["delta"] == pytest.approx([0.035, 12.706 * 0.015])
+    assert at["1"]["online"]["reward_acc"] == pytest.approx([0.65, 12.706 * 0.05]) and at["2"]["online"]["seconds"] == 25.0
+    assert "| 2 | 0.450 ± 0.635 | 0.485 ± 0.445 | +3.5 ± 19.1 | 0.860 ± 0.762 | 0.940 ± 0.127 | 8 | 20 / 25 |" in text
+    assert "Reward model at or above 90% in 1 of 4 epochs/iterations" in text
     assert "Not every section comes from the same commit" in text and "- speed: runs from 2026-12-02 09:00 UTC, commit def5678" in text
     assert "Not run yet" not in text
     # outside: PbKD 0.5, 0.59 against SeqKD 0.6, 0.7: differences -0.10, -0.11, the interval below 0; the testbed's across 0
@@ -224,7 +228,7 @@ SMOKE_ROWS = {"quality,pbkd": "SeqKD;Black-box PbKD, offline;White-box PbKD;X-KD
               # iterations: offline and one online row; of speed, a black-box and a white-box step-speed row (the
               # others run the same step code), sampling, one divergence size; the outside task's black-box PbKD
               # (JSONL files and a response-file teacher; the name also picks the speed row)
-              "iterations,speed,outside": "offline, 2 epochs;online, 1 iteration;"
+              "iterations,speed,outside": "offline, 2 epochs;online, 2 iterations;"
                                           "Black-box PbKD, offline;White-box PbKD;sampling;divergence, vocabulary 4096"}
 
 

@@ -38,7 +38,7 @@ run: install
 test: install
 	$(PY) -m pytest -q -n 2 --dist worksteal  # two workers: the suite is single-threaded per test (conftest), the machine has 2 cores
 
-# Each finished bench run is a line of runs/bench-<full|quick>/runs.jsonl: an interrupted bench continues where it stopped.
+# Each finished bench run is a line of benchmarks/runs.jsonl (committed): an interrupted bench continues where it stopped.
 bench-extra: install  # TRL, for the section against TRL's GKDTrainer (the package itself never imports it)
 	$(UV) pip install -q --python $(PY) $(FIND_LINKS) -c requirements.lock -e '.[dev,lora,bench]' \
 	  || echo "TRL could not be installed: make bench records its section as skipped"

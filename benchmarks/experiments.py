@@ -100,7 +100,7 @@ SIZES = {
         ),
         sampling=dict(tiny=True, prompts=16, max_new_tokens=12, samples=2),
         divergence=dict(batch=2, tokens=64, vocabs=(4096, 16384)),
-        outside=dict(train_size=16, val_size=4),
+        outside=dict(train_size=16, val_size=16),
         fused=dict(rows=64, vocabs=(4096,)),
         trl=dict(vocabs=(1024,), warm=1, steps=2),
         scaling=dict(batch=2, tokens=(32, 64, 128), vocab=4096, vocabs=(1024, 4096, 16384), at_tokens=64),

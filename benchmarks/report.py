@@ -89,6 +89,23 @@ def iterations_at(rows: dict[str, list[dict]], counts: tuple[int, ...]) -> dict:
     return at
 
 
+def ordering(means: dict[str, float]) -> str:
+    """Names by mean, best first; equal means (to the reported 3 digits) joined by ``=``."""
+    names = sorted(means, key=lambda n: -means[n])
+    text = names[0] if names else ""
+    for before, name in zip(names, names[1:]):
+        text += (" = " if f"{means[before]:.3f}" == f"{means[name]:.3f}" else " > ") + name
+    return text
+
+
+def baseline_runs_equal(runs: list[dict], baseline: list[dict]) -> bool:
+    """Every seed both ran ended at the baseline's score exactly (e.g. black-box PbKD whose gate never opened: its
+    student trained on SeqKD's loss alone)."""
+    theirs = {r["seed"]: r["summary"]["student_final"]["mean"] for r in baseline}
+    shared = [r for r in runs if r["seed"] in theirs]
+    return bool(shared) and all(r["summary"]["student_final"]["mean"] == theirs[r["seed"]] for r in shared)
+
+
 def with_deltas(rows: dict, baseline: Optional[dict]) -> dict:
     """Each row with ``delta``: its paired difference to ``baseline`` over the seeds both ran (mean, 95% half-width)."""
     for row in rows.values():
@@ -99,24 +116,33 @@ def with_deltas(rows: dict, baseline: Optional[dict]) -> dict:
 SECTION_KEYS = {"quality": ("quality", "headline")}  # results.json's keys of each section (default: its own name)
 
 
-def carried_sections(grouped: dict, previous: Optional[dict], mode: str) -> dict:
+def carried_sections(grouped: dict, previous: Optional[dict], mode: str, forget: frozenset = frozenset()) -> dict:
     """The sections of ``previous`` (the results.json being rewritten) that have no records now, with their figures:
-    a section measured before its records were kept next to the report is not lost by re-running another."""
+    a section measured before its records were kept next to the report is not lost by re-running another.
+    ``forget``: sections measured afresh, never carried."""
     if not previous or previous.get("mode") != mode:
         return {}
     return {section: meta for section, meta in previous.get("sections", {}).items()
-            if section in grouped and not grouped[section]}
+            if section in grouped and not grouped[section] and section not in forget}
 
 
-def results(records: list[dict], size: Size, command: str, previous: Optional[dict] = None) -> dict:
+def results(records: list[dict], size: Size, command: str, previous: Optional[dict] = None,
+            forget: frozenset = frozenset()) -> dict:
     """results.json: every figure the report shows, per section; sections without records are taken from
     ``previous`` where it has them (marked ``carried``), else left out."""
     grouped = {section: by_row(records, size, section) for section in SECTIONS}
     out = {"mode": size.name, "command": command, "size": dataclasses.asdict(size)}
-    carried = carried_sections(grouped, previous, size.name)
+    carried = carried_sections(grouped, previous, size.name, forget)
     for section in carried:
         out.update({key: previous[key] for key in SECTION_KEYS.get(section, (section,)) if key in previous})
-    quality = {name: fit_row(runs) for name, runs in grouped["quality"].items()} or out.get("quality", {})
+    quality = {name: fit_row(runs) for name, runs in grouped["quality"].items()}
+    kept_rows = {}
+    if quality and previous and previous.get("mode") == size.name and "quality" not in forget:
+        # a partial re-run of the quality section keeps the previous report's other rows (SeqKD's among them)
+        kept_rows = {name: row for name, row in previous.get("quality", {}).items() if name not in quality}
+    order = [e.name for e in experiments(size) if e.section == "quality"]
+    merged = {**kept_rows, **quality} if quality else out.get("quality", {})
+    quality = {name: merged[name] for name in order if name in merged}
     baseline = quality.get(BASELINE)
     if grouped["quality"]:
         out["quality"] = with_deltas(quality, baseline)
@@ -140,8 +166,10 @@ def results(records: list[dict], size: Size, command: str, previous: Optional[di
     if grouped["outside"]:
         rows = {name: fit_row(runs) for name, runs in grouped["outside"].items()}
         out["outside"] = {"rows": with_deltas(rows, rows.get(BASELINE)),
-                          "order": sorted(rows, key=lambda n: -rows[n]["tasks"]["mean"][0]),
-                          "testbed_order": sorted((n for n in rows if n in quality), key=lambda n: -quality[n]["tasks"]["mean"][0]),
+                          "identical": [n for n, runs in grouped["outside"].items() if n != BASELINE and baseline_runs_equal(
+                              runs, grouped["outside"].get(BASELINE, []))],
+                          "order": ordering({n: rows[n]["tasks"]["mean"][0] for n in rows}),
+                          "testbed_order": ordering({n: quality[n]["tasks"]["mean"][0] for n in rows if n in quality}),
                           "testbed_delta": {n: quality[n]["delta"] for n in rows if n in quality and "delta" in quality[n]}}
     if grouped["speed"]:
         speed = out["speed"] = {"steps": {}, "sampling": None, "divergence": [], "fused": []}
@@ -164,6 +192,9 @@ def results(records: list[dict], size: Size, command: str, previous: Optional[di
     out["sections"] = {section: {"started": min(r["started"] for r in done), "commits": sorted({r["machine"]["commit"] for r in done}),
                                  "minutes": sum(r["seconds"] for r in done) / 60} for section, done in runs.items() if done}
     out["sections"].update({section: dict(meta, carried=True) for section, meta in carried.items()})
+    if kept_rows:
+        meta = previous.get("sections", {}).get("quality", {"started": "?", "commits": ["?"]})
+        out["sections"]["quality"] = {**out["sections"]["quality"], "kept_rows": sorted(kept_rows), "kept_from": meta}
     out["sections"] = {section: out["sections"][section] for section in SECTIONS if section in out["sections"]}
     every = sorted((r for done in runs.values() for r in done), key=lambda r: r["started"])
     out["machine"] = every[-1]["machine"] if every else previous.get("machine", {}) if carried else {}
@@ -211,10 +242,12 @@ def header(r: dict) -> list[str]:
         lines += ["", f"Machine: {m['platform']}, {m['processor']}, {m['cpus']} CPUs, {m['memory_gib']} GiB. "
                   f"Python {m['python']}, torch {m['torch']}, lightning {m['lightning']}, transformers {m['transformers']}. "
                   f"Commit {m['commit']}. Total wall time of the runs {r['seconds'] / 60:.1f} min."]
-    if len({c for v in sections.values() for c in v["commits"]}) > 1:  # e.g. a section re-run later with --fresh
+    if len({c for v in sections.values() for c in v["commits"]}) > 1 or any(v.get("carried") for v in sections.values()):
         lines += ["", "Not every section comes from the same commit; each from:", ""]
         lines += [f"- {name}: runs from {v['started']}, commit {', '.join(v['commits'])}, {v['minutes']:.1f} min"
                   + (" (kept from the previous report: its runs' records are not in runs.jsonl)" if v.get("carried") else "")
+                  + (f"; its rows {', '.join(v['kept_rows'])} kept from the previous report (runs from {v['kept_from']['started']}, "
+                     f"commit {', '.join(v['kept_from']['commits'])})" if v.get("kept_rows") else "")
                   for name, v in sections.items()]
     missing = [s for s in SECTIONS if s not in r]
     if missing:
@@ -328,28 +361,35 @@ def outside_table(r: dict) -> list[str]:
     rows, testbed = o["rows"], o["testbed_delta"]
     first = next(iter(rows.values()))
     lines = ["", "## The ordering on a task outside the project", "",
-             "`benchmarks/outside_task.py`: sort a list of digits, scored by ROUGE-L against the sorted list; "
-             f"{r['size']['outside']['train_size']:,} training and {r['size']['outside']['val_size']:,} held-out prompts as JSONL "
-             "files, a response-file teacher that swaps two neighbouring digits in about 5% of its answers, through the CLI "
+             "`benchmarks/outside_task.py`: sorting digits by value and spelling numbers digit by digit, mixed in one data "
+             "set and scored by ROUGE-L against the reference (no built-in task has either; the student, warm-up and method "
+             f"configs are the testbed's); {r['size']['outside']['train_size']:,} training and "
+             f"{r['size']['outside']['val_size']:,} held-out prompts as JSONL files, a response-file teacher with one "
+             "mistake in about 5% of its answers, through the CLI "
              f"(`data.train_file`, `data.val_file`, `data.teacher: ResponseFileTeacher`); {r['size']['epochs']} epoch(s), the "
              "testbed's settings otherwise. Black-box methods only (a response file has no probabilities). `vs SeqKD`: "
              "where the paired difference's 95% interval lies (better, worse, or same: across 0).", "",
-             "| method | held-out score | Δ vs SeqKD | vs SeqKD | testbed Δ vs SeqKD | testbed vs SeqKD | wall s / run |",
-             "|---|---|---|---|---|---|---|",
-             f"| teacher responses | {first['teacher'].get('mean', float('nan')):.3f} | | | | | |",
-             f"| student, after warm-up | {pm(first['start'])} | | | | | |"]
+             "| method | held-out score | Δ vs SeqKD | vs SeqKD | testbed Δ vs SeqKD | testbed vs SeqKD | reward model acc per epoch | wall s / run |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| teacher responses | {first['teacher'].get('mean', float('nan')):.3f} | | | | | | |",
+             f"| student, after warm-up | {pm(first['start'])} | | | | | | |"]
+    identical = set(o["identical"])
     for name, row in rows.items():
         base = name == BASELINE
         mark = testbed.get(name)
+        said = "identical (every seed)" if name in identical else verdict(row["delta"])
         lines.append(f"| {name} | {pm(row['tasks']['mean'])} | {'baseline' if base else signed(row['delta'])} | "
-                     f"{'' if base else verdict(row['delta'])} | {'' if base or not mark else signed(mark)} | "
-                     f"{'' if base or not mark else verdict(mark)} | {row['seconds'][0]:.0f} |")
-    compared = [n for n in rows if n != BASELINE and n in testbed]
+                     f"{'' if base else said} | {'' if base or not mark else signed(mark)} | "
+                     f"{'' if base or not mark else verdict(mark)} | {per_epoch(row.get('reward_acc_per_epoch'))} | "
+                     f"{row['seconds'][0]:.0f} |")
+    compared = [n for n in rows if n != BASELINE and n in testbed and n not in identical]
     agree = sum(verdict(rows[n]["delta"]) == verdict(testbed[n]) for n in compared)
-    lines += ["", f"Order by mean, outside: {' > '.join(o['order'])}."]
+    lines += ["", f"Order by mean, outside: {o['order']}."]
     if o["testbed_order"]:
-        lines += [f"Order by mean, testbed: {' > '.join(o['testbed_order'])}.",
-                  f"Against SeqKD, the two agree for {agree} of {len(compared)} methods."]
+        lines += [f"Order by mean, testbed: {o['testbed_order']}.",
+                  f"Against SeqKD, the two agree for {agree} of {len(compared)} methods"
+                  + (f" (not counted: {', '.join(sorted(identical))}, equal to SeqKD on every seed, so it says nothing about "
+                     "the method)" if identical else "") + "; a verdict of `same` from a wide interval is weak evidence."]
     return lines
 
 
@@ -552,14 +592,14 @@ def plots(r: dict, folder: str) -> None:
         save(fig, "scaling")
 
 
-def write(records: list[dict], size: Size, command: str, out: str) -> str:
+def write(records: list[dict], size: Size, command: str, out: str, forget: frozenset = frozenset()) -> str:
     """results.json, plots/ and RESULTS.md in ``out``, from ``records`` (and the sections of the results.json already
     there that have no records); returns RESULTS.md's text."""
     previous = None
     if os.path.exists(os.path.join(out, "results.json")):
         with open(os.path.join(out, "results.json")) as handle:
             previous = json.load(handle)
-    figures = json.loads(json.dumps(results(records, size, command, previous)))  # rendered from exactly what results.json holds
+    figures = json.loads(json.dumps(results(records, size, command, previous, frozenset(forget))))  # rendered from exactly what results.json holds
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as handle:
         json.dump(figures, handle, indent=1)
@@ -574,15 +614,17 @@ def write(records: list[dict], size: Size, command: str, out: str) -> str:
 
 
 def main(argv=None) -> None:
-    from benchmarks.run import OUT, records_file
+    from benchmarks.run import default_out, records_file
     from benchmarks.runner import load_records
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the quick size's records")
-    parser.add_argument("--out", default=OUT, help="folder for RESULTS.md, results.json and plots/")
+    parser.add_argument("--out", help="folder for RESULTS.md, results.json and plots/ (default: benchmarks/; with --quick "
+                                      "runs/bench-quick)")
     parser.add_argument("--records", help="the runner's records (default: runs.jsonl next to the report)")
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
+    args.out = args.out or default_out(mode)
     path = args.records or records_file(args.out)
     records = [r for r in load_records(path) if r["mode"] == mode]
     if not records:

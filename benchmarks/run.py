@@ -32,6 +32,11 @@ def records_file(out: str) -> str:
     return os.path.join(os.path.abspath(out), "runs.jsonl")
 
 
+def default_out(mode: str) -> str:
+    """The full report is the repository's; a quick one goes under runs/ (keeping the committed one whole)."""
+    return OUT if mode == "full" else os.path.join(ROOT, "runs", f"bench-{mode}")
+
+
 def default_work(out: str, mode: str) -> str:
     """Fit folders and caches: runs/bench-<mode> for the repository's report, else under ``out``."""
     if os.path.abspath(out) == OUT:
@@ -42,7 +47,8 @@ def default_work(out: str, mode: str) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="toy sizes: the same tables in minutes")
-    parser.add_argument("--out", default=OUT, help="folder for RESULTS.md, results.json and plots/")
+    parser.add_argument("--out", help="folder for RESULTS.md, results.json, plots/ and runs.jsonl (default: benchmarks/, "
+                                      "the committed report; with --quick runs/bench-quick, so a toy run never touches it)")
     parser.add_argument("--work", help="folder for the fits and the shared caches "
                                        "(default: runs/bench-<mode>, or <out>/work when --out is given)")
     parser.add_argument("--sections", default=",".join(SECTIONS),
@@ -59,7 +65,7 @@ def main(argv=None) -> None:
     sections = [name for name in args.sections.split(",") if name]
     if unknown := set(sections) - set(SECTIONS):
         parser.error(f"unknown sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
-    out = os.path.abspath(args.out)
+    out = os.path.abspath(args.out or default_out(mode))
     work = os.path.abspath(args.work or default_work(out, mode))
     records_path = records_file(out)
 
@@ -88,7 +94,7 @@ def main(argv=None) -> None:
         command += f" --rows '{args.rows}'" if args.rows else ""
         command += f" --seeds {args.seeds}" if args.seeds else ""
     records = [r for r in runner.load_records(records_path) if r["mode"] == mode]
-    print(report.write(records, size, command, out))
+    print(report.write(records, size, command, out, forget=frozenset(sections) if args.fresh else frozenset()))
 
 
 if __name__ == "__main__":

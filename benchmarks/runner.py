@@ -154,7 +154,7 @@ def measure(experiment: Experiment, args: list[str]) -> dict:
 
 def record_key(record: dict) -> str:
     return json.dumps([record["mode"], record["section"], record["name"], record["seed"], record["args"],
-                       record["measure"], record["params"]], sort_keys=True)
+                       record["measure"], record["params"], record.get("data_params")], sort_keys=True)
 
 
 def load_records(path: str) -> list[dict]:
@@ -229,6 +229,8 @@ def run(experiments: list[Experiment], mode: str, records_path: str, work: str) 
                           "measure": experiment.measure, "params": experiment.params, "tags": experiment.tags}
                 if budget_s is not None:
                     record["max_time_s"] = budget_s
+                if experiment.data:  # other data settings, other data: measured again
+                    record["data_params"] = {"function": experiment.data, **experiment.data_params}
                 if record_key(record) in done:
                     skipped += 1
                     progress.update(1)

@@ -43,14 +43,15 @@ def check_bench_output(folder):
         return line
 
     for name, row in figures.get("quality", {}).items():  # every method: its mean, interval and paired Δ as the JSON has them
-        line = row_of(name, lambda line: "±" in line and line.count("|") > 8)
+        line = row_of(name, lambda line: "±" in line and line.count("|") > 9)  # the quality table: 9 columns or more
         assert f"{pm(row['tasks']['mean'])}" in line
         assert (f"| {signed(row['delta'])} |" if name != "SeqKD" else "| baseline |") in line
         assert len(row["curve"]) == len(row["curve_steps"]) == len(row["curve_seconds"]) == figures["size"]["epochs"] + 1
     for n, row in figures.get("iterations", {}).get("at", {}).items():  # each count: both sides, their paired difference
-        assert row_of(n).startswith(f"| {n} | {pm(row['offline']['score'])} | {pm(row['online']['score'])} | {signed(row['delta'])} | ")
+        if "offline" in row and "online" in row:
+            assert row_of(n).startswith(f"| {n} | {pm(row['offline']['score'])} | {pm(row['online']['score'])} | {signed(row['delta'])} | ")
     for name, row in figures.get("outside", {}).get("rows", {}).items():
-        line = row_of(name, lambda line: "±" in line and line.count("|") == 8)  # the outside table: 7 columns
+        line = row_of(name, lambda line: "±" in line and line.count("|") == 9)  # the outside table: 8 columns
         assert line.startswith(f"| {name} | {pm(row['tasks']['mean'])} | {'baseline' if name == 'SeqKD' else signed(row['delta'])} |")
     if "pbkd" in figures:
         for label, row in figures["pbkd"]["rows"].items():
@@ -105,7 +106,7 @@ def test_report_from_recorded_runs(tmp_path):
     """The report alone, from a fixture of records: means with 95% intervals over seeds, paired differences to SeqKD,
     the last record of a re-run seed, the wall-clock budget, provenance by commit; a line cut off by a kill is skipped."""
     from benchmarks.experiments import SIZES
-    from benchmarks.report import markdown, results, write
+    from benchmarks.report import markdown, ordering, results, write
     from benchmarks.runner import load_records, wall_clock_budget
 
     records = load_records(FIXTURE)
@@ -137,8 +138,12 @@ def test_report_from_recorded_runs(tmp_path):
     assert "Not run yet" not in text
     # outside: PbKD 0.5, 0.59 against SeqKD 0.6, 0.7: differences -0.10, -0.11, the interval below 0; the testbed's across 0
     assert figures["outside"]["rows"]["Black-box PbKD, offline"]["delta"] == pytest.approx([-0.105, 12.706 * 0.005], rel=1e-4)
-    assert "| Black-box PbKD, offline | 0.545 ± 0.572 | -10.5 ± 6.4 | worse | +15.0 ± 63.5 | same | 52 |" in text
-    assert "Order by mean, outside: SeqKD > Black-box PbKD, offline." in text and "agree for 0 of 1 methods" in text
+    assert "| Black-box PbKD, offline | 0.545 ± 0.572 | -10.5 ± 6.4 | worse | +15.0 ± 63.5 | same | – | 52 |" in text
+    assert "Order by mean, outside: SeqKD > Black-box PbKD, offline." in text and "agree for 0 of 1 methods;" in text
+    assert ordering({"a": 0.5, "b": 0.5001, "c": 0.4}) == "b = a > c"  # equal to the digits shown: a tie
+    same = [dict(r, name="Black-box PbKD, online") for r in records if r["section"] == "outside" and r["name"] == "SeqKD"]
+    tied = results(records + same, SIZES["quick"], "x")["outside"]  # a row equal to SeqKD on every seed is not counted
+    assert tied["identical"] == ["Black-box PbKD, online"] and "SeqKD = Black-box PbKD, online" in tied["order"]
 
     partial = markdown(results([r for r in records if r["section"] == "scaling"], SIZES["quick"], "make bench-quick"))
     assert "Not run yet: quality, pbkd, iterations, outside, speed, trl." in partial and "| tokens | 32 |" in partial
@@ -166,8 +171,16 @@ def test_a_report_keeps_the_sections_of_its_previous_results_that_have_no_record
     assert after["sections"]["quality"] == dict(before["sections"]["quality"], carried=True) and "carried" not in after["sections"]["scaling"]
     assert "- quality: runs from 2026-12-01 08:00 UTC, commit abc1234" in text and "(kept from the previous report" in text
     assert "Not run yet" not in text
-    full = write(scaling, SIZES["full"], "make bench", str(tmp_path))  # the folder's results are quick ones: nothing kept
-    assert "Not run yet: quality, pbkd, iterations, outside, speed, trl" in full
+    # a partial re-run of a kept section keeps its other rows: SeqKD alone re-run, PbKD's row and Δ stay
+    seqkd = [r for r in records if r["section"] == "quality" and r["name"] == "SeqKD"]
+    partial = write(seqkd, SIZES["quick"], "python -m benchmarks.run --quick --sections quality --rows SeqKD", str(tmp_path))
+    kept = json.loads((tmp_path / "results.json").read_text())
+    assert list(kept["quality"]) == list(before["quality"]) and kept["headline"] == before["headline"]
+    assert "its rows Black-box PbKD, offline, White-box PbKD, X-KD, sequence-level kept from the previous report" in partial
+    fresh = write(seqkd, SIZES["quick"], "x", str(tmp_path), forget=frozenset({"quality", "speed"}))  # --fresh: nothing kept
+    assert "| White-box PbKD |" not in fresh and "## Speed" not in fresh and "## Against TRL" in fresh
+    full = write([], SIZES["full"], "make bench", str(tmp_path))  # the folder's results are quick ones: nothing kept
+    assert "Not run yet: quality, pbkd, iterations, outside, speed, trl, scaling." in full
 
 
 CALLS = []
@@ -254,7 +267,7 @@ def test_bench_quick_writes_only_under_its_folder_and_its_report_agrees_with_the
     records = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     expected = [e for e in experiments(SIZES["quick"]) if e.section in sections.split(",")
                 and (not rows or e.name in rows.split(";"))]
-    assert len(records) == len(expected) and {r["name"] for r in records} == set(rows.split(";"))  # each row's first seed
+    assert len(records) == len(expected) and (not rows or {r["name"] for r in records} == set(rows.split(";")))  # first seeds
     assert "outside" not in sections or figures["outside"]["rows"]["Black-box PbKD, offline"]["teacher"]["mean"] > 0.9
 
 

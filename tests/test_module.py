@@ -115,6 +115,15 @@ def test_an_online_runs_first_iteration_does_not_depend_on_how_many_follow(tmp_p
         logged[epochs] = scalars(root)
         logged[epochs]["buffer"] = read_jsonl(root / "buffer" / "iter_0000.jsonl")
     timing = {tag for tag in logged[1] if tag.endswith("per_s")}
+    # ... and what holds it in the bench's full size: a constant learning rate, no prompt window repeating in 5 epochs
+    from benchmarks.experiments import SIZES, experiments
+    from benchmarks.runner import method_config
+
+    [online] = [e for e in experiments(SIZES["full"]) if e.section == "iterations" and e.tags["iterations"]]
+    config = method_config(online)
+    assert config["model"]["student_optimizer"]["schedule"] == config["model"]["critic_optimizer"]["schedule"] == "constant"
+    data = config["data"]
+    assert data["online"] and online.epochs * data["prompts_per_epoch"] <= data["train_size"] * len(data["tasks"])
     assert logged[1]["buffer"] == logged[2]["buffer"] and len(logged[1]) > 10
     assert {tag for tag, values in logged[2].items() if len(values) > len(logged[1][tag])} >= {"eval/arithmetic_score", "critic/bt"}
     for tag, values in logged[1].items():

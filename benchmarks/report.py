@@ -98,12 +98,11 @@ def ordering(means: dict[str, float]) -> str:
     return text
 
 
-def baseline_runs_equal(runs: list[dict], baseline: list[dict]) -> bool:
+def equal_on_every_seed(by_seed: dict, baseline: dict) -> bool:
     """Every seed both ran ended at the baseline's score exactly (e.g. black-box PbKD whose gate never opened: its
     student trained on SeqKD's loss alone)."""
-    theirs = {r["seed"]: r["summary"]["student_final"]["mean"] for r in baseline}
-    shared = [r for r in runs if r["seed"] in theirs]
-    return bool(shared) and all(r["summary"]["student_final"]["mean"] == theirs[r["seed"]] for r in shared)
+    shared = by_seed.keys() & baseline.keys()
+    return bool(shared) and all(by_seed[seed] == baseline[seed] for seed in shared)
 
 
 def with_deltas(rows: dict, baseline: Optional[dict]) -> dict:
@@ -116,11 +115,11 @@ def with_deltas(rows: dict, baseline: Optional[dict]) -> dict:
 SECTION_KEYS = {"quality": ("quality", "headline")}  # results.json's keys of each section (default: its own name)
 
 
-def carried_sections(grouped: dict, previous: Optional[dict], mode: str, forget: frozenset = frozenset()) -> dict:
-    """The sections of ``previous`` (the results.json being rewritten) that have no records now, with their figures:
-    a section measured before its records were kept next to the report is not lost by re-running another.
-    ``forget``: sections measured afresh, never carried."""
-    if not previous or previous.get("mode") != mode:
+def carried_sections(grouped: dict, previous: Optional[dict], forget: frozenset = frozenset()) -> dict:
+    """The sections of ``previous`` (the results.json being rewritten, of the same mode) that have no records now,
+    with their figures: a section measured before its records were kept next to the report is not lost by re-running
+    another. ``forget``: sections measured afresh, never carried."""
+    if not previous:
         return {}
     return {section: meta for section, meta in previous.get("sections", {}).items()
             if section in grouped and not grouped[section] and section not in forget}
@@ -132,12 +131,13 @@ def results(records: list[dict], size: Size, command: str, previous: Optional[di
     ``previous`` where it has them (marked ``carried``), else left out."""
     grouped = {section: by_row(records, size, section) for section in SECTIONS}
     out = {"mode": size.name, "command": command, "size": dataclasses.asdict(size)}
-    carried = carried_sections(grouped, previous, size.name, forget)
+    previous = previous if previous and previous.get("mode") == size.name else None  # a report of another size keeps nothing
+    carried = carried_sections(grouped, previous, forget)
     for section in carried:
         out.update({key: previous[key] for key in SECTION_KEYS.get(section, (section,)) if key in previous})
     quality = {name: fit_row(runs) for name, runs in grouped["quality"].items()}
     kept_rows = {}
-    if quality and previous and previous.get("mode") == size.name and "quality" not in forget:
+    if quality and previous and "quality" not in forget:
         # a partial re-run of the quality section keeps the previous report's other rows (SeqKD's among them)
         kept_rows = {name: row for name, row in previous.get("quality", {}).items() if name not in quality}
     order = [e.name for e in experiments(size) if e.section == "quality"]
@@ -166,8 +166,8 @@ def results(records: list[dict], size: Size, command: str, previous: Optional[di
     if grouped["outside"]:
         rows = {name: fit_row(runs) for name, runs in grouped["outside"].items()}
         out["outside"] = {"rows": with_deltas(rows, rows.get(BASELINE)),
-                          "identical": [n for n, runs in grouped["outside"].items() if n != BASELINE and baseline_runs_equal(
-                              runs, grouped["outside"].get(BASELINE, []))],
+                          "identical": [n for n in rows if n != BASELINE and BASELINE in rows
+                                        and equal_on_every_seed(rows[n]["by_seed"], rows[BASELINE]["by_seed"])],
                           "order": ordering({n: rows[n]["tasks"]["mean"][0] for n in rows}),
                           "testbed_order": ordering({n: quality[n]["tasks"]["mean"][0] for n in rows if n in quality}),
                           "testbed_delta": {n: quality[n]["delta"] for n in rows if n in quality and "delta" in quality[n]}}

@@ -61,6 +61,7 @@ def fit_row(runs: list[dict]) -> dict:
         row["teacher_model"] = summaries[0]["teacher_model"]
     if "max_time_s" in runs[0]:
         row["max_time_s"] = runs[0]["max_time_s"]
+        row["budget_from"] = runs[0].get("budget_from", "records")
     return row
 
 
@@ -310,7 +311,9 @@ def pbkd_table(r: dict) -> list[str]:
              "and ranking accuracy (does it order a held-out prompt's samples as the task's verifier does: what the "
              "student's group advantages rely on), each the mean over seeds at each epoch's end. Variants: "
              "`configs/blackbox.yaml` plus the overrides listed under Exact commands; the SeqKD row with a time budget "
-             "stops at the recommended offline row's mean wall time.", "",
+             "stops at the recommended offline row's mean wall time"
+             + "".join(f" (taken from {row['budget_from']})" for row in rows.values() if row.get("budget_from", "records") != "records")
+             + ".", "",
              "| variant | " + " | ".join(tasks) + " | mean | Δ vs SeqKD | reward model pref. acc per epoch | "
              "ranking acc per epoch | student steps | wall s |", "|---" * (len(tasks) + 7) + "|"]
     for label, row in rows.items():

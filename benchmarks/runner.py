@@ -17,6 +17,7 @@ import shutil
 import statistics
 import subprocess
 import time
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -193,13 +194,19 @@ def forget(records_path: str, mode: str, sections: set[str]) -> None:
             handle.writelines(json.dumps(r) + "\n" for r in kept)
 
 
-def wall_clock_budget(records: list[dict], row: str) -> float:
-    """Mean wall seconds over the seeds of ``row`` (``section/name``), its last record per seed counting."""
+def wall_clock_budget(records: list[dict], row: str, previous: Optional[dict] = None) -> tuple[float, str]:
+    """Mean wall seconds over the seeds of ``row`` (``section/name``), its last record per seed counting, and where
+    they come from. Without records, a quality row kept in ``previous`` (the report's results.json, carried from
+    runs whose records were lost) gives its mean seconds."""
     section, name = row.split("/", 1)
     seconds = {r["seed"]: r["seconds"] for r in records if r["section"] == section and r["name"] == name}
-    if not seconds:
-        raise ValueError(f"{row} has no recorded run yet: its wall-clock budget is unknown (run its section first)")
-    return statistics.fmean(seconds.values())
+    if seconds:
+        return statistics.fmean(seconds.values()), "records"
+    kept = (previous or {}).get(section, {}).get(name) if section == "quality" else None
+    if kept and "seconds" in kept:
+        meta = previous.get("sections", {}).get(section, {})
+        return kept["seconds"][0], f"results.json (runs from {meta.get('started', '?')}, commit {', '.join(meta.get('commits', ['?']))})"
+    raise ValueError(f"{row} has no recorded run yet: its wall-clock budget is unknown (run its section first)")
 
 
 def run(experiments: list[Experiment], mode: str, records_path: str, work: str) -> None:
@@ -207,6 +214,11 @@ def run(experiments: list[Experiment], mode: str, records_path: str, work: str) 
     caches go under ``work``."""
     records = [r for r in load_records(records_path) if r["mode"] == mode]
     done = {record_key(r) for r in records}
+    previous = None  # the report these records make: a wall-clock budget's fallback
+    if os.path.exists(report_path := os.path.join(os.path.dirname(os.path.abspath(records_path)), "results.json")):
+        with open(report_path) as handle:
+            previous = json.load(handle)
+        previous = previous if previous.get("mode") == mode else None
     if os.path.exists(records_path) and os.path.getsize(records_path):
         with open(records_path, "rb+") as handle:
             handle.seek(-1, os.SEEK_END)
@@ -221,14 +233,15 @@ def run(experiments: list[Experiment], mode: str, records_path: str, work: str) 
         for experiment in experiments:
             data = data_folder(experiment, work)
             for seed in experiment.seeds:
-                budget_s = None
+                budget_s = budget_from = None
                 if experiment.same_wall_clock_as:
-                    budget_s = max(1, round(wall_clock_budget(records, experiment.same_wall_clock_as)))  # never 0 s
+                    budget_s, budget_from = wall_clock_budget(records, experiment.same_wall_clock_as, previous)
+                    budget_s = max(1, round(budget_s))  # never 0 s
                 args = fit_args(experiment, seed, budget_s, data) if experiment.configs else []
                 record = {"mode": mode, "section": experiment.section, "name": experiment.name, "seed": seed, "args": args,
                           "measure": experiment.measure, "params": experiment.params, "tags": experiment.tags}
                 if budget_s is not None:
-                    record["max_time_s"] = budget_s
+                    record["max_time_s"], record["budget_from"] = budget_s, budget_from
                 if experiment.data:  # other data settings, other data: measured again
                     record["data_params"] = {"function": experiment.data, **experiment.data_params}
                 if record_key(record) in done:

@@ -124,7 +124,7 @@ def test_report_from_recorded_runs(tmp_path):
     assert figures["headline"]["Black-box PbKD, offline"] == pytest.approx([0.15, 12.706 * 0.05, 2])
     assert "| teacher model (white-box methods), greedy | 0.000 | 0.750 | 0.375 | | | | | |" in text
     assert "| **0.550 ± 0.635** | +15.0 ± 63.5 | 4 |" in text  # the best mean of the column, its Δ, its student steps
-    assert wall_clock_budget(records, "quality/Black-box PbKD, offline") == 52.0
+    assert wall_clock_budget(records, "quality/Black-box PbKD, offline") == (52.0, "records")
     same = figures["pbkd"]["same_wall_clock"]  # PbKD (0.5, 0.6) against SeqKD given its 52 s (0.35, 0.35)
     assert same["row"] == "SeqKD, same wall-clock as Black-box PbKD, offline (52 s)" and same["delta"][0] == pytest.approx(0.2)
     assert "(52 s): **+20.0 ± 63.5 points** (same wall-clock)" in text
@@ -147,8 +147,12 @@ def test_report_from_recorded_runs(tmp_path):
 
     partial = markdown(results([r for r in records if r["section"] == "scaling"], SIZES["quick"], "make bench-quick"))
     assert "Not run yet: quality, pbkd, iterations, outside, speed, trl." in partial and "| tokens | 32 |" in partial
+    others = [r for r in records if r["section"] != "quality"]
     with pytest.raises(ValueError, match="has no recorded run yet"):
-        wall_clock_budget([r for r in records if r["section"] != "quality"], "quality/Black-box PbKD, offline")
+        wall_clock_budget(others, "quality/Black-box PbKD, offline")
+    # records lost, the row kept in the report: its mean seconds, and the budget says where it came from
+    seconds, source = wall_clock_budget(others, "quality/Black-box PbKD, offline", figures)
+    assert seconds == pytest.approx(52.0) and source.startswith("results.json (runs from ") and "commit" in source
 
 
 def test_a_report_keeps_the_sections_of_its_previous_results_that_have_no_records(tmp_path):

@@ -39,6 +39,7 @@ class Size:
     online_iterations: tuple[int, ...]
     speed_steps: int  # timed training steps, after 2 warm-up steps
     sampling: dict  # benchmarks.sampling_speed:measure's arguments
+    sampling_135m: dict  # the same, on the real 135M SmolLM2 (configs/smollm2.yaml's model)
     divergence: dict  # batch, tokens and vocabularies of the chunked-divergence check
     fused: dict  # scored rows and vocabularies of the fused projection + divergence check
     outside: dict  # training and held-out prompts of the task kept outside the project (benchmarks/outside_task.py)
@@ -99,6 +100,7 @@ SIZES = {
             "--model.val_generation.max_new_tokens=12", "--model.objective.critic_warmup_steps=0",
         ),
         sampling=dict(tiny=True, prompts=16, max_new_tokens=12, samples=2),
+        sampling_135m=dict(tiny=False, prompts=4, max_new_tokens=4, samples=2, batch=4, smollm2=True),
         divergence=dict(batch=2, tokens=64, vocabs=(4096, 16384)),
         outside=dict(train_size=16, val_size=16),
         fused=dict(rows=64, vocabs=(4096,)),
@@ -110,6 +112,7 @@ SIZES = {
         name="full", seeds=(0, 1, 2), headline_seeds=(0, 1, 2, 3, 4), epochs=4, online_iterations=(1, 3, 5), speed_steps=60,
         overrides=(),
         sampling=dict(tiny=False, prompts=128, max_new_tokens=40, samples=4),
+        sampling_135m=dict(tiny=False, prompts=32, max_new_tokens=40, samples=4, batch=32, smollm2=True),
         divergence=dict(batch=4, tokens=512, vocabs=(32000, 151936)),
         outside=dict(train_size=20000, val_size=500),
         fused=dict(rows=1792, vocabs=(32000, 151936)),  # batch 4 × 512 tokens, 1/8 of them prompt
@@ -149,6 +152,10 @@ def experiments(size: Size) -> list[Experiment]:
             out.append(Experiment(name, "speed", configs, overrides, shared + ("--model.objective.critic_warmup_steps=0",),
                                   measure="benchmarks.step_speed:measure", params={"warm": 2, "steps": size.speed_steps}))
     out.append(Experiment("sampling", "speed", measure="benchmarks.sampling_speed:measure", params=size.sampling))
+    # one sample per prompt: greedy validation and on-policy GKD decode this way
+    out.append(Experiment("sampling, one sample per prompt", "speed", measure="benchmarks.sampling_speed:measure",
+                          params=dict(size.sampling, samples=1)))
+    out.append(Experiment("sampling, SmolLM2-135M", "speed", measure="benchmarks.sampling_speed:measure", params=size.sampling_135m))
     d = size.divergence
     out += [Experiment(f"divergence, vocabulary {vocab}", "speed", measure="benchmarks.divergence_memory:compare",
                        params={"batch": d["batch"], "tokens": d["tokens"], "vocab": vocab}) for vocab in d["vocabs"]]

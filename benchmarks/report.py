@@ -173,12 +173,13 @@ def results(records: list[dict], size: Size, command: str, previous: Optional[di
                           "testbed_order": ordering({n: quality[n]["tasks"]["mean"][0] for n in rows if n in quality}),
                           "testbed_delta": {n: quality[n]["delta"] for n in rows if n in quality and "delta" in quality[n]}}
     if grouped["speed"]:
-        speed = out["speed"] = {"steps": {}, "sampling": None, "divergence": [], "fused": []}
+        speed = out["speed"] = {"steps": {}, "sampling": {}, "divergence": [], "fused": []}
         for name, [run] in grouped["speed"].items():
             if run["measure"] == "benchmarks.step_speed:measure":
                 speed["steps"][name] = run["figures"]
             elif run["measure"] == "benchmarks.sampling_speed:measure":
-                speed["sampling"] = run["figures"]
+                speed["sampling"][name] = dict(run["figures"], samples=run["params"]["samples"], prompts=run["params"]["prompts"],
+                                               max_new_tokens=run["params"]["max_new_tokens"])
             elif run["measure"] == "benchmarks.divergence_memory:compare_fused":
                 speed["fused"].append(run["figures"])
             else:
@@ -424,18 +425,24 @@ def speed_tables(r: dict) -> list[str]:
         flops = (f"{row['flops_per_step'] / 1e9:.2f} | {row['library_flops_per_s'] / 1e9:.1f} | {100 * row['fraction_of_peak']:.0f}% "
                  f"(of {row['matmul_peak_flops_per_s'] / 1e9:.0f}) |" if "flops_per_step" in row else "– | – | – |")
         lines.append(f"| {name} | {row['library_steps_per_s']:.2f} | {row['manual_steps_per_s']:.2f} | {row['ratio']:.2f} | {flops}")
-    if g := s["sampling"]:
-        lines += ["", "Student sampling for online pairs (the data module's `generate`: one prefill per prompt for its K samples, "
-                  "the prompt's keys and values held once for them) against a plain `model.generate` loop with the KV cache, same "
-                  "prompts, batch and settings, best of 3 each; MiniLLM's teacher-mixed sampler (the student and a 4 × 192 teacher "
-                  "decoding together) against the same plain loop of the student alone, and the teacher's own decode alone "
+    sampling = s.get("sampling") or {}
+    if "ratio" in sampling:  # a report from before the sampling rows (one row, the default student)
+        sampling = {"sampling": sampling}
+    if sampling:
+        lines += ["", "Student sampling (the data module's `generate`: one prefill per prompt for its K samples, the prompt's keys "
+                  "and values held once for them, each step through the model's own modules) against a plain `model.generate` "
+                  "loop with the KV cache, same prompts, batch and settings, best of 3 each; MiniLLM's teacher-mixed sampler "
+                  "(the student and a teacher decoding together: a 4 × 192 one beside the default student, the model itself "
+                  "beside SmolLM2) against the same plain loop of the student alone, and the teacher's own decode alone "
                   "(`both alone`: the ratio of the student's and the teacher's own decodes run in turn, what mixing costs at "
                   "least). Targets: ≥ 2× and, mixed, ≥ 0.8×.", "",
-                  "| library tokens/s | plain tokens/s | ratio | mixed tokens/s | mixed ratio | teacher alone tokens/s | both alone ratio |",
-                  "|---|---|---|---|---|---|---|",
-                  f"| {g['library_tokens_per_s']:.0f} | {g['plain_tokens_per_s']:.0f} | {g['ratio']:.2f} | "
-                  + (f"{g['mixed_tokens_per_s']:.0f} | {g['mixed_ratio']:.2f} | " if "mixed_ratio" in g else "– | – | ")
-                  + (f"{g['teacher_tokens_per_s']:.0f} | {g['mixed_bound_ratio']:.2f} |" if "mixed_bound_ratio" in g else "– | – |")]
+                  "| row | prompts × K, new tokens | library tokens/s | plain tokens/s | ratio | mixed tokens/s | mixed ratio | "
+                  "teacher alone tokens/s | both alone ratio |", "|---|---|---|---|---|---|---|---|---|"]
+        for name, g in sampling.items():
+            shape = f"{g['prompts']} × {g['samples']}, {g['max_new_tokens']}" if "samples" in g else "–"
+            lines.append(f"| {name} | {shape} | {g['library_tokens_per_s']:.0f} | {g['plain_tokens_per_s']:.0f} | {g['ratio']:.2f} | "
+                         + (f"{g['mixed_tokens_per_s']:.0f} | {g['mixed_ratio']:.2f} | " if "mixed_ratio" in g else "– | – | ")
+                         + (f"{g['teacher_tokens_per_s']:.0f} | {g['mixed_bound_ratio']:.2f} |" if "mixed_bound_ratio" in g else "– | – |"))
     if s["divergence"]:
         lines += ["", "Chunked divergence (forward KL, forward + backward, float32) against the naive full-tensor formula, each in a fresh "
                   "process; peak extra memory = peak RSS above the inputs. Targets: memory ≤ 0.35×, time ≤ 1.2×.", "",

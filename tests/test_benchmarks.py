@@ -71,12 +71,13 @@ def check_speed_and_scaling(figures, lines, row_of):
         if "flops_per_step" in row:  # achieved FLOP/s from the same run's steps/s and peak
             assert row["library_flops_per_s"] == row["flops_per_step"] * row["library_steps_per_s"]
             assert f"| {row['flops_per_step'] / 1e9:.2f} | {row['library_flops_per_s'] / 1e9:.1f} | {100 * row['fraction_of_peak']:.0f}% " in "\n".join(lines)
-    if "speed" in figures:
-        sampling = figures["speed"]["sampling"]
+    for name, sampling in figures.get("speed", {}).get("sampling", {}).items():  # each row: its shape, both rates, their ratio
         mixed = f"{sampling['mixed_tokens_per_s']:.0f} | {sampling['mixed_ratio']:.2f} |" if "mixed_ratio" in sampling else "– | – |"
         both = (f" {sampling['teacher_tokens_per_s']:.0f} | {sampling['mixed_bound_ratio']:.2f} |" if "mixed_bound_ratio" in sampling
                 else " – | – |")
-        assert f"| {sampling['library_tokens_per_s']:.0f} | {sampling['plain_tokens_per_s']:.0f} | {sampling['ratio']:.2f} | {mixed}{both}" in lines
+        assert sampling["ratio"] == sampling["library_tokens_per_s"] / sampling["plain_tokens_per_s"]
+        assert row_of(name) == (f"| {name} | {sampling['prompts']} × {sampling['samples']}, {sampling['max_new_tokens']} | "
+                                f"{sampling['library_tokens_per_s']:.0f} | {sampling['plain_tokens_per_s']:.0f} | {sampling['ratio']:.2f} | {mixed}{both}")
     for row in figures.get("speed", {}).get("divergence", []):
         assert f"| {row['time_ratio']:.2f} | {row['naive']['peak_extra_mb']:.0f} | {row['chunked']['peak_extra_mb']:.0f} | " \
                f"{row['memory_ratio']:.2f} |" in row_of(f"{row['batch']} × {row['tokens']}", lambda line, v=row["vocab"]: f"| {v:,} |" in line)

@@ -228,25 +228,27 @@ def _llama_and_qwen2_with_grouped_heads():
     return [llama.eval(), qwen2.eval()]
 
 
+@pytest.mark.parametrize("samples", [3, 1], ids=["K=3", "K=1"])
 @pytest.mark.parametrize("model", _llama_and_qwen2_with_grouped_heads(), ids=["llama", "qwen2-grouped-heads"])
-def test_shared_prefix_steps_give_the_models_own_logits(model):
+def test_shared_prefix_steps_give_the_models_own_logits(model, samples):
     """Each decode step with the prompts' keys and values held once per prompt gives the logits of the model's own
-    forward over the whole sequence (left-padded prompts of different lengths, K = 3 samples each, 6 steps)."""
+    forward over the whole sequence (left-padded prompts of different lengths, K samples each, 6 steps); K = 1 (greedy
+    validation, on-policy GKD) takes the same path."""
     from pbkd_lightning.data.generation import _Decoder
 
     ids = torch.randint(3, 101, (3, 9))
     mask = torch.ones(3, 9, dtype=torch.long)
     mask[0, :4], mask[1, :1] = 0, 0
     encoded = {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
-    decoder = _Decoder(model, encoded, num_samples=3, steps=6)
+    decoder = _Decoder(model, encoded, num_samples=samples, steps=6)
     assert decoder.shared is not None
     drawn, logits = [], decoder.logits
     for _ in range(6):
-        drawn.append(torch.randint(3, 101, (9,)))
+        drawn.append(torch.randint(3, 101, (3 * samples,)))
         logits = decoder.step(drawn[-1])
     # the model's own forward of prompt + drawn tokens, every row whole
-    full_ids = torch.cat([encoded["input_ids"].repeat_interleave(3, 0), torch.stack(drawn, 1)], 1)
-    full_mask = torch.cat([mask.repeat_interleave(3, 0), torch.ones(9, 6, dtype=torch.long)], 1)
+    full_ids = torch.cat([encoded["input_ids"].repeat_interleave(samples, 0), torch.stack(drawn, 1)], 1)
+    full_mask = torch.cat([mask.repeat_interleave(samples, 0), torch.ones(3 * samples, 6, dtype=torch.long)], 1)
     positions = (full_mask.cumsum(-1) - 1).masked_fill_(full_mask == 0, 1)
     with torch.no_grad():
         expected = model(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).logits[:, -1]

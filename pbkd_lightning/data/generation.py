@@ -173,7 +173,7 @@ class _Decoder:
         self.logits = out.logits[:, -1].repeat_interleave(num_samples, 0)  # the first token's, (B·K, vocab)
         self.last = positions[:, -1].repeat_interleave(num_samples, 0)
         self.shared = None
-        if shared and num_samples > 1 and shared_prefix_decoding.supports(model):
+        if shared and shared_prefix_decoding.supports(model):
             self.shared = shared_prefix_decoding.SharedPrefixDecoder(model, self.cache, mask, num_samples, steps)
         else:
             if num_samples > 1:

@@ -234,7 +234,9 @@ class DistillationModule(LightningModule):
         ranks), so the accumulated gradient is the whole batch's. A non-finite loss or gradient skips the step.
         """
         config = self.critic_optimizer_config if role == "critic" else self.student_optimizer_config
-        self.toggle_optimizer(optimizer)
+        toggle = self.critic is not None  # one player: no other player's gradients to keep out
+        if toggle:
+            self.toggle_optimizer(optimizer)
         optimizer.zero_grad(set_to_none=True)
         reduce_sum = lambda tensor: self.trainer.strategy.reduce(tensor, reduce_op="sum")  # noqa: E731
         loss, terms = accumulate_gradients(compute, batch, micro_batch_size, self.manual_backward, reduce_sum,
@@ -247,7 +249,8 @@ class DistillationModule(LightningModule):
         else:
             self.nonfinite_skips[role] += 1
         optimizer.zero_grad(set_to_none=True)  # free this player's gradients before the other one runs
-        self.untoggle_optimizer(optimizer)
+        if toggle:
+            self.untoggle_optimizer(optimizer)
         self.step_means.add({f"{role}/loss": loss, **{(k if "/" in k else f"{role}/{k}"): v for k, v in terms.items()}})
         self.step_means.set(f"{role}/nonfinite_skips", float(self.nonfinite_skips[role]))
 

@@ -67,7 +67,10 @@ def check_bench_output(folder):
 def check_speed_and_scaling(figures, lines, row_of):
     for name, row in figures.get("speed", {}).get("steps", {}).items():  # library, baseline and their ratio from one run
         assert row["ratio"] == row["library_steps_per_s"] / row["manual_steps_per_s"]
-        assert f"| {name} | {row['library_steps_per_s']:.2f} | {row['manual_steps_per_s']:.2f} | {row['ratio']:.2f} |" in "\n".join(lines)
+        means = f"{row['ratio_of_means']:.2f}" if "ratio_of_means" in row else "–"
+        assert f"| {name} | {row['library_steps_per_s']:.2f} | {row['manual_steps_per_s']:.2f} | {row['ratio']:.2f} | {means} |" in "\n".join(lines)
+        if "ratio_of_means" in row:
+            assert row["ratio_of_means"] == row["library_mean_steps_per_s"] / row["manual_mean_steps_per_s"]
         if "flops_per_step" in row:  # achieved FLOP/s from the same run's steps/s and peak
             assert row["library_flops_per_s"] == row["flops_per_step"] * row["library_steps_per_s"]
             assert f"| {row['flops_per_step'] / 1e9:.2f} | {row['library_flops_per_s'] / 1e9:.1f} | {100 * row['fraction_of_peak']:.0f}% " in "\n".join(lines)
@@ -101,6 +104,13 @@ def check_speed_and_scaling(figures, lines, row_of):
         for row in rows:
             assert f"| {axis} | {row['x']:,} | {row['naive']['seconds']:.2f} | {row['chunked']['seconds']:.2f} | " \
                    f"{row['naive']['peak_extra_mb']:.0f} | {row['chunked']['peak_extra_mb']:.0f} |" in lines
+
+
+def test_step_rates_take_the_median_step_and_the_mean():
+    """A step descheduled for 8 s moves the mean rate, not the median one."""
+    from benchmarks.step_speed import step_rates
+
+    assert step_rates([0.0, 1.0, 2.0, 10.0]) == (1.0, 0.3)
 
 
 def test_report_from_recorded_runs(tmp_path):

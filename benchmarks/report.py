@@ -137,7 +137,7 @@ def results(records: list[dict], size: Size, command: str, previous: Optional[di
     for section in carried:
         out.update({key: previous[key] for key in SECTION_KEYS.get(section, (section,)) if key in previous})
     quality = {name: fit_row(runs) for name, runs in grouped["quality"].items()}
-    kept_rows = {}
+    kept_rows, kept_speed = {}, []
     if quality and previous and "quality" not in forget:
         # a partial re-run of the quality section keeps the previous report's other rows (SeqKD's among them)
         kept_rows = {name: row for name, row in previous.get("quality", {}).items() if name not in quality}
@@ -184,6 +184,19 @@ def results(records: list[dict], size: Size, command: str, previous: Optional[di
                 speed["fused"].append(run["figures"])
             else:
                 speed["divergence"].append(run["figures"])
+        if previous and "speed" not in forget and "speed" in previous:
+            # a partial re-run (rows without a teacher model, say) keeps the previous report's other speed rows
+            before = previous["speed"]
+            sampling = before.get("sampling") or {}
+            sampling = {"sampling": sampling} if "ratio" in sampling else sampling  # a report from before the sampling rows
+            order = [e.name for e in experiments(size) if e.section == "speed"]
+            for key, rows in (("steps", before.get("steps", {})), ("sampling", sampling)):
+                kept_speed += [name for name in rows if name not in speed[key]]
+                merged = {**rows, **speed[key]}
+                speed[key] = {name: merged[name] for name in sorted(merged, key=lambda n: order.index(n) if n in order else len(order))}
+            for key, label in (("divergence", "chunked divergence"), ("fused", "fused divergence")):
+                if not speed[key] and before.get(key):
+                    speed[key], kept_speed = before[key], kept_speed + [label]
     if grouped["trl"]:
         out["trl"] = [run["figures"] for [run] in grouped["trl"].values()]
     if grouped["scaling"]:
@@ -194,9 +207,11 @@ def results(records: list[dict], size: Size, command: str, previous: Optional[di
     out["sections"] = {section: {"started": min(r["started"] for r in done), "commits": sorted({r["machine"]["commit"] for r in done}),
                                  "minutes": sum(r["seconds"] for r in done) / 60} for section, done in runs.items() if done}
     out["sections"].update({section: dict(meta, carried=True) for section, meta in carried.items()})
-    if kept_rows:
-        meta = previous.get("sections", {}).get("quality", {"started": "?", "commits": ["?"]})
-        out["sections"]["quality"] = {**out["sections"]["quality"], "kept_rows": sorted(kept_rows), "kept_from": meta}
+    for section, kept in (("quality", sorted(kept_rows)), ("speed", kept_speed)):
+        if kept:
+            meta = previous.get("sections", {}).get(section, {"started": "?", "commits": ["?"]})
+            meta = {k: v for k, v in meta.items() if k in ("started", "commits", "minutes")}
+            out["sections"][section] = {**out["sections"][section], "kept_rows": kept, "kept_from": meta}
     out["sections"] = {section: out["sections"][section] for section in SECTIONS if section in out["sections"]}
     every = sorted((r for done in runs.values() for r in done), key=lambda r: r["started"])
     out["machine"] = every[-1]["machine"] if every else previous.get("machine", {}) if carried else {}

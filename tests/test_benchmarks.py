@@ -192,6 +192,15 @@ def test_a_report_keeps_the_sections_of_its_previous_results_that_have_no_record
     kept = json.loads((tmp_path / "results.json").read_text())
     assert list(kept["quality"]) == list(before["quality"]) and kept["headline"] == before["headline"]
     assert "its rows Black-box PbKD, offline, White-box PbKD, X-KD, sequence-level kept from the previous report" in partial
+    # a partial re-run of speed (one step row) keeps the other step rows, the sampling row and the divergences
+    one = [dict(r, figures={**r["figures"], "ratio": 0.5}) for r in records if r["section"] == "speed" and r["name"] == "SeqKD"]
+    assert one and len([r for r in records if r["section"] == "speed"]) > 1
+    speed_text = write(one, SIZES["quick"], "python -m benchmarks.run --quick --sections speed --rows SeqKD", str(tmp_path))
+    speed = json.loads((tmp_path / "results.json").read_text())["speed"]
+    assert speed["steps"]["SeqKD"]["ratio"] == 0.5 and list(speed["steps"]) == list(before["speed"]["steps"])
+    assert {k: v for k, v in speed["steps"].items() if k != "SeqKD"} == {k: v for k, v in before["speed"]["steps"].items() if k != "SeqKD"}
+    assert speed["sampling"] == before["speed"]["sampling"] and speed["divergence"] == before["speed"]["divergence"]
+    assert "- speed: runs from" in speed_text and "kept from the previous report (runs from 2026-12-02 09:00 UTC" in speed_text
     fresh = write(seqkd, SIZES["quick"], "x", str(tmp_path), forget=frozenset({"quality", "speed"}))  # --fresh: nothing kept
     assert "| White-box PbKD |" not in fresh and "## Speed" not in fresh and "## Against TRL" in fresh
     full = write([], SIZES["full"], "make bench", str(tmp_path))  # the folder's results are quick ones: nothing kept

@@ -191,9 +191,9 @@ def results(records: list[dict], size: Size, command: str, previous: Optional[di
             sampling = {"sampling": sampling} if "ratio" in sampling else sampling  # a report from before the sampling rows
             order = [e.name for e in experiments(size) if e.section == "speed"]
             for key, rows in (("steps", before.get("steps", {})), ("sampling", sampling)):
-                kept_speed += [name for name in rows if name not in speed[key]]
-                merged = {**rows, **speed[key]}
-                speed[key] = {name: merged[name] for name in sorted(merged, key=lambda n: order.index(n) if n in order else len(order))}
+                kept_speed += [name for name in rows if name not in speed[key] and name in order]
+                merged = {**rows, **speed[key]}  # a row no longer among the experiments is dropped, as quality's are
+                speed[key] = {name: merged[name] for name in sorted(merged, key=order.index) if name in order}
             for key, label in (("divergence", "chunked divergence"), ("fused", "fused divergence")):
                 if not speed[key] and before.get(key):
                     speed[key], kept_speed = before[key], kept_speed + [label]
@@ -210,6 +210,8 @@ def results(records: list[dict], size: Size, command: str, previous: Optional[di
     for section, kept in (("quality", sorted(kept_rows)), ("speed", kept_speed)):
         if kept:
             meta = previous.get("sections", {}).get(section, {"started": "?", "commits": ["?"]})
+            if set(kept) <= set(meta.get("kept_rows", ())):  # rows kept once before: their runs are the older ones
+                meta = meta["kept_from"]
             meta = {k: v for k, v in meta.items() if k in ("started", "commits", "minutes")}
             out["sections"][section] = {**out["sections"][section], "kept_rows": kept, "kept_from": meta}
     out["sections"] = {section: out["sections"][section] for section in SECTIONS if section in out["sections"]}

@@ -228,7 +228,8 @@ class DistillationModule(LightningModule):
                 self.log(name, value, prog_bar=name.endswith("/loss"))
 
     def _step(self, role, optimizer, scheduler, model, batch, compute, micro_batch_size) -> None:
-        """toggle → zero_grad → (forward → manual_backward) per micro-batch → clip → step → untoggle.
+        """toggle → zero_grad → (forward → manual_backward) per micro-batch → clip → step → untoggle (a method with one
+        player, no critic, skips the toggling).
 
         Every mean in the loss is weighted by its micro-batch's share of the whole step (all micro-batches on all
         ranks), so the accumulated gradient is the whole batch's. A non-finite loss or gradient skips the step.

@@ -622,13 +622,18 @@ def plots(r: dict, folder: str) -> None:
         save(fig, "scaling")
 
 
+def previous_results(out: str) -> Optional[dict]:
+    """The results.json already in ``out`` (None if there is none)."""
+    if not os.path.exists(os.path.join(out, "results.json")):
+        return None
+    with open(os.path.join(out, "results.json")) as handle:
+        return json.load(handle)
+
+
 def write(records: list[dict], size: Size, command: str, out: str, forget: frozenset = frozenset()) -> str:
     """results.json, plots/ and RESULTS.md in ``out``, from ``records`` (and the sections of the results.json already
     there that have no records); returns RESULTS.md's text."""
-    previous = None
-    if os.path.exists(os.path.join(out, "results.json")):
-        with open(os.path.join(out, "results.json")) as handle:
-            previous = json.load(handle)
+    previous = previous_results(out)
     figures = json.loads(json.dumps(results(records, size, command, previous, frozenset(forget))))  # rendered from exactly what results.json holds
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as handle:

@@ -214,11 +214,10 @@ def run(experiments: list[Experiment], mode: str, records_path: str, work: str) 
     caches go under ``work``."""
     records = [r for r in load_records(records_path) if r["mode"] == mode]
     done = {record_key(r) for r in records}
-    previous = None  # the report these records make: a wall-clock budget's fallback
-    if os.path.exists(report_path := os.path.join(os.path.dirname(os.path.abspath(records_path)), "results.json")):
-        with open(report_path) as handle:
-            previous = json.load(handle)
-        previous = previous if previous.get("mode") == mode else None
+    from benchmarks.report import previous_results  # the report these records make: a wall-clock budget's fallback
+
+    previous = previous_results(os.path.dirname(os.path.abspath(records_path)))
+    previous = previous if previous and previous.get("mode") == mode else None
     if os.path.exists(records_path) and os.path.getsize(records_path):
         with open(records_path, "rb+") as handle:
             handle.seek(-1, os.SEEK_END)

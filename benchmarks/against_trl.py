@@ -11,8 +11,10 @@ with a chat template; the data is 256 chat examples of about 130 tokens (a 64-wo
 and its end token). Both sides: batch 8, generalized JSD with β = 0.5 at temperature 1, AdamW at 1e-4 with a
 linear schedule to 0 and no warm-up, gradient clipping at 1, on-policy samples of up to 72 new tokens at
 temperature 1 with no top-k/top-p, float32, 2 threads. Each measurement is its own process (its peak RSS is its
-own): steps per second from the end of the warm-up steps, and the scored tokens per step. The equal-math check
-takes one batch through both losses in float64 and compares the loss and the student's gradient.
+own): steps per second from the end of the warm-up steps, and the scored tokens per step. Then a few more steps
+run off the clock under torch's FlopCounterMode: each side's FLOPs per step, its achieved FLOP/s and their fraction of
+the best float32 1024³ matmul measured in the same process. The equal-math check takes one batch through both losses
+in float64 and compares the loss and the student's gradient.
 """
 
 import argparse
@@ -24,6 +26,8 @@ import time
 from benchmarks.divergence_memory import peak_mb, run_isolated  # VmHWM: ru_maxrss carries the forking parent's peak
 
 SIZES = {"full": dict(vocabs=(8192, 49152), warm=2, steps=10), "quick": dict(vocabs=(1024,), warm=1, steps=2)}
+GOALS = {8192: 4.0, 49152: 8.0}  # the speed issue's goals: library steps/s over TRL's, off- and on-policy
+FLOP_STEPS = 2  # steps after the timed ones whose FLOPs are counted, off the clock (the counter slows a step)
 EXAMPLES, WORDS_PER_TURN, MAX_NEW_TOKENS, BATCH, LR = 256, 64, 72, 8, 1e-4
 SPECIALS = ["<pad>", "<unk>", "<eos>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}{% if m['role'] == 'assistant' %} <eos>{% endif %} "
@@ -93,54 +97,70 @@ def library_args(paths: dict, root: str, policy: str, steps: int) -> list[str]:
 
 def measure_library(folder: str, vocab: int, policy: str, warm: int, steps: int) -> dict:
     from lightning.pytorch import Callback
+    from torch.utils.flop_counter import FlopCounterMode
 
     from benchmarks.runner import quiet_cli
 
     class Clock(Callback):
         def __init__(self):
-            self.starts, self.scored = [], []
+            self.starts, self.scored, self.counter = [], [], FlopCounterMode(display=False)
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             self.starts.append(time.perf_counter())
+            if batch_idx == warm + steps:  # the clock has stopped: count the remaining steps' FLOPs
+                self.counter.__enter__()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             self.scored.append(float(trainer.callback_metrics["student/scored_tokens"]))
 
         def on_train_epoch_end(self, trainer, module):
-            self.starts.append(time.perf_counter())
+            self.counter.__exit__(None, None, None)
 
     paths = build(folder, vocab)
-    cli = quiet_cli(library_args(paths, os.path.join(folder, f"library-{policy}"), policy, warm + steps), run=False)
+    cli = quiet_cli(library_args(paths, os.path.join(folder, f"library-{policy}"), policy, warm + steps + FLOP_STEPS), run=False)
     clock = Clock()
     cli.trainer.callbacks.append(clock)
     cli.trainer.fit(cli.model, cli.datamodule)
-    return {"steps_per_s": steps / (clock.starts[-1] - clock.starts[warm]), "scored_tokens_per_step": sum(clock.scored[warm:]) / steps,
-            "peak_rss_mb": peak_mb()}
+    return _figures(clock.starts, clock.scored, clock.counter.get_total_flops(), warm, steps)
+
+
+def _figures(starts: list[float], scored: list[float], flops: int, warm: int, steps: int) -> dict:
+    """One side's figures: ``starts`` of every step (timed ones from index ``warm``), the scored tokens of every step,
+    the FLOPs counted over the ``FLOP_STEPS`` steps after the timed ones."""
+    from benchmarks.step_speed import matmul_peak_flops
+
+    rate, per_step, peak = steps / (starts[warm + steps] - starts[warm]), flops / FLOP_STEPS, matmul_peak_flops()
+    return {"steps_per_s": rate, "scored_tokens_per_step": sum(scored[warm : warm + steps]) / steps, "peak_rss_mb": peak_mb(),
+            "flops_per_step": per_step, "flops_per_s": per_step * rate, "matmul_peak_flops_per_s": peak,
+            "fraction_of_peak": per_step * rate / peak}
 
 
 def measure_trl(folder: str, vocab: int, policy: str, warm: int, steps: int) -> dict:
     import datasets
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     torch.set_num_threads(2)
     paths = build(folder, vocab)
-    starts, scored = [], []
+    starts, scored, counter = [], [], FlopCounterMode(display=False)
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             starts.append(time.perf_counter())
+            if len(starts) == warm + steps + 1:  # as the library's clock: the remaining steps' FLOPs, off the clock
+                counter.__enter__()
 
         def on_train_end(self, args, state, control, **kwargs):
-            starts.append(time.perf_counter())
+            counter.__exit__(None, None, None)
 
     class CountingGKD(GKDTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             scored.append(int((inputs["labels"][:, 1:] != -100).sum()))
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-    args = GKDConfig(output_dir=os.path.join(folder, f"trl-{policy}"), per_device_train_batch_size=BATCH, max_steps=warm + steps,
+    args = GKDConfig(output_dir=os.path.join(folder, f"trl-{policy}"), per_device_train_batch_size=BATCH, max_steps=warm + steps + FLOP_STEPS,
                      learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
                      lmbda=1.0 if policy == "on" else 0.0, beta=0.5, temperature=1.0, max_new_tokens=MAX_NEW_TOKENS,
                      use_cpu=True, report_to=[], save_strategy="no", logging_steps=10_000, dataloader_num_workers=0,
@@ -150,8 +170,7 @@ def measure_trl(folder: str, vocab: int, policy: str, warm: int, steps: int) -> 
                           train_dataset=datasets.load_dataset("json", data_files=paths["train.jsonl"], split="train"),
                           processing_class=AutoTokenizer.from_pretrained(paths["tokenizer"]), callbacks=[Clock()])
     trainer.train()
-    return {"steps_per_s": steps / (starts[-1] - starts[warm]), "scored_tokens_per_step": sum(scored[warm:]) / steps,
-            "peak_rss_mb": peak_mb()}
+    return _figures(starts, scored, counter.get_total_flops(), warm, steps)
 
 
 def equal_math(folder: str, vocab: int) -> dict:
@@ -222,6 +241,10 @@ def compare(vocab: int, warm: int, steps: int, folder: str = "runs/bench-trl") -
         library, trl = isolated("measure_library", **sizes), isolated("measure_trl", **sizes)
         row[policy] = {"library": library, "trl": trl, "ratio": library["steps_per_s"] / trl["steps_per_s"],
                        "memory_ratio": library["peak_rss_mb"] / trl["peak_rss_mb"]}
+        if vocab in GOALS:  # what the goal asks of the machine: the library's FLOPs at GOALS × TRL's steps/s, of its peak
+            row[policy]["goal"] = GOALS[vocab]
+            row[policy]["goal_fraction_of_peak"] = (GOALS[vocab] * trl["steps_per_s"] * library["flops_per_step"]
+                                                    / library["matmul_peak_flops_per_s"])
     return row
 
 
@@ -237,7 +260,7 @@ def main() -> None:
         return
     rows = []
     print(f"{'vocab':>7} {'policy':>6} {'library steps/s':>16} {'TRL steps/s':>12} {'×':>6} {'library MB':>11} {'TRL MB':>7} "
-          f"{'scored/step':>12}  equal math (loss, gradient rel. diff)")
+          f"{'scored/step':>12} {'GFLOP/step':>13} {'of peak':>11} {'goal needs':>10}  equal math (loss, gradient rel. diff)")
     for vocab in size["vocabs"]:
         row = compare(vocab, size["warm"], size["steps"], args.folder)
         rows.append(row)
@@ -246,7 +269,10 @@ def main() -> None:
             r = row[policy]
             print(f"{vocab:>7} {policy:>6} {r['library']['steps_per_s']:>16.2f} {r['trl']['steps_per_s']:>12.2f} {r['ratio']:>6.2f} "
                   f"{r['library']['peak_rss_mb']:>11.0f} {r['trl']['peak_rss_mb']:>7.0f} "
-                  f"{r['library']['scored_tokens_per_step']:>5.0f}/{r['trl']['scored_tokens_per_step']:<6.0f}  "
+                  f"{r['library']['scored_tokens_per_step']:>5.0f}/{r['trl']['scored_tokens_per_step']:<6.0f} "
+                  f"{r['library']['flops_per_step'] / 1e9:>6.2f}/{r['trl']['flops_per_step'] / 1e9:<6.2f} "
+                  f"{r['library']['fraction_of_peak']:>5.0%}/{r['trl']['fraction_of_peak']:<5.0%} "
+                  f"{r['goal_fraction_of_peak'] if 'goal' in r else float('nan'):>10.0%}  "
                   f"{check['loss_rel_diff']:.1e}, {check['grad_rel_diff']:.1e}")
     if args.json:
         with open(args.json, "w") as handle:

@@ -489,12 +489,16 @@ def trl_table(r: dict) -> list[str]:
              "schedule, clipping 1, on-policy samples of up to 72 tokens; each side in its own process, float32, 2 threads. "
              "Off-policy is λ = 0 (the data's answers), on-policy λ = 1 (fresh student samples every step). Equal math: one "
              "batch through both losses in float64, relative difference of the loss and of the student's gradient. "
-             "Goals: ≥ 4× TRL at vocabulary 8,192 and ≥ 8× at 49,152, off- and on-policy.", "",
-             "| vocabulary | policy | library steps/s | TRL steps/s | × TRL | library peak RSS MB | TRL peak RSS MB | scored tokens/step (library/TRL) | equal math: loss, gradient |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "Goals: ≥ 4× TRL at vocabulary 8,192 and ≥ 8× at 49,152, off- and on-policy. "
+             "How close to the machine: a few more steps off the clock under torch's FlopCounterMode give each side's FLOPs "
+             "per step (sampling included); `of peak` is that at its steps/s against the best float32 1024³ matmul measured "
+             "in the same process, and `goal needs` the library's FLOPs per step at the goal's multiple of TRL's steps/s, "
+             "as a fraction of that peak.", "",
+             "| vocabulary | policy | library steps/s | TRL steps/s | × TRL | library peak RSS MB | TRL peak RSS MB | scored tokens/step (library/TRL) | GFLOP/step (library/TRL) | of peak (library/TRL) | goal needs | equal math: loss, gradient |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in r["trl"]:
         if "skipped" in row:
-            lines.append(f"| {row['vocab']:,} | – | skipped: {row['skipped']} | | | | | | |")
+            lines.append(f"| {row['vocab']:,} | – | skipped: {row['skipped']} | | | | | | | | | |")
             continue
         check = row["equal_math"]
         for policy in ("off", "on"):
@@ -502,8 +506,19 @@ def trl_table(r: dict) -> list[str]:
             lines.append(f"| {row['vocab']:,} | {policy} | {p['library']['steps_per_s']:.2f} | {p['trl']['steps_per_s']:.2f} | "
                          f"{p['ratio']:.2f} | {p['library']['peak_rss_mb']:.0f} | {p['trl']['peak_rss_mb']:.0f} | "
                          f"{p['library']['scored_tokens_per_step']:.0f} / {p['trl']['scored_tokens_per_step']:.0f} | "
-                         f"{check['loss_rel_diff']:.1e}, {check['grad_rel_diff']:.1e} |")
+                         f"{_trl_machine(p)} | {check['loss_rel_diff']:.1e}, {check['grad_rel_diff']:.1e} |")
     return lines
+
+
+def _trl_machine(p: dict) -> str:
+    """The GFLOP/step, fraction-of-peak and goal cells of a policy's row; dashes for a record from before they were
+    measured."""
+    library, trl = p["library"], p["trl"]
+    if "flops_per_step" not in library:
+        return "– | – | –"
+    goal = f"{p['goal_fraction_of_peak']:.0%} (at {p['goal']:g}×)" if "goal" in p else "–"
+    return (f"{library['flops_per_step'] / 1e9:.2f} / {trl['flops_per_step'] / 1e9:.2f} | "
+            f"{library['fraction_of_peak']:.0%} / {trl['fraction_of_peak']:.0%} | {goal}")
 
 
 def scaling_table(r: dict) -> list[str]:

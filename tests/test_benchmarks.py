@@ -64,6 +64,22 @@ def check_bench_output(folder):
     return figures
 
 
+def trl_machine_cells(p):
+    """A TRL row's GFLOP/step, fraction-of-peak and goal cells as the report must print them: from the record's own
+    FLOP count and the matmul peak of the same process; dashes for a record from before they were measured."""
+    library, trl = p["library"], p["trl"]
+    if "flops_per_step" not in library:
+        return "– | – | –"
+    assert library["fraction_of_peak"] == library["flops_per_s"] / library["matmul_peak_flops_per_s"]
+    goal = "–"
+    if "goal" in p:
+        needs = p["goal"] * trl["steps_per_s"] * library["flops_per_step"] / library["matmul_peak_flops_per_s"]
+        assert p["goal_fraction_of_peak"] == pytest.approx(needs)
+        goal = f"{needs:.0%} (at {p['goal']:g}×)"
+    return (f"{library['flops_per_step'] / 1e9:.2f} / {trl['flops_per_step'] / 1e9:.2f} | "
+            f"{library['fraction_of_peak']:.0%} / {trl['fraction_of_peak']:.0%} | {goal}")
+
+
 def check_speed_and_scaling(figures, lines, row_of):
     for name, row in figures.get("speed", {}).get("steps", {}).items():  # library, baseline and their ratio from one run
         assert row["ratio"] == row["library_steps_per_s"] / row["manual_steps_per_s"]
@@ -99,7 +115,7 @@ def check_speed_and_scaling(figures, lines, row_of):
             assert f"| {row['vocab']:,} | {policy} | {p['library']['steps_per_s']:.2f} | {p['trl']['steps_per_s']:.2f} | " \
                    f"{p['ratio']:.2f} | {p['library']['peak_rss_mb']:.0f} | {p['trl']['peak_rss_mb']:.0f} | " \
                    f"{p['library']['scored_tokens_per_step']:.0f} / {p['trl']['scored_tokens_per_step']:.0f} | " \
-                   f"{row['equal_math']['loss_rel_diff']:.1e}, {row['equal_math']['grad_rel_diff']:.1e} |" in lines
+                   f"{trl_machine_cells(p)} | {row['equal_math']['loss_rel_diff']:.1e}, {row['equal_math']['grad_rel_diff']:.1e} |" in lines
     for axis, rows in figures.get("scaling", {}).items():
         for row in rows:
             assert f"| {axis} | {row['x']:,} | {row['naive']['seconds']:.2f} | {row['chunked']['seconds']:.2f} | " \

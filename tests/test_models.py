@@ -1,5 +1,7 @@
-"""Models (pbkd_lightning/models/): the character tokenizer, loading (quantized frozen models, shared vocabularies,
-LoRA), and a reward model initialised from the teacher model."""
+"""Models (pbkd_lightning/models/): the character tokenizer, the warm-up cache, loading (quantized frozen models,
+shared vocabularies, LoRA), and a reward model initialised from the teacher model."""
+
+import os
 
 import pytest
 import torch
@@ -184,3 +186,31 @@ def test_the_tokenizer_setting_loads_another_folders_tokenizer_for_student_and_t
     assert "tokenizer" in TeacherModel(tokenizer=folder).describe() and "tokenizer" not in TeacherModel().describe()
     with pytest.raises(FileNotFoundError, match="tokenizer directory"):
         load_causal_lm(ModelSpec(tokenizer=str(tmp_path / "none")))
+
+
+def test_a_warm_up_is_found_again_under_another_spelling_of_its_cache_folder(tmp_path, monkeypatch):
+    """The cache key is the settings, not where the cache lives: a relative ``cache_dir`` and its absolute path find
+    the same model (the bench runs with absolute paths, a user with ``runs/cache``), and a model cached under the
+    earlier key (which hashed the folder's spelling too) is adopted, not trained again."""
+    from dataclasses import asdict, replace
+
+    from pbkd_lightning.models import warmup
+    from pbkd_lightning.sequences import Encoder
+
+    monkeypatch.chdir(tmp_path)
+    model, tokenizer = load_causal_lm(ModelSpec(layers=1, hidden=32, heads=2))
+    encoder, records = Encoder(tokenizer, 16, 8), [{"prompt": "1+1", "teacher": "2"}, {"prompt": "2+2", "teacher": "4"}]
+    relative = warmup.WarmupConfig(steps=2, batch_size=2, cache_dir="cache")
+    trained = warmup.warm_start(model, encoder, records, relative, 0, ["key"])
+    monkeypatch.setattr(warmup, "_train", lambda *args, **kwargs: pytest.fail("trained again"))
+    absolute = replace(relative, cache_dir=str(tmp_path / "cache"))
+    again = warmup.warm_start(load_causal_lm(ModelSpec(layers=1, hidden=32, heads=2))[0], encoder, records, absolute, 0, ["key"])
+    assert warmup.sft_folder(absolute, 0, ["key"]) == str(tmp_path / warmup.sft_folder(relative, 0, ["key"]))
+    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), again.state_dict().values()))
+
+    other = replace(relative, steps=3)  # as cached before the key left the folder out
+    earlier = tmp_path / "cache" / f"student-sft-{warmup.cache_key(asdict(other), 0, ['key'])}"
+    trained.save_pretrained(earlier)
+    adopted = warmup.warm_start(load_causal_lm(ModelSpec(layers=1, hidden=32, heads=2))[0], encoder, records, other, 0, ["key"])
+    assert not earlier.exists() and os.path.isfile(os.path.join(warmup.sft_folder(other, 0, ["key"]), "config.json"))
+    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), adopted.state_dict().values()))

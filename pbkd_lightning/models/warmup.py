@@ -42,8 +42,19 @@ def cache_key(*parts) -> str:
 
 
 def sft_folder(config: WarmupConfig, seed: int, key_parts, role: str = "student") -> str:
-    """Where :func:`warm_start` keeps the model trained with these settings."""
-    return os.path.join(config.cache_dir, f"{role}-sft-{cache_key(asdict(config), seed, key_parts)}")
+    """Where :func:`warm_start` keeps the model trained with these settings: a key of every setting but where the
+    cache lives, so ``runs/cache`` and its absolute path (or a moved cache) find the same model."""
+    settings = {name: value for name, value in asdict(config).items() if name != "cache_dir"}
+    return os.path.join(config.cache_dir, f"{role}-sft-{cache_key(settings, seed, key_parts)}")
+
+
+def _adopt_earlier_key(config: WarmupConfig, seed: int, key_parts, role: str, folder: str) -> None:
+    """A model cached under the earlier key, which also hashed the spelling of ``cache_dir``, is moved to ``folder``
+    instead of being trained again (only when it was written with this same spelling)."""
+    earlier = os.path.join(config.cache_dir, f"{role}-sft-{cache_key(asdict(config), seed, key_parts)}")
+    if not _is_cached(folder) and _is_cached(earlier):
+        shutil.rmtree(folder, ignore_errors=True)  # an unfinished folder (a crashed run) is not a cache
+        os.replace(earlier, folder)
 
 
 def warm_start(
@@ -56,6 +67,8 @@ def warm_start(
     """
     folder = sft_folder(config, seed, key_parts, role)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:  # before rank 0 decides for everyone
+        _adopt_earlier_key(config, seed, key_parts, role, folder)
     if distributed:
         # Rank 0 decides for everyone (a rank arriving late must not find rank 0's fresh copy and skip the barrier
         # rank 0 waits in), trains and writes the one copy (transformers saves on the main process only).

@@ -434,7 +434,10 @@ def speed_tables(r: dict) -> list[str]:
     s = r["speed"]
     lines = ["", "## Speed", "", "Training steps per second: the library (Lightning, logging, manual optimization) against a "
              "hand-written loop doing the same losses, AdamW steps and clipping on the same batches, after 2 warm-up steps "
-             f"({r['size']['speed_steps']} steps each); steps/s and `ratio` from each side's median step time (a batch's start to the "
+             f"({r['size']['speed_steps']} steps each; in rows marked ‡ the two alternate step for step, the hand loop's step taken "
+             "after each of the library's on the same models, so the machine's slow spells fall on both alike; unmarked rows ran "
+             "the library's steps first, then the hand loop's); "
+             "steps/s and `ratio` from each side's median step time (a batch's start to the "
              "next's), `ratio of means` from their mean step times. Target ≥ 0.95×. Reverse KL, skew KL/RKL and TVD share forward KL's step code. "
              "FLOPs per step: the mean of 8 more hand-loop steps under torch's FlopCounterMode (critic and student steps, sampling included); "
              "the library's FLOP/s are those FLOPs at its steps/s, against the best float32 1024³ matmul measured in the same run.", "",
@@ -444,7 +447,8 @@ def speed_tables(r: dict) -> list[str]:
         flops = (f"{row['flops_per_step'] / 1e9:.2f} | {row['library_flops_per_s'] / 1e9:.1f} | {100 * row['fraction_of_peak']:.0f}% "
                  f"(of {row['matmul_peak_flops_per_s'] / 1e9:.0f}) |" if "flops_per_step" in row else "– | – | – |")
         means = f"{row['ratio_of_means']:.2f}" if "ratio_of_means" in row else "–"  # not measured before the medians
-        lines.append(f"| {name} | {row['library_steps_per_s']:.2f} | {row['manual_steps_per_s']:.2f} | {row['ratio']:.2f} | {means} | {flops}")
+        mark = " ‡" if row.get("interleaved") else ""
+        lines.append(f"| {name}{mark} | {row['library_steps_per_s']:.2f} | {row['manual_steps_per_s']:.2f} | {row['ratio']:.2f} | {means} | {flops}")
     sampling = s.get("sampling") or {}
     if "ratio" in sampling:  # a report from before the sampling rows (one row, the default student)
         sampling = {"sampling": sampling}

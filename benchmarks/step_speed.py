@@ -1,17 +1,20 @@
-"""Training steps per second through Lightning against a hand-written loop over the same batches.
+"""Training steps per second through Lightning against a hand-written loop over the same batches, step for step.
 
     python -m benchmarks.step_speed --steps 20 -- --config configs/blackbox.yaml --model.objective.critic_warmup_steps=0
 
 Both run one method as its CLI arguments build it: the library's ``trainer.fit`` over ``warm + steps`` batches (what
-happens once an epoch, e.g. saving last.ckpt, is not a step), then a plain loop doing the same objective losses, AdamW
-steps and clipping on batches from the same data module (no Lightning, no logging). Each side's step time is the
-interval from one batch's start to the next's (the step, the loop's own work and the next batch's fetch); the ratio is
-of the two medians over the timed steps, which a descheduled step or another process's burst on this 2-core machine
-moves little, and the ratio of the means is reported beside it.
+happens once an epoch, e.g. saving last.ckpt, is not a step), and a plain loop doing the same objective losses, AdamW
+steps and clipping on batches from the same data module (no Lightning, no logging). The two alternate: after each of
+the library's steps the hand loop takes one of its own on the same models, so a slow spell of this 2-core machine
+(another process, a descheduled thread, the CPU's clock) falls on both sides alike instead of on whichever ran second.
+Each side's step time is the interval from one batch's start to the next's (the step, the loop's own work and the next
+batch's fetch; the library's interval less the hand step taken inside it, its last one to its end); the ratio is of the two medians over the
+timed steps, and the ratio of the means is reported beside it.
 """
 
 import argparse
 import contextlib
+import copy
 import io
 import json
 import random
@@ -29,37 +32,47 @@ def measure(cli_args: list[str], warm: int, steps: int) -> dict:
 
     from benchmarks.runner import quiet_cli
 
-    class StepClock(Callback):
+    class Alternate(Callback):
+        """Times the library's batches and, after each, takes and times one hand-loop step."""
+
         def __init__(self):
-            self.starts, self.ends = [], []
+            self.starts, self.inside, self.hand, self.last_end = [], [], None, None
+
+        def on_train_start(self, trainer, module):
+            self.hand = HandLoop(module, trainer.datamodule)
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             self.starts.append(time.perf_counter())
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            self.ends.append(time.perf_counter())
+            self.last_end = time.perf_counter()  # ends the last step's interval (it has no next batch to fetch)
+            self.inside.append(self.hand.timed_step())  # the hand loop warms up beside the library too
 
-    # one epoch: the clock runs from the first batch after the warm-up steps to the end of the last one
     cli = quiet_cli([*cli_args, f"--trainer.limit_train_batches={warm + steps}", "--trainer.limit_val_batches=0",
                      "--trainer.max_epochs=1", "--trainer.min_epochs=1"], run=False)
-    clock = StepClock()
+    clock = Alternate()
     cli.trainer.callbacks.append(clock)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         cli.trainer.fit(cli.model, cli.datamodule)
-    library, library_mean = step_rates(clock.starts[warm:] + clock.ends[-1:])
-    (manual, manual_mean), flops = hand_loop(cli.model, cli.datamodule, warm, steps)
+    if len(clock.starts) < warm + steps:
+        raise ValueError(f"an epoch holds {len(clock.starts)} batches, and {warm + steps} are needed (warm + steps): "
+                         "time fewer steps or give the epoch more prompts")
+    ends = [b - h for b, h in zip(clock.starts[1:], clock.inside)] + [clock.last_end]
+    library_intervals = [end - start for start, end in zip(clock.starts, ends)][warm:]
+    manual_intervals = clock.hand.intervals[warm:]
+    library, library_mean = interval_rates(library_intervals)
+    manual, manual_mean = interval_rates(manual_intervals)
+    flops = clock.hand.flops_per_step(min(steps, FLOP_STEPS))
     peak = matmul_peak_flops()
     return {"library_steps_per_s": library, "manual_steps_per_s": manual, "ratio": library / manual,
             "library_mean_steps_per_s": library_mean, "manual_mean_steps_per_s": manual_mean, "ratio_of_means": library_mean / manual_mean,
             "flops_per_step": flops, "library_flops_per_s": flops * library, "matmul_peak_flops_per_s": peak,
-            "fraction_of_peak": flops * library / peak}
+            "fraction_of_peak": flops * library / peak, "interleaved": True}
 
 
-def step_rates(starts: list[float]) -> tuple[float, float]:
-    """Steps per second from the start times of consecutive steps (the last entry: the end of the last step): by the
-    median step time and by the mean."""
-    intervals = [b - a for a, b in zip(starts, starts[1:])]
-    return 1 / statistics.median(intervals), len(intervals) / (starts[-1] - starts[0])
+def interval_rates(intervals: list[float]) -> tuple[float, float]:
+    """Steps per second from step times: by the median step time and by the mean."""
+    return 1 / statistics.median(intervals), len(intervals) / sum(intervals)
 
 
 def matmul_peak_flops(n: int = 1024, repeats: int = 5) -> float:
@@ -81,28 +94,42 @@ FLOP_STEPS = 8
 """Steps whose FLOPs are counted (torch's FlopCounterMode, off the clock) and averaged per step."""
 
 
-def hand_loop(module, datamodule, warm: int, steps: int) -> tuple[tuple[float, float], float]:
-    """The same objective losses, optimizers (AdamW) and clipping in a plain loop; returns its steps per second (by the
-    median step and by the mean, :func:`step_rates`) and the mean FLOPs of a step (critic and student steps, sampling
-    included) over ``FLOP_STEPS`` more steps."""
-    from torch.utils.flop_counter import FlopCounterMode
+class HandLoop:
+    """The same objective losses, optimizers (AdamW) and clipping in a plain loop, on the module's own models: its own
+    optimizers, its own copy of the objective's draws (GKD's λ coin) and of the players' kept reference log-probs, and
+    its own pass over the epoch's batches, so it does neither more nor less work than the library's steps."""
 
-    objective, student, critic, players = module.objective, module.student, module.critic, module.players
-    optimizers = {"student": torch.optim.AdamW([p for p in student.parameters()], lr=1e-4)}
-    if critic is not None:
-        optimizers["critic"] = torch.optim.AdamW([p for p in critic.parameters()], lr=1e-4)
-    # the batches of the epoch the library was timed on (epoch 0): after its fit the trainer counts one epoch done,
-    # and an offline PbKD run sampled for its epochs only
-    progress = module.trainer.fit_loop.epoch_progress.current
-    done, progress.completed = progress.completed, 0
-    try:
-        loader = datamodule.train_dataloader()
-    finally:
-        progress.completed = done
-    def batches():  # (student batch, critic batch) pairs, a fresh pass over the loader each call
-        return zip(loader["student"], loader["critic"]) if isinstance(loader, dict) else ((b, b) for b in loader)
+    def __init__(self, module, datamodule):
+        self.objective = copy.copy(module.objective)
+        self.players = copy.copy(module.players)
+        self.players._reference_logprobs = {}
+        self.student, self.critic, self.module = module.student, module.critic, module
+        self.optimizers = {"student": torch.optim.AdamW(list(self.student.parameters()), lr=1e-4)}
+        if self.critic is not None:
+            self.optimizers["critic"] = torch.optim.AdamW(list(self.critic.parameters()), lr=1e-4)
+        # the batches of the epoch the library is timed on (epoch 0); the loader resets the global seed as the
+        # library's did, and builds nothing a second time (an offline run's samples are the epoch's)
+        self.loader = datamodule.train_dataloader()
+        self.intervals = []
+        self._fresh_pass()
 
-    def step(model, other, optimizer, loss_fn):
+    def _fresh_pass(self) -> None:
+        """Each pass starts as the library's epoch did: the objective's draws from its seed, no reference log-probs
+        kept from another pass (the module forgets them at an epoch's start)."""
+        if hasattr(self.objective, "_draws"):
+            self.objective._draws = random.Random(self.objective.seed)
+        self.players.forget_reference_logprobs()
+        loader = self.loader
+        self.batches = iter(zip(loader["student"], loader["critic"]) if isinstance(loader, dict) else ((b, b) for b in loader))
+
+    def timed_step(self) -> float:
+        """One step (its batch's fetch, then the step): returns its seconds, which are also kept in ``intervals``."""
+        start = time.perf_counter()
+        self.one_step(*next(self.batches))
+        self.intervals.append(time.perf_counter() - start)
+        return self.intervals[-1]
+
+    def _step(self, model, other, optimizer, loss_fn) -> None:
         for p in other.parameters() if other is not None else []:
             p.requires_grad_(False)  # what toggle_optimizer does: no gradient for the other player
         loss = loss_fn()["loss"]
@@ -114,39 +141,33 @@ def hand_loop(module, datamodule, warm: int, steps: int) -> tuple[tuple[float, f
         for p in other.parameters() if other is not None else []:
             p.requires_grad_(True)
 
-    def one_step(student_batch, critic_batch):
+    def one_step(self, student_batch, critic_batch) -> None:
+        objective, players, student, critic = self.objective, self.players, self.student, self.critic
         if critic is not None:  # `critic_steps` > 1: a list of batches, one critic step each, as the module does
             for batch in critic_batch if isinstance(critic_batch, list) else [critic_batch]:
-                step(critic, student, optimizers["critic"], lambda: objective.critic_loss(players, batch, Share.whole(batch)))
+                self._step(critic, student, self.optimizers["critic"],
+                           lambda: objective.critic_loss(players, batch, Share.whole(batch)))
+        mode = student.training
         if objective.needs_samples:
             student.eval()  # as the module: on-policy steps score π_θ with dropout off
-        student_batch = objective.prepare_student_batch(players, student_batch)
-        step(student, critic, optimizers["student"],
-             lambda: objective.student_loss(players, student_batch, Share.whole(student_batch), module.critic_heldout_acc))
+        try:
+            student_batch = objective.prepare_student_batch(players, student_batch)
+            self._step(student, critic, self.optimizers["student"],
+                       lambda: objective.student_loss(players, student_batch, Share.whole(student_batch), self.module.critic_heldout_acc))
+        finally:
+            student.train(mode)
 
-    def fresh_pass():
-        """Each pass starts as the library's epoch did: GKD's λ coin from the objective's seed, and no reference
-        log-probs kept from another pass (the module forgets them at an epoch's start)."""
-        if hasattr(objective, "_draws"):
-            objective._draws = random.Random(objective.seed)
-        players.forget_reference_logprobs()
+    def flops_per_step(self, counted: int) -> float:
+        """The mean FLOPs of a step (critic and student steps, sampling included) over ``counted`` steps of a fresh
+        pass (the same draws), under torch's FlopCounterMode, off the clock."""
+        from torch.utils.flop_counter import FlopCounterMode
 
-    fresh_pass()
-    starts = []  # as the library's clock: each timed step's start, after its batch was fetched
-    for index, (student_batch, critic_batch) in enumerate(batches()):
-        if index >= warm:
-            starts.append(time.perf_counter())
-        one_step(student_batch, critic_batch)
-        if index == warm + steps - 1:
-            starts.append(time.perf_counter())
-            break
-    # FLOPs: the mean of a few more steps (a fresh pass, the same draws) under the counter, off the clock
-    counted, counter = min(steps, FLOP_STEPS), FlopCounterMode(display=False)
-    fresh_pass()
-    with counter:
-        for _, pair in zip(range(counted), batches()):
-            one_step(*pair)
-    return step_rates(starts), counter.get_total_flops() / counted
+        counter = FlopCounterMode(display=False)
+        self._fresh_pass()
+        with counter:
+            for _ in range(counted):
+                self.one_step(*next(self.batches))
+        return counter.get_total_flops() / counted
 
 
 def main() -> None:

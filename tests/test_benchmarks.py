@@ -84,7 +84,8 @@ def check_speed_and_scaling(figures, lines, row_of):
     for name, row in figures.get("speed", {}).get("steps", {}).items():  # library, baseline and their ratio from one run
         assert row["ratio"] == row["library_steps_per_s"] / row["manual_steps_per_s"]
         means = f"{row['ratio_of_means']:.2f}" if "ratio_of_means" in row else "–"
-        assert f"| {name} | {row['library_steps_per_s']:.2f} | {row['manual_steps_per_s']:.2f} | {row['ratio']:.2f} | {means} |" in "\n".join(lines)
+        mark = " ‡" if row.get("interleaved") else ""  # the two loops alternated step for step
+        assert f"| {name}{mark} | {row['library_steps_per_s']:.2f} | {row['manual_steps_per_s']:.2f} | {row['ratio']:.2f} | {means} |" in "\n".join(lines)
         if "ratio_of_means" in row:
             assert row["ratio_of_means"] == row["library_mean_steps_per_s"] / row["manual_mean_steps_per_s"]
         if "flops_per_step" in row:  # achieved FLOP/s from the same run's steps/s and peak
@@ -122,11 +123,31 @@ def check_speed_and_scaling(figures, lines, row_of):
                    f"{row['naive']['peak_extra_mb']:.0f} | {row['chunked']['peak_extra_mb']:.0f} |" in lines
 
 
-def test_step_rates_take_the_median_step_and_the_mean():
+def test_interval_rates_take_the_median_step_and_the_mean():
     """A step descheduled for 8 s moves the mean rate, not the median one."""
-    from benchmarks.step_speed import step_rates
+    from benchmarks.step_speed import interval_rates
 
-    assert step_rates([0.0, 1.0, 2.0, 10.0]) == (1.0, 0.3)
+    assert interval_rates([1.0, 1.0, 8.0]) == (1.0, 0.3)
+
+
+def test_step_speed_takes_a_hand_step_after_each_library_step_and_keeps_it_out_of_the_librarys_time(tmp_path, monkeypatch):
+    """The two loops alternate: a hand step made 0.2 s slower slows the hand loop's rate alone, since the library's
+    interval has the hand step taken inside it subtracted; an epoch too short for the steps asked is an error."""
+    import time
+
+    from benchmarks import step_speed
+    from benchmarks.experiments import SIZES
+
+    args = ["--config", "configs/baselines/seqkd.yaml", *(a for a in SIZES["quick"].overrides if "critic_warmup" not in a),
+            f"--trainer.default_root_dir={tmp_path}/run", f"--model.teacher.cache_dir={tmp_path}/cache", "--model.num_threads=1"]
+    one_step = step_speed.HandLoop.one_step
+    monkeypatch.setattr(step_speed.HandLoop, "one_step", lambda self, *batch: (time.sleep(0.2), one_step(self, *batch)))
+    monkeypatch.setattr(step_speed, "FLOP_STEPS", 1)
+    result = step_speed.measure(args, warm=1, steps=3)
+    assert result["manual_steps_per_s"] < 5.0 < 20.0 < result["library_steps_per_s"]
+    assert result["ratio"] == result["library_steps_per_s"] / result["manual_steps_per_s"]
+    with pytest.raises(ValueError, match="an epoch holds"):
+        step_speed.measure(args, warm=1, steps=100)
 
 
 def test_report_from_recorded_runs(tmp_path):

@@ -8,7 +8,7 @@
 The experiments are data (benchmarks/experiments.py); benchmarks/runner.py runs them, appending one JSON line
 per finished run to ``runs.jsonl`` next to the report (committed with it: a fresh clone continues the bench, and
 re-running one section keeps the others' runs), and skips runs already there, so an interrupted bench continues
-where it stopped (``--fresh`` measures the selected sections again). benchmarks/report.py then writes RESULTS.md,
+where it stopped (``--fresh`` measures the selected sections, or with ``--rows`` those rows, again). benchmarks/report.py then writes RESULTS.md,
 results.json and plots/ from every recorded run of the mode.
 """
 
@@ -56,7 +56,8 @@ def main(argv=None) -> None:
                              "recorded section")
     parser.add_argument("--rows", help="only these rows of the selected sections, names separated by ';' "
                                        "(e.g. 'SeqKD;Black-box PbKD, offline')")
-    parser.add_argument("--fresh", action="store_true", help="forget the selected sections' records and measure them again")
+    parser.add_argument("--fresh", action="store_true", help="forget the selected sections' records (with --rows, those "
+                                                              "rows' only) and measure them again")
     parser.add_argument("--seeds", type=int, help="run only each experiment's first N seeds (a smoke run; the report's "
                                                    "± is then over fewer seeds, 0 for one)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2, this machine's cores)")
@@ -75,15 +76,16 @@ def main(argv=None) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)  # the runs' own logs would bury the progress bar
     torch.set_num_threads(args.threads)
 
-    if args.fresh:
-        runner.forget(records_path, mode, set(sections))
     size = SIZES[mode]
     chosen = [e for e in experiments(size) if e.section in sections]
+    wanted = None
     if args.rows:
         wanted = {name.strip() for name in args.rows.split(";")}
         if unknown := wanted - {e.name for e in chosen}:
             parser.error(f"no row named {sorted(unknown)} in sections {','.join(sections)}")
         chosen = [e for e in chosen if e.name in wanted]
+    if args.fresh:  # with --rows, only those rows: the sections' other rows keep their records and their report rows
+        runner.forget(records_path, mode, set(sections), wanted)
     if args.seeds:
         chosen = [dataclasses.replace(e, seeds=e.seeds[: args.seeds]) for e in chosen]
     runner.run(chosen, mode, records_path, work)
@@ -94,7 +96,7 @@ def main(argv=None) -> None:
         command += f" --rows '{args.rows}'" if args.rows else ""
         command += f" --seeds {args.seeds}" if args.seeds else ""
     records = [r for r in runner.load_records(records_path) if r["mode"] == mode]
-    print(report.write(records, size, command, out, forget=frozenset(sections) if args.fresh else frozenset()))
+    print(report.write(records, size, command, out, forget=frozenset(sections) if args.fresh and not wanted else frozenset()))
 
 
 if __name__ == "__main__":

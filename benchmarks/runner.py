@@ -178,7 +178,9 @@ def machine() -> dict:
 
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    # the bench's own records and report are its output, not the code it measures (--fresh rewrites the records first)
+    outputs = [f":!benchmarks/{name}" for name in ("runs.jsonl", "results.json", "RESULTS.md", "plots")]
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", *outputs], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "memory_gib": round(memory, 1), "python": platform.python_version(), "torch": torch.__version__,
             "lightning": lightning.__version__, "transformers": transformers.__version__,
@@ -186,9 +188,11 @@ def machine() -> dict:
             "commit": commit + (" (with uncommitted changes)" if dirty else "")}
 
 
-def forget(records_path: str, mode: str, sections: set[str]) -> None:
-    """Drop the records of these sections (of this mode), so the next run measures them again."""
-    kept = [r for r in load_records(records_path) if r["mode"] != mode or r["section"] not in sections]
+def forget(records_path: str, mode: str, sections: set[str], rows: Optional[set[str]] = None) -> None:
+    """Drop the records of these sections (of this mode), or only of their ``rows`` when given, so the next run
+    measures them again."""
+    kept = [r for r in load_records(records_path)
+            if r["mode"] != mode or r["section"] not in sections or (rows is not None and r["name"] not in rows)]
     if os.path.exists(records_path):
         with open(records_path, "w") as handle:
             handle.writelines(json.dumps(r) + "\n" for r in kept)

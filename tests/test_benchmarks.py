@@ -150,6 +150,22 @@ def test_step_speed_takes_a_hand_step_after_each_library_step_and_keeps_it_out_o
         step_speed.measure(args, warm=1, steps=100)
 
 
+def test_fresh_with_rows_forgets_those_rows_only(tmp_path):
+    """`--fresh --rows A` drops A's records of the selected sections and keeps every other row's (it used to drop
+    the whole section's, losing rows nobody asked to re-measure); without rows the whole section goes."""
+    from benchmarks.runner import forget, load_records
+
+    path = str(tmp_path / "runs.jsonl")
+    records = [{"mode": "full", "section": "speed", "name": "A", "seed": 0}, {"mode": "full", "section": "speed", "name": "B", "seed": 0},
+               {"mode": "full", "section": "quality", "name": "A", "seed": 0}, {"mode": "quick", "section": "speed", "name": "A", "seed": 0}]
+    with open(path, "w") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in records)
+    forget(path, "full", {"speed"}, {"A"})
+    assert load_records(path) == records[1:]
+    forget(path, "full", {"speed"})
+    assert load_records(path) == records[2:]
+
+
 def test_report_from_recorded_runs(tmp_path):
     """The report alone, from a fixture of records: means with 95% intervals over seeds, paired differences to SeqKD,
     the last record of a re-run seed, the wall-clock budget, provenance by commit; a line cut off by a kill is skipped."""

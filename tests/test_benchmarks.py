@@ -95,9 +95,14 @@ def check_speed_and_scaling(figures, lines, row_of):
         mixed = f"{sampling['mixed_tokens_per_s']:.0f} | {sampling['mixed_ratio']:.2f} |" if "mixed_ratio" in sampling else "– | – |"
         both = (f" {sampling['teacher_tokens_per_s']:.0f} | {sampling['mixed_bound_ratio']:.2f} |" if "mixed_bound_ratio" in sampling
                 else " – | – |")
+        compiled = (f"{sampling['compiled_plain_tokens_per_s']:.0f} | {sampling['compiled_ratio']:.2f} | {sampling['compile_seconds']:.0f} | "
+                    if "compiled_ratio" in sampling else "– | – | – | ")
+        if "compiled_ratio" in sampling:  # the library against the compiled plain loop of the same rounds
+            assert sampling["compiled_ratio"] == sampling["library_tokens_per_s"] / sampling["compiled_plain_tokens_per_s"]
         assert sampling["ratio"] == sampling["library_tokens_per_s"] / sampling["plain_tokens_per_s"]
         assert row_of(name) == (f"| {name} | {sampling['prompts']} × {sampling['samples']}, {sampling['max_new_tokens']} | "
-                                f"{sampling['library_tokens_per_s']:.0f} | {sampling['plain_tokens_per_s']:.0f} | {sampling['ratio']:.2f} | {mixed}{both}")
+                                f"{sampling['library_tokens_per_s']:.0f} | {sampling['plain_tokens_per_s']:.0f} | {sampling['ratio']:.2f} | "
+                                f"{compiled}{mixed}{both}")
     for row in figures.get("speed", {}).get("divergence", []):
         assert f"| {row['time_ratio']:.2f} | {row['naive']['peak_extra_mb']:.0f} | {row['chunked']['peak_extra_mb']:.0f} | " \
                f"{row['memory_ratio']:.2f} |" in row_of(f"{row['batch']} × {row['tokens']}", lambda line, v=row["vocab"]: f"| {v:,} |" in line)

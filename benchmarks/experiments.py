@@ -91,7 +91,7 @@ OUTSIDE_DATA = ("--data.train_file={data}/train.jsonl", "--data.val_file={data}/
 SIZES = {
     # Toy size: every table and plot, in minutes.
     "quick": Size(
-        name="quick", seeds=(0, 1, 2), headline_seeds=(0, 1, 2), epochs=1, online_iterations=(1, 2), speed_steps=4,
+        name="quick", seeds=(0, 1, 2), headline_seeds=(0, 1, 2), epochs=1, online_iterations=(1, 2), speed_steps=3,
         overrides=(
             "--model.student.layers=1", "--model.student.hidden=32", "--model.student.heads=2",
             "--model.teacher.layers=1", "--model.teacher.hidden=64", "--model.teacher.heads=2", "--model.teacher.train_steps=20",

@@ -460,7 +460,8 @@ def speed_tables(r: dict) -> list[str]:
                   "beside SmolLM2) against the same plain loop of the student alone, and the teacher's own decode alone "
                   "(`both alone`: the ratio of the student's and the teacher's own decodes run in turn, what mixing costs at "
                   "least). `compiled plain`: the same plain loop with transformers' static cache under `torch.compile` (compiled "
-                  "once before the rounds, off the clock; `compile s` its first call), and the library's rate against it. "
+                  "once before the rounds, off the clock; `compile s` its first call, with the graphs it compiled and those compiled "
+                  "again while timed), and the library's rate against it. "
                   "Targets: ≥ 2× and, mixed, ≥ 0.8×.", "",
                   "| row | prompts × K, new tokens | library tokens/s | plain tokens/s | ratio | compiled plain tokens/s | "
                   "library ÷ compiled | compile s | mixed tokens/s | mixed ratio | teacher alone tokens/s | both alone ratio |",
@@ -468,7 +469,8 @@ def speed_tables(r: dict) -> list[str]:
         for name, g in sampling.items():
             shape = f"{g['prompts']} × {g['samples']}, {g['max_new_tokens']}" if "samples" in g else "–"
             lines.append(f"| {name} | {shape} | {g['library_tokens_per_s']:.0f} | {g['plain_tokens_per_s']:.0f} | {g['ratio']:.2f} | "
-                         + (f"{g['compiled_plain_tokens_per_s']:.0f} | {g['compiled_ratio']:.2f} | {g['compile_seconds']:.0f} | "
+                         + (f"{g['compiled_plain_tokens_per_s']:.0f} | {g['compiled_ratio']:.2f} | {g['compile_seconds']:.0f}"
+                            + (f" ({g['compiled_graphs']}, {g['graphs_compiled_while_timed']})" if "compiled_graphs" in g else "") + " | "
                             if "compiled_ratio" in g else "– | – | – | ")
                          + (f"{g['mixed_tokens_per_s']:.0f} | {g['mixed_ratio']:.2f} | " if "mixed_ratio" in g else "– | – | ")
                          + (f"{g['teacher_tokens_per_s']:.0f} | {g['mixed_bound_ratio']:.2f} |" if "mixed_bound_ratio" in g else "– | – |"))

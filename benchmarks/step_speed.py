@@ -8,7 +8,7 @@ steps and clipping on batches from the same data module (no Lightning, no loggin
 the library's steps the hand loop takes one of its own on the same models, so a slow spell of this 2-core machine
 (another process, a descheduled thread, the CPU's clock) falls on both sides alike instead of on whichever ran second.
 Each side's step time is the interval from one batch's start to the next's (the step, the loop's own work and the next
-batch's fetch; the library's interval less the hand step taken inside it, its last one to its end); the ratio is of the two medians over the
+batch's fetch; the library's interval less the hand step taken inside it); the ratio is of the two medians over the
 timed steps, and the ratio of the means is reported beside it.
 """
 
@@ -17,6 +17,7 @@ import contextlib
 import copy
 import io
 import json
+import math
 import random
 import statistics
 import time
@@ -27,7 +28,8 @@ from pbkd_lightning.objectives.base import Share
 
 
 def measure(cli_args: list[str], warm: int, steps: int) -> dict:
-    """``cli_args``: a fit's arguments (without ``fit``); its epoch is cut to ``warm + steps`` batches, no validation."""
+    """``cli_args``: a fit's arguments (without ``fit``); its epoch is cut to ``warm + steps + 1`` batches, no
+    validation (the last batch only ends the last timed interval, as each batch's start ends the one before)."""
     from lightning.pytorch import Callback
 
     from benchmarks.runner import quiet_cli
@@ -36,7 +38,7 @@ def measure(cli_args: list[str], warm: int, steps: int) -> dict:
         """Times the library's batches and, after each, takes and times one hand-loop step."""
 
         def __init__(self):
-            self.starts, self.inside, self.hand, self.last_end = [], [], None, None
+            self.starts, self.inside, self.hand = [], [], None
 
         def on_train_start(self, trainer, module):
             self.hand = HandLoop(module, trainer.datamodule)
@@ -45,20 +47,20 @@ def measure(cli_args: list[str], warm: int, steps: int) -> dict:
             self.starts.append(time.perf_counter())
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            self.last_end = time.perf_counter()  # ends the last step's interval (it has no next batch to fetch)
-            self.inside.append(self.hand.timed_step())  # the hand loop warms up beside the library too
+            if batch_idx < warm + steps:  # the hand loop warms up beside the library too
+                self.inside.append(self.hand.timed_step())
 
-    cli = quiet_cli([*cli_args, f"--trainer.limit_train_batches={warm + steps}", "--trainer.limit_val_batches=0",
+    cli = quiet_cli([*cli_args, f"--trainer.limit_train_batches={warm + steps + 1}", "--trainer.limit_val_batches=0",
                      "--trainer.max_epochs=1", "--trainer.min_epochs=1"], run=False)
     clock = Alternate()
     cli.trainer.callbacks.append(clock)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         cli.trainer.fit(cli.model, cli.datamodule)
-    if len(clock.starts) < warm + steps:
-        raise ValueError(f"an epoch holds {len(clock.starts)} batches, and {warm + steps} are needed (warm + steps): "
+    if len(clock.starts) < warm + steps + 1:
+        raise ValueError(f"an epoch holds {len(clock.starts)} batches, and {warm + steps + 1} are needed (warm + steps + 1): "
                          "time fewer steps or give the epoch more prompts")
-    ends = [b - h for b, h in zip(clock.starts[1:], clock.inside)] + [clock.last_end]
-    library_intervals = [end - start for start, end in zip(clock.starts, ends)][warm:]
+    # step i's interval: its start to the next batch's start, less the hand step taken between them
+    library_intervals = [b - a - h for a, b, h in zip(clock.starts, clock.starts[1:], clock.inside)][warm:]
     manual_intervals = clock.hand.intervals[warm:]
     library, library_mean = interval_rates(library_intervals)
     manual, manual_mean = interval_rates(manual_intervals)
@@ -95,18 +97,24 @@ FLOP_STEPS = 8
 
 
 class HandLoop:
-    """The same objective losses, optimizers (AdamW) and clipping in a plain loop, on the module's own models: its own
-    optimizers, its own copy of the objective's draws (GKD's λ coin) and of the players' kept reference log-probs, and
-    its own pass over the epoch's batches, so it does neither more nor less work than the library's steps."""
+    """The same objective losses, optimizers, schedules and clipping in a plain loop, on the module's own models: its
+    own optimizers (built as the module builds its own), its own copy of the objective's draws (GKD's λ coin) and of the
+    players' kept reference log-probs, its own count of batches (critic-only batches first, as the module), and its own
+    pass over the epoch's batches, so it does neither more nor less work than the library's steps."""
 
     def __init__(self, module, datamodule):
+        from pbkd_lightning.optim import build_optimizer
+
         self.objective = copy.copy(module.objective)
         self.players = copy.copy(module.players)
         self.players._reference_logprobs = {}
         self.student, self.critic, self.module = module.student, module.critic, module
-        self.optimizers = {"student": torch.optim.AdamW(list(self.student.parameters()), lr=1e-4)}
-        if self.critic is not None:
-            self.optimizers["critic"] = torch.optim.AdamW(list(self.critic.parameters()), lr=1e-4)
+        self.precision = module.trainer.precision_plugin  # its autocast, as Lightning runs the training step under it
+        self.configs = {"student": module.student_optimizer_config, "critic": module.critic_optimizer_config}
+        roles = {"student": self.student, **({"critic": self.critic} if self.critic is not None else {})}
+        self.optimizers = {role: build_optimizer(module.hparams.optimizer, model, self.configs[role], 1_000_000)
+                           for role, model in roles.items()}  # (optimizer, schedule): the steps only shape the schedule
+        self.batches_seen = 0
         # the batches of the epoch the library is timed on (epoch 0); the loader resets the global seed as the
         # library's did, and builds nothing a second time (an offline run's samples are the epoch's)
         self.loader = datamodule.train_dataloader()
@@ -119,6 +127,7 @@ class HandLoop:
         if hasattr(self.objective, "_draws"):
             self.objective._draws = random.Random(self.objective.seed)
         self.players.forget_reference_logprobs()
+        self.batches_seen = 0
         loader = self.loader
         self.batches = iter(zip(loader["student"], loader["critic"]) if isinstance(loader, dict) else ((b, b) for b in loader))
 
@@ -129,30 +138,38 @@ class HandLoop:
         self.intervals.append(time.perf_counter() - start)
         return self.intervals[-1]
 
-    def _step(self, model, other, optimizer, loss_fn) -> None:
-        for p in other.parameters() if other is not None else []:
-            p.requires_grad_(False)  # what toggle_optimizer does: no gradient for the other player
-        loss = loss_fn()["loss"]
+    def _step(self, role, model, other, loss_fn) -> None:
+        (optimizer, schedule), clip = self.optimizers[role], self.configs[role].grad_clip
+        frozen = [p for p in other.parameters() if p.requires_grad] if other is not None else []
+        for p in frozen:
+            p.requires_grad_(False)  # what toggle_optimizer does: no gradient for the other player (and back after)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        loss_fn()["loss"].backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip if clip > 0 else math.inf)
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        for p in other.parameters() if other is not None else []:
+        for p in frozen:
             p.requires_grad_(True)
 
     def one_step(self, student_batch, critic_batch) -> None:
+        with self.precision.forward_context():
+            self._one_step(student_batch, critic_batch)
+        self.batches_seen += 1
+
+    def _one_step(self, student_batch, critic_batch) -> None:
         objective, players, student, critic = self.objective, self.players, self.student, self.critic
         if critic is not None:  # `critic_steps` > 1: a list of batches, one critic step each, as the module does
             for batch in critic_batch if isinstance(critic_batch, list) else [critic_batch]:
-                self._step(critic, student, self.optimizers["critic"],
-                           lambda: objective.critic_loss(players, batch, Share.whole(batch)))
+                self._step("critic", critic, student, lambda: objective.critic_loss(players, batch, Share.whole(batch)))
+        if self.batches_seen < objective.critic_warmup_steps:
+            return  # the module's critic-only batches
         mode = student.training
         if objective.needs_samples:
             student.eval()  # as the module: on-policy steps score π_θ with dropout off
         try:
             student_batch = objective.prepare_student_batch(players, student_batch)
-            self._step(student, critic, self.optimizers["student"],
+            self._step("student", student, critic,
                        lambda: objective.student_loss(players, student_batch, Share.whole(student_batch), self.module.critic_heldout_acc))
         finally:
             student.train(mode)

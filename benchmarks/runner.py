@@ -177,15 +177,20 @@ def machine() -> dict:
     import transformers
 
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    # the bench's own records and report are its output, not the code it measures (--fresh rewrites the records first)
-    outputs = [f":!benchmarks/{name}" for name in ("runs.jsonl", "results.json", "RESULTS.md", "plots")]
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", *outputs], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "memory_gib": round(memory, 1), "python": platform.python_version(), "torch": torch.__version__,
             "lightning": lightning.__version__, "transformers": transformers.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "commit": commit + (" (with uncommitted changes)" if dirty else "")}
+            "commit": measured_commit(ROOT)}
+
+
+def measured_commit(root: str) -> str:
+    """The checkout's commit, marked when its code has uncommitted changes: the bench's own records and report are
+    its output, not the code it measures (``--fresh`` rewrites the records before anything runs)."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    outputs = [f":!benchmarks/{name}" for name in ("runs.jsonl", "results.json", "RESULTS.md", "plots")]
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", *outputs], cwd=root, capture_output=True, text=True).stdout.strip()
+    return commit + (" (with uncommitted changes)" if dirty else "")
 
 
 def forget(records_path: str, mode: str, sections: set[str], rows: Optional[set[str]] = None) -> None:

@@ -216,6 +216,27 @@ def test_fresh_with_rows_forgets_those_rows_only(tmp_path):
     assert load_records(path) == records[2:]
 
 
+def test_a_records_commit_is_dirty_for_code_changes_not_for_the_benchs_own_output(tmp_path):
+    """Rewriting runs.jsonl, the report or its plots (as --fresh does before a run) leaves the measured commit clean;
+    an edit to code marks it."""
+    import subprocess
+
+    from benchmarks.runner import measured_commit
+
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    (tmp_path / "benchmarks" / "plots").mkdir(parents=True)
+    for name in ("benchmarks/runs.jsonl", "benchmarks/RESULTS.md", "benchmarks/plots/a.png", "code.py"):
+        (tmp_path / name).write_text("x\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    for name in ("benchmarks/runs.jsonl", "benchmarks/RESULTS.md", "benchmarks/plots/a.png"):
+        (tmp_path / name).write_text("y\n")
+    assert not measured_commit(str(tmp_path)).endswith("(with uncommitted changes)")
+    (tmp_path / "code.py").write_text("y\n")
+    assert measured_commit(str(tmp_path)).endswith("(with uncommitted changes)")
+
+
 def test_report_from_recorded_runs(tmp_path):
     """The report alone, from a fixture of records: means with 95% intervals over seeds, paired differences to SeqKD,
     the last record of a re-run seed, the wall-clock budget, provenance by commit; a line cut off by a kill is skipped."""

@@ -41,14 +41,16 @@ def measure(tiny: bool, prompts: int, max_new_tokens: int, samples: int, batch: 
 
     ends = end_tokens(model, tokenizer)  # the end tokens the library stops at
 
-    def plain(static_compiled: bool = False) -> int:
-        extra = {}
-        if static_compiled:  # transformers compiles its decode step for a static cache; on CPU only when told to
-            from transformers import CompileConfig
+    static_compiled = {}
+    if compiled:  # transformers compiles its decode step for a static cache; on CPU only when told to
+        from transformers import CompileConfig
 
-            compile_config = CompileConfig(dynamic=False, mode="default")
-            compile_config._compile_all_devices = True
-            extra = dict(cache_implementation="static", compile_config=compile_config)
+        compile_config = CompileConfig(dynamic=False, mode="default")
+        compile_config._compile_all_devices = True
+        static_compiled = dict(cache_implementation="static", compile_config=compile_config)
+
+    def plain(**extra) -> int:
+        """The plain loop's new tokens; ``extra``: more arguments to ``generate``."""
         tokenizer.padding_side = "left"
         tokens = 0
         for begin in range(0, len(texts), batch):
@@ -71,7 +73,7 @@ def measure(tiny: bool, prompts: int, max_new_tokens: int, samples: int, batch: 
 
         torch._dynamo.reset()
         start = time.perf_counter()
-        plain(static_compiled=True)
+        plain(**static_compiled)
         compile_seconds, graphs = time.perf_counter() - start, counters["stats"]["unique_graphs"]
     for _ in range(3):
         torch.manual_seed(0)
@@ -83,15 +85,11 @@ def measure(tiny: bool, prompts: int, max_new_tokens: int, samples: int, batch: 
         torch.manual_seed(0)
         _, stats = sample_mixed_rollouts(model, teacher, tokenizer, texts, config, samples, batch)
         rates["mixed"].append(stats["tokens"] / stats["seconds"])
-        torch.manual_seed(0)
-        start = time.perf_counter()
-        tokens = plain()
-        rates["plain"].append(tokens / (time.perf_counter() - start))
-        if compiled:
+        for key, extra in (("plain", {}), *((("compiled", static_compiled),) if compiled else ())):
             torch.manual_seed(0)
             start = time.perf_counter()
-            tokens = plain(static_compiled=True)
-            rates["compiled"].append(tokens / (time.perf_counter() - start))
+            tokens = plain(**extra)
+            rates[key].append(tokens / (time.perf_counter() - start))
     library, plain_rate, mixed, teacher_rate = (max(rates[k]) for k in ("library", "plain", "mixed", "teacher"))
     # mixing decodes both models: at best the rate of running the student's and the teacher's own decodes in turn
     both = 1 / (1 / library + 1 / teacher_rate)

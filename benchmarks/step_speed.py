@@ -98,23 +98,20 @@ FLOP_STEPS = 8
 
 class HandLoop:
     """The same objective losses, optimizers, schedules and clipping in a plain loop, on the module's own models: its
-    own optimizers (built as the module builds its own), its own copy of the objective's draws (GKD's λ coin) and of the
+    own optimizers (from the module's own ``configure_optimizers``), its own copy of the objective's draws (GKD's λ coin) and of the
     players' kept reference log-probs, its own count of batches (critic-only batches first, as the module), and its own
     pass over the epoch's batches, so it does neither more nor less work than the library's steps."""
 
     def __init__(self, module, datamodule):
-        from pbkd_lightning.optim import build_optimizer
-
         self.objective = copy.copy(module.objective)
         self.players = copy.copy(module.players)
         self.players._reference_logprobs = {}
         self.student, self.critic, self.module = module.student, module.critic, module
         self.precision = module.trainer.precision_plugin  # its autocast, as Lightning runs the training step under it
         self.configs = {"student": module.student_optimizer_config, "critic": module.critic_optimizer_config}
-        roles = {"student": self.student, **({"critic": self.critic} if self.critic is not None else {})}
-        self.optimizers = {role: build_optimizer(module.hparams.optimizer, model, self.configs[role], 1_000_000)
-                           for role, model in roles.items()}  # (optimizer, schedule): the steps only shape the schedule
-        self.batches_seen = 0
+        optimizers, schedules = module.configure_optimizers()  # new ones over the same models, the critic's first
+        roles = ("critic", "student") if self.critic is not None else ("student",)
+        self.optimizers = dict(zip(roles, zip(optimizers, schedules)))  # role -> (optimizer, schedule)
         # the batches of the epoch the library is timed on (epoch 0); the loader resets the global seed as the
         # library's did, and builds nothing a second time (an offline run's samples are the epoch's)
         self.loader = datamodule.train_dataloader()

@@ -161,15 +161,16 @@ class HandLoop:
                 self._step("critic", critic, student, lambda: objective.critic_loss(players, batch, Share.whole(batch)))
         if self.batches_seen < objective.critic_warmup_steps:
             return  # the module's critic-only batches
-        mode = student.training
-        if objective.needs_samples:
+        mode = student.training if objective.needs_samples else None
+        if mode is not None:
             student.eval()  # as the module: on-policy steps score π_θ with dropout off
         try:
             student_batch = objective.prepare_student_batch(players, student_batch)
             self._step("student", student, critic,
                        lambda: objective.student_loss(players, student_batch, Share.whole(student_batch), self.module.critic_heldout_acc))
         finally:
-            student.train(mode)
+            if mode is not None:
+                student.train(mode)
 
     def flops_per_step(self, counted: int) -> float:
         """The mean FLOPs of a step (critic and student steps, sampling included) over ``counted`` steps of a fresh

@@ -202,23 +202,26 @@ class DistillationModule(LightningModule):
             opt_student, sched_student = self.optimizers(), self.lr_schedulers()
         objective, players = self.objective, self.players
         paired = self.needs_pairs  # {"student": ..., "critic": ...} batches; else one batch for both steps
-        student_batch = (batch["student"] if paired else batch).to(self.device)
+        student_batch = batch["student"] if paired else batch  # moved by Lightning (batch_to_device calls each typed batch's `to`)
         if self.critic is not None:
             critic_batches = batch["critic"] if paired else batch
             for critic_batch in critic_batches if isinstance(critic_batches, list) else [critic_batches]:
-                self._step("critic", opt_critic, sched_critic, self.critic, critic_batch.to(self.device),
+                self._step("critic", opt_critic, sched_critic, self.critic, critic_batch,
                            lambda piece, share: objective.critic_loss(players, piece, share), self.hparams.critic_micro_batch_size)
         if self.training_batches_seen >= objective.critic_warmup_steps:
-            mode = self.student.training
-            if objective.needs_samples:
-                self.student.eval()  # on-policy objectives score π_θ with dropout off, as the sampler drew π_old
+            # on-policy objectives score π_θ with dropout off, as the sampler drew π_old; others leave the mode alone
+            # (a transformers model's train() walks every submodule: 0.1 ms a step for nothing)
+            mode = self.student.training if objective.needs_samples else None
+            if mode is not None:
+                self.student.eval()
             try:
                 student_batch = objective.prepare_student_batch(players, student_batch)
                 trust = self.critic_heldout_acc
                 self._step("student", opt_student, sched_student, self.student, student_batch,
                            lambda piece, share: objective.student_loss(players, piece, share, trust), self.hparams.micro_batch_size)
             finally:
-                self.student.train(mode)
+                if mode is not None:
+                    self.student.train(mode)
         self.training_batches_seen += 1
         every = self.trainer.log_every_n_steps
         # the batches at which Lightning writes step metrics to the loggers (its count of batches equals ours, both
@@ -371,28 +374,34 @@ class DistillationModule(LightningModule):
 
 
 class StepMeans:
-    """Per-step values summed where they are (no host sync) and handed out as means since the last ``pop``.
+    """Per-step values kept where they are (no host sync, no arithmetic in the step) and handed out as means
+    since the last ``pop``.
 
     A step logs about ten values, while Lightning writes step metrics to its loggers only every ``log_every_n_steps``
     batches: ``self.log`` and Lightning's step-metric update were 12% of SeqKD's step time under cProfile."""
 
     def __init__(self):
-        self.sums: dict = {}
+        self.values: dict = {}
 
     def add(self, values: dict) -> None:
         for name, value in values.items():
-            value = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
-            total, count = self.sums.get(name, (0.0, 0))
-            self.sums[name] = (total + value, count + 1)
+            self.values.setdefault(name, []).append(value.detach() if isinstance(value, torch.Tensor) else float(value))
 
     def set(self, name: str, value: float) -> None:
         """A value that is not averaged (a count so far)."""
-        self.sums[name] = (value, 1)
+        self.values[name] = [float(value)]
 
     def pop(self) -> dict:
-        means = {name: total / count for name, (total, count) in self.sums.items()}
-        self.sums = {}
-        return means
+        """The means since the last ``pop``, as float32 CPU tensors brought over in one transfer: Lightning reads a
+        logged progress-bar value back to the host at every batch (``.item()``), which for a GPU tensor would wait
+        for the GPU at every batch, not once a logging interval."""
+        values, self.values = self.values, {}
+        if not values:
+            return {}
+        device = next((v.device for vs in values.values() for v in vs if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        means = torch.stack([torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in vs]).mean()
+                             for vs in values.values()]).cpu()
+        return dict(zip(values, means.unbind()))
 
 
 def _computed(metric) -> Optional[torch.Tensor]:

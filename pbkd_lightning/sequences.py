@@ -100,6 +100,8 @@ class SequenceBatch:
         return self.input_ids.shape[0]
 
     def to(self, device) -> "SequenceBatch":
+        if self.input_ids.device == torch.device(device):
+            return self  # nothing to move: no copy (each training batch is moved, on CPU too)
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for name in ("input_ids", "attention_mask", "loss_mask", "ended"):
             moved[name] = moved[name].to(device)

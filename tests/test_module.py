@@ -739,3 +739,21 @@ def test_step_values_are_logged_as_their_means_over_each_log_every_n_steps_batch
         means = [(a + b) / 2 for a, b in zip(each[name][::2], each[name][1::2])]
         assert pairs[name] == pytest.approx(means, rel=1e-5), name
     assert pairs["student/nonfinite_skips"] == each["student/nonfinite_skips"][1::2]
+
+
+def test_step_means_are_the_means_since_the_last_pop_brought_to_the_cpu_together():
+    """What the module logs every log_every_n_steps batches: the steps' mean of each value (a count: its latest),
+    as CPU tensors, so Lightning's per-batch read of the progress-bar value never waits on an accelerator."""
+    from pbkd_lightning.module import StepMeans
+
+    means = StepMeans()
+    means.add({"student/loss": torch.tensor(1.0), "student/tokens": torch.tensor(4)})
+    means.add({"student/loss": torch.tensor(3.0, dtype=torch.float64), "student/tokens": torch.tensor(8)})
+    means.set("student/nonfinite_skips", 2)
+    popped = means.pop()
+    assert {name: value.item() for name, value in popped.items()} == {"student/loss": 2.0, "student/tokens": 6.0,
+                                                                       "student/nonfinite_skips": 2.0}
+    assert all(v.device.type == "cpu" and v.dtype == torch.float32 and v.dim() == 0 for v in popped.values())
+    assert means.pop() == {}  # nothing since the last pop: nothing logged
+    means.add({"student/loss": torch.tensor(5.0)})
+    assert means.pop()["student/loss"].item() == 5.0  # no value of an earlier interval is carried over

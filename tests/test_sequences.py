@@ -70,3 +70,13 @@ def test_micro_batches_keep_groups_and_their_old_logprobs_together():
     assert gather_logprobs(piece.old_logprobs, piece.samples) == [[-2.0] * 4, [-3.0] * 2]
     pairs = PairBatch(teacher, samples.select([0, 2, 4]), torch.tensor([1, -1, 0]), torch.tensor([True, True, False]))
     assert pairs.select([2]).teacher_pair.tolist() == [False] and len(pairs.select([0, 1])) == 2
+
+
+def test_a_batch_already_on_its_device_is_not_copied_and_one_elsewhere_is_moved_whole():
+    """Lightning moves every training batch (its own ``to``), on CPU too: there it must cost nothing."""
+    batch = Encoder(build_char_tokenizer(), 8, 4).batch(["ab", "c"], ["1", "23"])
+    assert batch.to("cpu") is batch and batch.to(torch.device("cpu")) is batch
+    moved = batch.to("meta")
+    assert moved is not batch and {moved.input_ids.device.type, moved.attention_mask.device.type,
+                                   moved.loss_mask.device.type, moved.ended.device.type} == {"meta"}
+    assert batch.input_ids.device.type == "cpu"  # the original is left as it was

@@ -87,7 +87,8 @@ def accumulate_gradients(
     """
     pieces = micro_batches(batch, micro_batch_size)
     counts = [batch_units(piece) for piece in pieces]
-    totals = {unit: sum(c[unit] for c in counts) for unit in counts[0]}
+    whole = len(pieces) == 1  # the usual step: no sums of counts, every term logged as computed
+    totals = counts[0] if whole else {unit: sum(c[unit] for c in counts) for unit in counts[0]}
     mine = dict(totals)  # this rank's counts, for the logged means
     term_units = term_units or {}
     if reduce_sum is not None and world_size > 1:  # one collective for every unit
@@ -100,6 +101,9 @@ def accumulate_gradients(
         if loss.requires_grad:
             backward(loss)
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        if whole:  # each term is already this rank's mean over its unit (a masked mean of an empty unit is 0)
+            logged = {name: value.detach().float() for name, value in terms.items()}
+            continue
         for name, value in terms.items():
             unit = term_units.get(name)
             weight = 1.0 if unit == "sum" else local[unit] / mine[unit].clamp(min=1.0) if unit else len(piece) / len(batch)

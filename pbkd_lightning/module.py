@@ -210,7 +210,7 @@ class DistillationModule(LightningModule):
                            lambda piece, share: objective.critic_loss(players, piece, share), self.hparams.critic_micro_batch_size)
         if self.training_batches_seen >= objective.critic_warmup_steps:
             # on-policy objectives score π_θ with dropout off, as the sampler drew π_old; others leave the mode alone
-            # (a transformers model's train() walks every submodule: 0.1 ms a step for nothing)
+            # (a transformers model's train() walks every submodule, for nothing)
             mode = self.student.training if objective.needs_samples else None
             if mode is not None:
                 self.student.eval()

@@ -609,9 +609,11 @@ def _teacher_chunk(teacher, start: int, stop: int):
     return teacher[start:stop]
 
 
-def _masked_product(p: Tensor, log_ratio: Tensor) -> Tensor:
-    """``p · log_ratio`` with 0 where p = 0 (not NaN), written into ``log_ratio``."""
-    return log_ratio.mul_(p).masked_fill_(p == 0, 0.0)
+def _masked_product(p: Tensor, log_ratio: Tensor, finite: bool = False) -> Tensor:
+    """``p · log_ratio`` with 0 where p = 0 (not NaN), written into ``log_ratio``. ``finite``: both sides' logits
+    are known finite, so every log-probability is finite and ``p = 0`` already gives 0 (the mask's two passes over
+    the chunk, 4% of an off-policy GKD step at vocabulary 8,192, are skipped)."""
+    return log_ratio.mul_(p) if finite else log_ratio.mul_(p).masked_fill_(p == 0, 0.0)
 
 
 CLOSED_FORM_GRADIENTS = ("forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "total_variation")
@@ -620,7 +622,7 @@ CLOSED_FORM_GRADIENTS = ("forward_kl", "reverse_kl", "generalized_jsd", "skew_kl
 
 
 def _dense_value_and_grad(divergence: str, student_logits: Tensor, teacher_logits: Tensor, parameter: float,
-                          temperature: float) -> tuple[Tensor, Tensor]:
+                          temperature: float, finite: bool = False) -> tuple[Tensor, Tensor]:
     """Σ over a chunk's rows of a divergence between dense distributions and its gradient with respect to the
     student's logits, in closed form: a handful of ``chunk × V`` temporaries where autograd through the row
     functions keeps about fifteen.
@@ -635,34 +637,34 @@ def _dense_value_and_grad(divergence: str, student_logits: Tensor, teacher_logit
     if divergence == "generalized_jsd" and parameter in (0.0, 1.0):  # the endpoints are the KL directions exactly
         divergence = "forward_kl" if parameter == 0.0 else "reverse_kl"
     if divergence == "forward_kl":
-        value = _masked_product(p_t, log_t - log_s).sum()
+        value = _masked_product(p_t, log_t - log_s, finite).sum()
         return value, p_s.sub_(p_t).div_(temperature)
     if divergence == "total_variation":
         value = 0.5 * (p_s - p_t).abs_().sum()
         g = (p_s - p_t).sign_().mul_(0.5)
     elif divergence == "reverse_kl":
         ratio = log_s - log_t
-        rows = _masked_product(p_s, ratio.clone()).sum(-1)
+        rows = _masked_product(p_s, ratio.clone(), finite).sum(-1)
         value = rows.sum()
         return value, ratio.sub_(rows[:, None]).mul_(p_s).div_(temperature)
     elif divergence == "generalized_jsd":
         beta = parameter
         log_m = _mixture(log_t, log_s, beta)
-        value = beta * _masked_product(p_t, log_t - log_m).sum()
+        value = beta * _masked_product(p_t, log_t - log_m, finite).sum()
         ratio = log_m.neg_().add_(log_s)  # log p_S / M
-        rows = _masked_product(p_s, ratio.clone()).sum(-1)
+        rows = _masked_product(p_s, ratio.clone(), finite).sum(-1)
         value = value + (1.0 - beta) * rows.sum()
         return value, ratio.sub_(rows[:, None]).mul_(p_s).mul_((1.0 - beta) / temperature)
     elif divergence == "skew_kl":
         alpha = parameter
         log_m = _mixture(log_t, log_s, alpha)
-        value = _masked_product(p_t, log_t - log_m).sum()
+        value = _masked_product(p_t, log_t - log_m, finite).sum()
         g = log_m.neg_().add_(log_t).exp_().mul_(-(1.0 - alpha))  # −(1 − α) p_T / M
     elif divergence == "skew_reverse_kl":
         alpha = parameter
         log_m = _mixture(log_s, log_t, alpha)
         ratio = log_m.neg_().add_(log_s)  # log p_S / M
-        value = _masked_product(p_s, ratio.clone()).sum()
+        value = _masked_product(p_s, ratio.clone(), finite).sum()
         g = ratio.sub_(ratio.exp().mul_(alpha))  # log(p_S / M) − α p_S / M (+ 1, which cancels)
     else:
         raise ValueError(f"unknown divergence {divergence!r}")
@@ -701,7 +703,9 @@ class _FusedProjectionDivergence(torch.autograd.Function):
                     loss = row_fn(log_t, log_s, parameter).sum() * (scale / max(1, rows))
                 grad_logits = torch.autograd.grad(loss, logits)[0] if any(wants) else None
             else:
-                value, grad_logits = _dense_value_and_grad(divergence, logits, teacher_rows, parameter, temperature)
+                # projected by both heads: finite logits, no -inf to mask (float16 could overflow to it)
+                finite = isinstance(teacher, HeadRows) and torch.float16 not in (logits.dtype, teacher_rows.dtype)
+                value, grad_logits = _dense_value_and_grad(divergence, logits, teacher_rows, parameter, temperature, finite)
                 del logits, teacher_rows
                 loss = value * (scale / max(1, rows))
                 grad_logits = grad_logits.mul_(scale / max(1, rows))

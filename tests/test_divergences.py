@@ -185,6 +185,30 @@ def test_the_fused_projection_gives_the_naive_loss_and_its_gradients_to_hidden_w
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("name, kwargs, param", CASES)
+def test_probabilities_that_underflow_to_zero_need_no_mask_when_both_heads_project_and_keep_it_for_a_dense_teacher(name, kwargs, param):
+    """Both models projected by their heads: the closed form skips the p = 0 mask (finite logits give finite
+    log-probabilities, and 0 · finite = 0), and on float32 logits spread so wide that most probabilities are exactly 0
+    it gives the masked form's value and gradients. A dense teacher may hold -inf (a cut vocabulary): it keeps the
+    mask, and the loss stays finite."""
+    torch.manual_seed(3)
+    hidden, weight = torch.randn(6, 8) * 30, torch.randn(40, 8) * 30  # logit spreads of thousands: p = 0 in float32
+    teacher_hidden, teacher_weight = torch.randn(6, 5) * 30, torch.randn(40, 5) * 30
+    logits, teacher_logits = hidden @ weight.T, teacher_hidden @ teacher_weight.T
+    assert (F.softmax(logits, -1) == 0).float().mean() > 0.5 and (F.softmax(teacher_logits, -1) == 0).float().mean() > 0.5
+    masked = L._dense_value_and_grad(name, logits, teacher_logits, param or 0.0, 1.0, finite=False)
+    unmasked = L._dense_value_and_grad(name, logits, teacher_logits, param or 0.0, 1.0, finite=True)
+    assert torch.isfinite(masked[0]) and torch.isfinite(masked[1]).all()
+    torch.testing.assert_close(unmasked, masked, rtol=0, atol=0)
+    student = L.HeadRows(hidden.clone().requires_grad_(), weight.clone().requires_grad_())
+    through_heads = L.fused_divergence(name, student, L.HeadRows(teacher_hidden, teacher_weight), param or 0.0)
+    torch.testing.assert_close(through_heads, masked[0] / 6)
+    cut = teacher_logits.clone()
+    cut[:, 30:] = float("-inf")  # a dense teacher over a smaller vocabulary
+    dense = L.fused_divergence(name, L.HeadRows(hidden.clone().requires_grad_(), weight.clone().requires_grad_()), cut, param or 0.0)
+    assert not torch.isnan(dense) and (torch.isfinite(dense) or name == "reverse_kl")  # π_S > 0 where p_T = 0: RKL is ∞
+
+
 def test_the_fused_projection_agrees_with_finite_differences_and_the_unfused_loss_in_float32():
     torch.manual_seed(1)
     hidden, weight = torch.randn(6, 4, dtype=torch.double), torch.randn(11, 4, dtype=torch.double)

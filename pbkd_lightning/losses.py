@@ -612,7 +612,7 @@ def _teacher_chunk(teacher, start: int, stop: int):
 def _masked_product(p: Tensor, log_ratio: Tensor, finite: bool = False) -> Tensor:
     """``p · log_ratio`` with 0 where p = 0 (not NaN), written into ``log_ratio``. ``finite``: both sides' logits
     are known finite, so every log-probability is finite and ``p = 0`` already gives 0 (the mask's two passes over
-    the chunk, 4% of an off-policy GKD step at vocabulary 8,192, are skipped)."""
+    the chunk, ~12% of the fused generalized JSD at 520 rows × 8,192, are skipped)."""
     return log_ratio.mul_(p) if finite else log_ratio.mul_(p).masked_fill_(p == 0, 0.0)
 
 

@@ -175,6 +175,7 @@ class _Decoder:
         self.shared = None
         if shared and shared_prefix_decoding.supports(model):
             self.shared = shared_prefix_decoding.SharedPrefixDecoder(model, self.cache, mask, num_samples, steps)
+            self.cache = None  # the shared decoder holds what it needs of the prefill's keys and values
         else:
             if num_samples > 1:
                 self.cache.batch_repeat_interleave(num_samples)

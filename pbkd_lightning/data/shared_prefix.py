@@ -63,6 +63,7 @@ class SharedPrefixDecoder:
                           for pair in self.prefix]
             self.whole_bias = torch.cat([self.prefix_bias, self.prefix_bias.new_zeros(*self.prefix_bias.shape[:3], steps)], -1)
             self.prompt_length = prompt_mask.shape[1]
+            self.prefix = None  # copied into `whole`: not held twice (the caller drops the prefill's cache too)
         else:
             self.own = [(keys.new_empty(rows, keys.shape[1], steps, keys.shape[3]), values.new_empty(rows, values.shape[1], steps, values.shape[3]))
                         for keys, values in self.prefix]

@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 from pbkd_lightning.data.generation import GenerationConfig, sample_rollouts
 from pbkd_lightning.losses import HeadRows, policy_logprobs, rows_to_positions
 from pbkd_lightning.models.critic import ImplicitReward, response_token_logprobs
+from pbkd_lightning.models.rows import project_positions
 from pbkd_lightning.parallel import is_sharded
 from pbkd_lightning.sequences import Encoder, SequenceBatch
 
@@ -153,18 +154,21 @@ class Players:
 
     @torch.no_grad()
     def reference_logprobs(self, sequences: SequenceBatch) -> Tensor:
-        """log π_ref of the tokens 1..T-1 of each (right-padded) sequence, ``(N, T-1)``, 0 past its end.
+        """log π_ref of the scored tokens 1..T-1 of each (right-padded) sequence, ``(N, T-1)``, 0 elsewhere.
 
         π_ref is frozen, so a sequence's are computed once and kept: the critic draws the same pairs in several of its
         steps, a teacher response is in all of its prompt's pairs, and the student step scores the samples the critic
         trained on. The module forgets them at each epoch's start. A sharded reference (whose ranks must all run the
-        same forwards) or left padding is scored whole each time."""
-        model, ids, mask = self.implicit_reference, sequences.input_ids, sequences.attention_mask
+        same forwards) or left padding is scored whole each time. A sequence is kept by its tokens and which of them
+        are scored (its values are the scored tokens' alone)."""
+        model, ids, mask, scored = self.implicit_reference, sequences.input_ids, sequences.attention_mask, sequences.loss_mask
         device = _device(model)
         if is_sharded(model) or not bool((mask[:, :-1] >= mask[:, 1:]).all()):
-            return response_token_logprobs(model, ids.to(device), mask.to(device)).to(self.device)
+            return response_token_logprobs(model, ids.to(device), mask.to(device), scored.to(device)).to(self.device)
         cache = self._reference_logprobs
-        keys = [tuple(row[:length]) for row, length in zip(ids.tolist(), mask.sum(1).tolist())]
+        scored_bytes = scored.to(torch.uint8).cpu().numpy()
+        keys = [(tuple(row[:length]), scored_bytes[i, :length].tobytes())
+                for i, (row, length) in enumerate(zip(ids.tolist(), mask.sum(1).tolist()))]
         if not keys:
             return torch.zeros(0, ids.shape[1] - 1, device=self.device)
         first = {}
@@ -175,11 +179,12 @@ class Players:
             if len(cache) + len(first) > REFERENCE_CACHE_SEQUENCES:
                 cache.clear()
             rows = torch.tensor(list(first.values()), device=ids.device)
-            for key, values in zip(first, response_token_logprobs(model, ids[rows].to(device), mask[rows].to(device))):
-                cache[key] = values[: len(key) - 1]
+            for key, values in zip(first, response_token_logprobs(model, ids[rows].to(device), mask[rows].to(device),
+                                                                 scored[rows].to(device))):
+                cache[key] = values[: len(key[0]) - 1]
         out = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=cache[keys[0]].dtype, device=device)
         for row, key in enumerate(keys):
-            out[row, : len(key) - 1] = cache[key]
+            out[row, : len(key[0]) - 1] = cache[key]
         return out.to(self.device)
 
     # ------------------------------------------------------------------ sampling within a step
@@ -221,24 +226,4 @@ def scored_rows(lm: nn.Module, sequences: SequenceBatch, project: bool = True) -
     """``lm``'s last hidden states and logits at ``sequences``' scored positions only, on ``lm``'s device:
     ``(R, H)``, ``(R, V)``. The vocabulary projection never sees a prompt or padding position, so no
     ``N × T × V`` logits exist; with ``project=False`` it sees no row (the logits are ``(0, V)``)."""
-    device = _device(lm)
-    positions, kept = sequences.scored_positions.to(device), {}
-    head = lm.get_output_embeddings()
-    if head is None:  # a model without a separate head module: its full logits, then the rows
-        out = lm(input_ids=sequences.input_ids.to(device), attention_mask=sequences.attention_mask.to(device),
-                 use_cache=False, output_hidden_states=True)
-        return out.hidden_states[-1][:, :-1][positions], out.logits[:, :-1][positions]
-
-    def project_scored_rows_only(head, args):
-        kept["hidden"] = args[0][:, :-1][positions]
-        return (kept["hidden"] if project else kept["hidden"][:0],)
-
-    # The model's own forward with its head fed the scored rows alone: under FSDP2 the root's hooks gather the
-    # (tied) embedding for the head, which calling decoder and head separately would bypass.
-    hook = head.register_forward_pre_hook(project_scored_rows_only)
-    try:
-        logits = lm(input_ids=sequences.input_ids.to(device), attention_mask=sequences.attention_mask.to(device),
-                    use_cache=False).logits
-    finally:
-        hook.remove()
-    return kept["hidden"], logits
+    return project_positions(lm, sequences.input_ids, sequences.attention_mask, sequences.scored_positions, project)

@@ -426,3 +426,13 @@ def test_teacher_rows_benchmark_gives_the_same_rows_and_reports_its_speed_up(tmp
     assert result["max_abs_difference"] < 1e-5 and result["full_ms"] > 0 and result["scored_ms"] > 0
     assert result["scored_logits_mb"] < result["full_logits_mb"]  # 40 of 130 positions projected
     assert json.loads((tmp_path / "rows.json").read_text()) == [result] and "| 512 |" in capsys.readouterr().out
+
+
+def test_reward_rows_benchmark_gives_the_same_rewards_and_gradient_both_ways(capsys):
+    from benchmarks.reward_rows import main
+
+    full, rows = main(["--quick", "--threads=1"])
+    assert (full["variant"], rows["variant"]) == ("every position", "scored rows")
+    assert max(abs(a - b) for a, b in zip(full["rewards"], rows["rewards"])) < 1e-5
+    assert abs(full["gradient_norm"] - rows["gradient_norm"]) < 1e-4 * full["gradient_norm"]
+    assert full["seconds"] > 0 and rows["seconds"] > 0 and "| scored rows |" in capsys.readouterr().out

@@ -4,6 +4,12 @@ import pytest
 import torch
 
 
+def full_forward_logprobs(lm, sequences):
+    """The naive formula: every position's logits, log-softmax, the next token's entry: ``(N, T-1)``."""
+    logits = lm(input_ids=sequences.input_ids, attention_mask=sequences.attention_mask).logits[:, :-1].double()
+    return logits.log_softmax(-1).gather(-1, sequences.input_ids[:, 1:, None]).squeeze(-1)
+
+
 @pytest.mark.slow
 def test_scored_rows_are_the_full_forward_at_response_positions(tmp_path):
     """The head sees only scored rows, yet the rows are exactly the full model's (one forward through the root
@@ -54,7 +60,6 @@ def test_the_implicit_rewards_reference_log_probs_are_computed_once_per_sequence
     log-probabilities are the reference's own on the whole batch (0 past each sequence's end)."""
     from objective_helpers import pair_batch, tiny_players
 
-    from pbkd_lightning.models.critic import response_token_logprobs
     from pbkd_lightning.objectives import BlackBoxPbKD
 
     players = tiny_players(BlackBoxPbKD())
@@ -63,14 +68,67 @@ def test_the_implicit_rewards_reference_log_probs_are_computed_once_per_sequence
     players.implicit_reference.register_forward_hook(lambda module, args, out: forwards.append(1))
     first = players.reference_logprobs(pairs.chosen)
     with torch.no_grad():
-        expected = response_token_logprobs(players.implicit_reference, pairs.chosen.input_ids, pairs.chosen.attention_mask)
-    real = pairs.chosen.attention_mask[:, 1:].bool()
-    assert torch.allclose(first[real], expected[real], atol=1e-6) and (first[~real] == 0).all()
+        expected = full_forward_logprobs(players.implicit_reference, pairs.chosen)
+    scored = pairs.chosen.scored_positions
+    assert torch.allclose(first[scored], expected[scored].float(), atol=1e-6) and (first[~scored] == 0).all()
     forwards.clear()
     again = players.reference_logprobs(pairs.chosen)  # every sequence known: no forward
     both = players.reference_logprobs(pairs.rejected)  # only the rejected ones not seen yet go through the reference
     assert forwards == [1] and torch.equal(again, first)
     with torch.no_grad():
-        expected = response_token_logprobs(players.implicit_reference, pairs.rejected.input_ids, pairs.rejected.attention_mask)
-    real = pairs.rejected.attention_mask[:, 1:].bool()
-    assert torch.allclose(both[real], expected[real], atol=1e-6)
+        expected = full_forward_logprobs(players.implicit_reference, pairs.rejected)
+    scored = pairs.rejected.scored_positions
+    assert torch.allclose(both[scored], expected[scored].float(), atol=1e-6) and (both[~scored] == 0).all()
+
+
+def test_the_implicit_reward_projects_only_response_rows_and_gives_the_full_forwards_reward_and_gradients():
+    """The reward model's head (and the warm-up's, through the same log-probabilities) sees the scored rows alone, and
+    the reward and its gradient are those of the naive formula over every position's logits."""
+    from objective_helpers import pair_batch, tiny_players
+
+    from pbkd_lightning.objectives import BlackBoxPbKD
+
+    players = tiny_players(BlackBoxPbKD())
+    pairs = pair_batch(players)
+    seen = []
+    lm = players.critic.lm
+    hook = lm.get_output_embeddings().register_forward_hook(lambda head, args, out: seen.append(tuple(args[0].shape)))
+    sequences = pairs.rejected  # the samples: their lengths differ, so padding is scored nowhere
+    reward = players.reward_model_score(sequences)
+    hook.remove()
+    scored = sequences.scored_positions
+    assert seen == [(int(scored.sum()), lm.config.hidden_size)]  # one projection, of R rows: no N x T x V logits
+    reward.sum().backward()
+    mine = [p.grad.clone() for p in lm.parameters()]
+    lm.zero_grad(set_to_none=True)
+
+    reference = full_forward_logprobs(players.implicit_reference, sequences).detach()
+    mask = sequences.loss_mask[:, 1:].double()
+    expected = players.critic.scale * ((full_forward_logprobs(lm, sequences) - reference) * mask).sum(1) / mask.sum(1)
+    assert torch.allclose(reward.double(), expected, atol=1e-5)
+    expected.sum().backward()
+    assert all(torch.allclose(a, b.float(), atol=1e-5) for a, b in zip(mine, (p.grad for p in lm.parameters())))
+
+
+def test_kept_reference_log_probs_are_not_served_to_the_same_tokens_scored_elsewhere():
+    """A sequence is kept with the positions it was scored at: the same tokens with another prompt/response split get
+    their own forward, with their own scored tokens' log-probabilities."""
+    from dataclasses import replace
+
+    from objective_helpers import pair_batch, tiny_players
+
+    from pbkd_lightning.objectives import BlackBoxPbKD
+
+    players = tiny_players(BlackBoxPbKD())
+    sequences = pair_batch(players).chosen
+    first = players.reference_logprobs(sequences)
+    moved = sequences.loss_mask.clone()
+    starts = moved.argmax(1)
+    moved[torch.arange(len(moved)), starts - 1] = 1  # one more prompt token scored
+    other = replace(sequences, loss_mask=moved)
+    second = players.reference_logprobs(other)
+    with torch.no_grad():
+        expected = full_forward_logprobs(players.implicit_reference, other)
+    scored = other.scored_positions
+    assert torch.allclose(second[scored], expected[scored].float(), atol=1e-6) and (second[~scored] == 0).all()
+    assert not torch.equal(first, second)

@@ -8,7 +8,8 @@ from jsonargparse.typing import PositiveFloat
 from torch import Tensor, nn
 
 from pbkd_lightning.config import validate_fields
-from pbkd_lightning.losses import token_logprobs
+from pbkd_lightning.losses import rows_to_positions, token_logprobs
+from pbkd_lightning.models.rows import project_positions
 
 
 @dataclass
@@ -31,10 +32,18 @@ class CriticConfig:
         validate_fields(self)
 
 
-def response_token_logprobs(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """log p(token_t | tokens_<t) for t ≥ 1 under ``lm``: ``(N, T-1)``."""
-    logits = lm(input_ids=input_ids, attention_mask=attention_mask).logits
-    return token_logprobs(logits[:, :-1], input_ids[:, 1:])
+def response_token_logprobs(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> Tensor:
+    """log p(token_t | tokens_<t) under ``lm`` at the scored tokens t ≥ 1 (``loss_mask[:, 1:]``), 0 elsewhere:
+    ``(N, T-1)`` float32.
+
+    The head projects the scored rows only: an implicit reward, its reference and the warm-up's NLL never form
+    logits at prompt or padding positions (``N × T × V``, gigabytes at a real vocabulary).
+    """
+    positions = loss_mask[:, 1:].bool().to(input_ids.device)
+    _, logits = project_positions(lm, input_ids, attention_mask, positions)
+    taken = input_ids[:, 1:][positions].to(logits.device)
+    values = token_logprobs(logits[None], taken[None])[0]
+    return rows_to_positions(values, positions.to(values.device))
 
 
 class ScalarReward(nn.Module):
@@ -75,6 +84,6 @@ class ImplicitReward(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, ref_logprobs: Tensor) -> Tensor:
         """``ref_logprobs``: ``(N, T-1)`` log π_ref of tokens 1..T-1. Returns ``(N,)``."""
-        logprobs = response_token_logprobs(self.lm, input_ids, attention_mask)
+        logprobs = response_token_logprobs(self.lm, input_ids, attention_mask, loss_mask)
         mask = loss_mask[:, 1:].to(logprobs.dtype)
         return self.scale * ((logprobs - ref_logprobs) * mask).sum(1) / mask.sum(1).clamp(min=1.0)

@@ -134,7 +134,8 @@ def _train(student, encoder: Encoder, records: list[dict], config: WarmupConfig,
         batch = encoder.batch([records[i]["prompt"] for i in rows], [records[i]["teacher"] for i in rows],
                               [records[i].get("teacher_ended", True) for i in rows])
         batch = batch.to(device)
-        loss = sequence_nll(response_token_logprobs(student, batch.input_ids, batch.attention_mask), batch.loss_mask[:, 1:])
+        loss = sequence_nll(response_token_logprobs(student, batch.input_ids, batch.attention_mask, batch.loss_mask),
+                            batch.loss_mask[:, 1:])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)

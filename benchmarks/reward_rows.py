@@ -25,7 +25,7 @@ def measure(variant: str, vocab: int, sequences: int, tokens: int, hidden: int, 
 
     from benchmarks.divergence_memory import peak_mb, start_peak
     from pbkd_lightning.losses import token_logprobs
-    from pbkd_lightning.models.critic import ImplicitReward, response_token_logprobs
+    from pbkd_lightning.models.critic import ImplicitReward
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -39,7 +39,7 @@ def measure(variant: str, vocab: int, sequences: int, tokens: int, hidden: int, 
     reference = torch.randn(sequences, tokens - 1) * loss_mask[:, 1:]
 
     def every_position():  # the formula before: N × T × V logits, every position's log-probability, then the mask
-        logits = critic.lm(input_ids=ids, attention_mask=attention).logits
+        logits = critic.lm(input_ids=ids, attention_mask=attention, use_cache=False).logits
         logprobs = token_logprobs(logits[:, :-1], ids[:, 1:])
         mask = loss_mask[:, 1:].float()
         return critic.scale * ((logprobs - reference) * mask).sum(1) / mask.sum(1)

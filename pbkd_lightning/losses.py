@@ -47,6 +47,8 @@ def token_logprobs(logits: Tensor, targets: Tensor, chunk_size: int = 4096) -> T
         chunk = flat_logits[start : start + chunk_size].float()
         picked = chunk.gather(-1, flat_targets[start : start + chunk_size, None]).squeeze(-1)
         pieces.append(picked - torch.logsumexp(chunk, dim=-1))
+    if not pieces:  # no position at all (e.g. no scored row): an empty result, still in the graph
+        return flat_logits.float().sum(-1).reshape(N, T)
     return torch.cat(pieces).reshape(N, T)
 
 

@@ -58,7 +58,8 @@ class Players:
     _plain_heads: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
     """model -> whether its logits are its head's plain projection of the last hidden states (checked once)."""
     _reference_logprobs: dict = field(default_factory=dict, repr=False)
-    """A sequence's real tokens -> log π_ref of its tokens 1.. (see :meth:`reference_logprobs`)."""
+    """(a sequence's real tokens, its scored positions) -> log π_ref of its tokens 1.., 0 off the scored ones (see
+    :meth:`reference_logprobs`)."""
 
     @property
     def device(self) -> torch.device:

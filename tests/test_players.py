@@ -57,7 +57,7 @@ def test_the_teacher_projects_only_the_scored_rows_and_gives_the_full_forwards_l
 
 def test_the_implicit_rewards_reference_log_probs_are_computed_once_per_sequence_and_equal_a_fresh_forward():
     """π_ref is frozen: a sequence scored again (in another batch, with other padding) costs no forward, and the kept
-    log-probabilities are the reference's own on the whole batch (0 past each sequence's end)."""
+    log-probabilities are the naive formula's at the scored positions (0 elsewhere)."""
     from objective_helpers import pair_batch, tiny_players
 
     from pbkd_lightning.objectives import BlackBoxPbKD
@@ -92,6 +92,9 @@ def test_the_implicit_reward_projects_only_response_rows_and_gives_the_full_forw
     pairs = pair_batch(players)
     seen = []
     lm = players.critic.lm
+    with torch.no_grad():  # the critic a trained copy of the reference: rewards away from 0
+        for parameter in lm.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
     hook = lm.get_output_embeddings().register_forward_hook(lambda head, args, out: seen.append(tuple(args[0].shape)))
     sequences = pairs.rejected  # the samples: their lengths differ, so padding is scored nowhere
     reward = players.reward_model_score(sequences)
@@ -105,7 +108,7 @@ def test_the_implicit_reward_projects_only_response_rows_and_gives_the_full_forw
     reference = full_forward_logprobs(players.implicit_reference, sequences).detach()
     mask = sequences.loss_mask[:, 1:].double()
     expected = players.critic.scale * ((full_forward_logprobs(lm, sequences) - reference) * mask).sum(1) / mask.sum(1)
-    assert torch.allclose(reward.double(), expected, atol=1e-5)
+    assert torch.allclose(reward.double(), expected, atol=1e-5) and expected.abs().min() > 1e-3
     expected.sum().backward()
     assert all(torch.allclose(a, b.float(), atol=1e-5) for a, b in zip(mine, (p.grad for p in lm.parameters())))
 
@@ -132,3 +135,18 @@ def test_kept_reference_log_probs_are_not_served_to_the_same_tokens_scored_elsew
     scored = other.scored_positions
     assert torch.allclose(second[scored], expected[scored].float(), atol=1e-6) and (second[~scored] == 0).all()
     assert not torch.equal(first, second)
+
+
+def test_a_sequence_with_no_scored_token_gets_a_zero_reward_and_no_error():
+    """An empty response cut at the length limit has no scored token: its reward is 0, in a chunk of its own too."""
+    from dataclasses import replace
+
+    from objective_helpers import pair_batch, tiny_players
+
+    from pbkd_lightning.objectives import BlackBoxPbKD
+
+    players = tiny_players(BlackBoxPbKD())
+    sequences = pair_batch(players).rejected.select([0])
+    empty = replace(sequences, loss_mask=torch.zeros_like(sequences.loss_mask))
+    reward = players.reward_model_score(empty)
+    assert reward.shape == (1,) and reward.item() == 0.0

@@ -34,7 +34,11 @@ def direct_top_k(model, encoder, k):
 
 def test_cache_round_trip_and_size(teacher, tmp_path):
     model, encoder = teacher
+    projected = []  # the head's input: the scored rows only, never every position
+    hook = model.get_output_embeddings().register_forward_hook(lambda head, args, out: projected.append(args[0].dim()))
     index = write_teacher_cache(model, encoder, SEQUENCES, str(tmp_path / "c"), k=8, shard_size=3, batch_size=2)
+    hook.remove()
+    assert projected and set(projected) == {2}  # (R, H) rows, not (N, T, H)
     assert [s["count"] for s in index["shards"]] == [3, 3, 1]
     batch, _, (top, ids) = direct_top_k(model, encoder, 8)
     cache = TeacherCache(str(tmp_path / "c"))

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from pbkd_lightning.data.records import atomic_output, remove_partial_outputs
 from pbkd_lightning.losses import SparseTeacher
+from pbkd_lightning.models.rows import project_positions
 from pbkd_lightning.sequences import Encoder
 
 INDEX = "index.json"
@@ -75,7 +76,6 @@ def write_teacher_cache(
         index = found
     remove_partial_outputs(folder)  # a shard a killed pass was writing: written again below
     done = {shard["file"] for shard in index["shards"]}
-    device = next(teacher.parameters()).device
     was_training = teacher.training
     teacher.eval()
     shards = range(0, len(sequences), shard_size)
@@ -91,17 +91,16 @@ def write_teacher_cache(
                 part = chunk[begin : begin + batch_size]
                 # (prompt, response) or (prompt, response, ended): a teacher answer cut at its limit has no eos row
                 batch = encoder.batch([q[0] for q in part], [q[1] for q in part], [q[2] if len(q) > 2 else True for q in part])
-                logits = teacher(
-                    input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
-                ).logits[:, :-1, :vocabulary]
-                scored = batch.scored_positions.to(device)
-                for row_logits, row_mask in zip(logits, scored):
-                    logprobs = torch.log_softmax(row_logits[row_mask].float(), dim=-1)
+                # the head sees the scored rows only (no N x T x V logits), split back into sequences
+                scored = batch.scored_positions
+                _, logits = project_positions(teacher, batch.input_ids, batch.attention_mask, scored)
+                for row_logits in logits[:, :vocabulary].split(scored.sum(1).tolist()):
+                    logprobs = torch.log_softmax(row_logits.float(), dim=-1)
                     top, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
                     rows["logprobs"].append(top.half().cpu())
                     rows["indices"].append(ids.int().cpu())
                     rows["leftover"].append((1.0 - top.exp().sum(-1)).clamp(min=0.0).cpu())
-                    offsets.append(offsets[-1] + int(row_mask.sum()))
+                    offsets.append(offsets[-1] + row_logits.shape[0])
             tensors = {key: torch.cat(values) for key, values in rows.items()}
             tensors["offsets"] = torch.tensor(offsets, dtype=torch.int64)
             with atomic_output(os.path.join(folder, name)) as tmp:  # an interrupted shard is redone on resume

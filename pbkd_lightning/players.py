@@ -6,6 +6,7 @@ unit-tested on tiny models or bare tensors without a Trainer.
 
 from __future__ import annotations
 
+import hashlib
 import weakref
 from dataclasses import dataclass, field
 from typing import Optional
@@ -24,7 +25,21 @@ from pbkd_lightning.sequences import Encoder, SequenceBatch
 
 
 REFERENCE_CACHE_SEQUENCES = 400_000
-"""Sequences whose log π_ref :meth:`Players.reference_logprobs` keeps (~160 MB at 100 tokens); emptied when full."""
+"""Sequences whose log π_ref :meth:`Players.reference_logprobs` keeps; emptied when full. At 100 tokens a sequence:
+~160 MB of float32 values on the reference's device and ~0.3 GB of host memory for their 16-byte keys and tensor
+views (measured: 706 bytes a sequence; keys of the tokens themselves took 2 GB at vocabulary 151,936)."""
+
+
+def _sequence_keys(ids: Tensor, scored: Tensor, lengths: list[int]) -> list[bytes]:
+    """One 16-byte digest per (right-padded) row of its first ``lengths`` tokens and which of them are scored: the
+    kept reference log-probs' keys (a tuple of the tokens cost kilobytes of host memory a sequence)."""
+    tokens, flags = ids.to(torch.int64).cpu().numpy(), scored.to(torch.uint8).cpu().numpy()  # 9 bytes a token: unambiguous
+    keys = []
+    for row, length in enumerate(lengths):
+        digest = hashlib.blake2b(tokens[row, :length].tobytes(), digest_size=16)
+        digest.update(flags[row, :length].tobytes())
+        keys.append(digest.digest())
+    return keys
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -166,12 +181,11 @@ class Players:
         device = _device(model)
         if is_sharded(model) or not bool((mask[:, :-1] >= mask[:, 1:]).all()):
             return response_token_logprobs(model, ids.to(device), mask.to(device), scored.to(device)).to(self.device)
-        cache = self._reference_logprobs
-        scored_bytes = scored.to(torch.uint8).cpu().numpy()
-        keys = [(tuple(row[:length]), scored_bytes[i, :length].tobytes())
-                for i, (row, length) in enumerate(zip(ids.tolist(), mask.sum(1).tolist()))]
-        if not keys:
+        if ids.shape[0] == 0:
             return torch.zeros(0, ids.shape[1] - 1, device=self.device)
+        cache = self._reference_logprobs
+        lengths = mask.sum(1).tolist()
+        keys = _sequence_keys(ids, scored, lengths)
         first = {}
         for row, key in enumerate(keys):
             if key not in cache:
@@ -179,13 +193,14 @@ class Players:
         if first:  # the unseen rows as they are in this batch (a batch seen for the first time: exactly its forward)
             if len(cache) + len(first) > REFERENCE_CACHE_SEQUENCES:
                 cache.clear()
-            rows = torch.tensor(list(first.values()), device=ids.device)
-            for key, values in zip(first, response_token_logprobs(model, ids[rows].to(device), mask[rows].to(device),
-                                                                 scored[rows].to(device))):
-                cache[key] = values[: len(key[0]) - 1]
+            rows = list(first.values())
+            index = torch.tensor(rows, device=ids.device)
+            computed = response_token_logprobs(model, ids[index].to(device), mask[index].to(device), scored[index].to(device))
+            for key, row, values in zip(first, rows, computed):
+                cache[key] = values[: lengths[row] - 1]
         out = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=cache[keys[0]].dtype, device=device)
         for row, key in enumerate(keys):
-            out[row, : len(key[0]) - 1] = cache[key]
+            out[row, : lengths[row] - 1] = cache[key]
         return out.to(self.device)
 
     # ------------------------------------------------------------------ sampling within a step

@@ -39,11 +39,12 @@ def response_token_logprobs(lm: nn.Module, input_ids: Tensor, attention_mask: Te
     The head projects the scored rows only: an implicit reward, its reference and the warm-up's NLL never form
     logits at prompt or padding positions (``N × T × V``, gigabytes at a real vocabulary).
     """
-    positions = loss_mask[:, 1:].bool().to(input_ids.device)
+    positions = loss_mask[:, 1:].bool()
     _, logits = project_positions(lm, input_ids, attention_mask, positions)
-    taken = input_ids[:, 1:][positions].to(logits.device)
+    positions = positions.to(logits.device)
+    taken = input_ids.to(logits.device)[:, 1:][positions]
     values = token_logprobs(logits[None], taken[None])[0]
-    return rows_to_positions(values, positions.to(values.device))
+    return rows_to_positions(values, positions)
 
 
 class ScalarReward(nn.Module):

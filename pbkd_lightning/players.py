@@ -26,8 +26,9 @@ from pbkd_lightning.sequences import Encoder, SequenceBatch
 
 REFERENCE_CACHE_SEQUENCES = 400_000
 """Sequences whose log π_ref :meth:`Players.reference_logprobs` keeps; emptied when full. At 100 tokens a sequence:
-~160 MB of float32 values on the reference's device and ~0.3 GB of host memory for their 16-byte keys and tensor
-views (measured: 706 bytes a sequence; keys of the tokens themselves took 2 GB at vocabulary 151,936)."""
+~160 MB of float32 values on the reference's device (more when batches pad: each kept row is a view of its batch's
+padded row) and ~0.3 GB of host memory for their 16-byte keys and tensor views (measured: 706 bytes a sequence; keys
+of the tokens themselves took 2 GB at vocabulary 151,936)."""
 
 
 def _sequence_keys(ids: Tensor, scored: Tensor, lengths: list[int]) -> list[bytes]:
@@ -40,6 +41,15 @@ def _sequence_keys(ids: Tensor, scored: Tensor, lengths: list[int]) -> list[byte
         digest.update(flags[row, :length].tobytes())
         keys.append(digest.digest())
     return keys
+
+
+def _first_rows(keys: list[bytes], cache: dict) -> dict:
+    """The first row of each key ``cache`` does not hold: ``{key: row}`` in row order."""
+    first = {}
+    for row, key in enumerate(keys):
+        if key not in cache:
+            first.setdefault(key, row)
+    return first
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -186,21 +196,19 @@ class Players:
         cache = self._reference_logprobs
         lengths = mask.sum(1).tolist()
         keys = _sequence_keys(ids, scored, lengths)
-        first = {}
-        for row, key in enumerate(keys):
-            if key not in cache:
-                first.setdefault(key, row)
+        first = _first_rows(keys, cache)
         if first:  # the unseen rows as they are in this batch (a batch seen for the first time: exactly its forward)
             if len(cache) + len(first) > REFERENCE_CACHE_SEQUENCES:
                 cache.clear()
+                first = _first_rows(keys, cache)  # this batch's rows that were kept are gone too
             rows = list(first.values())
             index = torch.tensor(rows, device=ids.device)
             computed = response_token_logprobs(model, ids[index].to(device), mask[index].to(device), scored[index].to(device))
             for key, row, values in zip(first, rows, computed):
-                cache[key] = values[: lengths[row] - 1]
+                cache[key] = values[: max(lengths[row] - 1, 0)]
         out = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=cache[keys[0]].dtype, device=device)
         for row, key in enumerate(keys):
-            out[row, : lengths[row] - 1] = cache[key]
+            out[row, : max(lengths[row] - 1, 0)] = cache[key]
         return out.to(self.device)
 
     # ------------------------------------------------------------------ sampling within a step

@@ -150,3 +150,27 @@ def test_a_sequence_with_no_scored_token_gets_a_zero_reward_and_no_error():
     empty = replace(sequences, loss_mask=torch.zeros_like(sequences.loss_mask))
     reward = players.reward_model_score(empty)
     assert reward.shape == (1,) and reward.item() == 0.0
+
+
+def test_a_full_reference_cache_is_emptied_and_the_batch_still_gets_every_rows_log_probs(monkeypatch):
+    """When a batch's new sequences overflow the kept log-probs, the cache is emptied - also of the batch's own rows
+    that were kept - and every row still gets its values (they raised a KeyError once)."""
+    from objective_helpers import pair_batch, tiny_players
+
+    import pbkd_lightning.players as players_module
+    from pbkd_lightning.objectives import BlackBoxPbKD
+
+    players = tiny_players(BlackBoxPbKD())
+    pairs = pair_batch(players)
+    chosen, rejected = pairs.chosen, pairs.rejected
+    distinct = len(set(players_module._sequence_keys(chosen.input_ids, chosen.loss_mask, chosen.attention_mask.sum(1).tolist())))
+    monkeypatch.setattr(players_module, "REFERENCE_CACHE_SEQUENCES", distinct - 1)
+    players.reference_logprobs(chosen.select([0]))  # one row kept
+    both = players.reference_logprobs(chosen)  # its other rows overflow: emptied, the kept row with them
+    with torch.no_grad():
+        expected = full_forward_logprobs(players.implicit_reference, chosen)
+    scored = chosen.scored_positions
+    assert torch.allclose(both[scored], expected[scored].float(), atol=1e-6) and (both[~scored] == 0).all()
+    assert len(players._reference_logprobs) == distinct
+    assert torch.allclose(players.reference_logprobs(rejected)[rejected.scored_positions],
+                          full_forward_logprobs(players.implicit_reference, rejected)[rejected.scored_positions].float(), atol=1e-6)

@@ -83,8 +83,8 @@ class Players:
     _plain_heads: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
     """model -> whether its logits are its head's plain projection of the last hidden states (checked once)."""
     _reference_logprobs: dict = field(default_factory=dict, repr=False)
-    """(a sequence's real tokens, its scored positions) -> log π_ref of its tokens 1.., 0 off the scored ones (see
-    :meth:`reference_logprobs`)."""
+    """A 16-byte digest of a sequence's real tokens and its scored positions (:func:`_sequence_keys`) -> log π_ref of
+    its tokens 1.., 0 off the scored ones (see :meth:`reference_logprobs`)."""
 
     @property
     def device(self) -> torch.device:
@@ -188,9 +188,8 @@ class Players:
         same forwards) or left padding is scored whole each time. A sequence is kept by its tokens and which of them
         are scored (its values are the scored tokens' alone)."""
         model, ids, mask, scored = self.implicit_reference, sequences.input_ids, sequences.attention_mask, sequences.loss_mask
-        device = _device(model)
         if is_sharded(model) or not bool((mask[:, :-1] >= mask[:, 1:]).all()):
-            return response_token_logprobs(model, ids.to(device), mask.to(device), scored.to(device)).to(self.device)
+            return response_token_logprobs(model, ids, mask, scored).to(self.device)  # it moves them to the model
         if ids.shape[0] == 0:
             return torch.zeros(0, ids.shape[1] - 1, device=self.device)
         cache = self._reference_logprobs
@@ -203,10 +202,10 @@ class Players:
                 first = _first_rows(keys, cache)  # this batch's rows that were kept are gone too
             rows = list(first.values())
             index = torch.tensor(rows, device=ids.device)
-            computed = response_token_logprobs(model, ids[index].to(device), mask[index].to(device), scored[index].to(device))
+            computed = response_token_logprobs(model, ids[index], mask[index], scored[index])
             for key, row, values in zip(first, rows, computed):
                 cache[key] = values[: max(lengths[row] - 1, 0)]
-        out = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=cache[keys[0]].dtype, device=device)
+        out = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=cache[keys[0]].dtype, device=_device(model))
         for row, key in enumerate(keys):
             out[row, : max(lengths[row] - 1, 0)] = cache[key]
         return out.to(self.device)

@@ -238,29 +238,75 @@ def test_the_fused_projection_agrees_with_finite_differences_and_the_unfused_los
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_the_fused_projection_never_holds_all_rows_logits_and_refuses_bad_settings():
-    """Each chunk's logits are the only ones formed: F.linear is asked for at most chunk_size rows at a time."""
-    seen = []
-    real_linear = F.linear
+@pytest.mark.parametrize("name, param, in_place", [("forward_kl", 0.0, True), ("generalized_jsd", 0.5, True),
+                                                     ("generalized_jsd", 0.0, False), ("reverse_kl", 0.0, False)])
+def test_the_fused_projection_never_holds_all_rows_logits_and_refuses_bad_settings(monkeypatch, name, param, in_place):
+    """Each chunk's logits are the only ones formed: each head projects at most chunk_size rows at a time, through
+    F.linear on the general path or into the reused buffers on the in-place one."""
+    seen = {"linear": [], "into": []}
+    real_linear, real_into = F.linear, L._project_into
 
-    def spy(x, w, b=None):
-        seen.append(x.shape[0])
+    def spy_linear(x, w, b=None):
+        seen["linear"].append(x.shape[0])
         return real_linear(x, w, b)
 
+    def spy_into(out, x, w, b):
+        assert out.shape == (x.shape[0], w.shape[0])
+        seen["into"].append(x.shape[0])
+        return real_into(out, x, w, b)
+
+    monkeypatch.setattr(F, "linear", spy_linear)
+    monkeypatch.setattr(L, "_project_into", spy_into)
     hidden, weight = torch.randn(10, 4, requires_grad=True), torch.randn(50, 4, requires_grad=True)
-    try:
-        F.linear = spy
-        L.fused_divergence("forward_kl", L.HeadRows(hidden, weight), L.HeadRows(torch.randn(10, 3), torch.randn(50, 3)),
-                           chunk_size=4).backward()
-    finally:
-        F.linear = real_linear
-    assert seen and max(seen) == 4 and sum(seen) == 20  # 3 chunks of each model: 4 + 4 + 2 rows
+    L.fused_divergence(name, L.HeadRows(hidden, weight), L.HeadRows(torch.randn(10, 3), torch.randn(50, 3)), param,
+                       chunk_size=4).backward()
+    used, unused = (seen["into"], seen["linear"]) if in_place else (seen["linear"], seen["into"])
+    assert used and max(used) == 4 and sum(used) == 20 and not unused  # 3 chunks of each model: 4 + 4 + 2 rows
     assert hidden.grad.abs().sum() > 0 and weight.grad.abs().sum() > 0
+    monkeypatch.undo()
     head = L.HeadRows(hidden.detach(), weight.detach())
     for kwargs, message in [({"divergence": "kl"}, "unknown divergence"), ({"parameter": 1.5, "divergence": "skew_kl"}, "alpha"),
                             ({"temperature": 0.0}, "temperature")]:
         with pytest.raises(ValueError, match=message):
             L.fused_divergence(**{"divergence": "forward_kl", "student": head, "teacher": torch.randn(10, 50), **kwargs})
+
+
+@pytest.mark.parametrize("name, param", [("forward_kl", 0.0), ("generalized_jsd", 0.3), ("generalized_jsd", 0.5)])
+def test_the_in_place_fused_loss_equals_the_naive_one_with_a_temperature_a_bias_and_uneven_chunks(name, param):
+    """Both heads projecting: forward KL and the JSD take the in-place path (reused buffers); at τ = 1.7 with a
+    student bias and chunks of 4, 4, 1 rows it gives the naive loss and gradients in float64, and in float32 the
+    general path's to 1e-5 (where the JSD recovers p_S from log p_S − log M and log M)."""
+    assert L._in_place_buffers(name, L.HeadRows(TEACHER_HIDDEN, TEACHER_WEIGHT), WEIGHT, param) == (3 if name == "forward_kl" else 4)
+    student = [t.clone().requires_grad_() for t in (HIDDEN, WEIGHT, BIAS)]
+    reference = [t.clone().requires_grad_() for t in (HIDDEN, WEIGHT, BIAS)]
+    fused = L.fused_divergence(name, L.HeadRows(*student), L.HeadRows(TEACHER_HIDDEN, TEACHER_WEIGHT), param,
+                               temperature=1.7, chunk_size=4)
+    expected = naive_rows(name, (reference[0] @ reference[1].T + reference[2]) / 1.7, TEACHER_HIDDEN @ TEACHER_WEIGHT.T / 1.7, param)
+    torch.testing.assert_close(fused, expected.detach(), rtol=1e-10, atol=1e-12)
+    fused.backward()
+    expected.backward()
+    for got, want in zip(student, reference):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-8, atol=1e-12)
+    torch.manual_seed(4)
+    hidden, weight = torch.randn(37, 16), torch.randn(3000, 16)
+    teacher = L.HeadRows(torch.randn(37, 24), torch.randn(3000, 24) / 2)
+    in_place = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    general = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    value = L.fused_divergence(name, L.HeadRows(*in_place), teacher, param, temperature=1.7, chunk_size=8)
+    dense = L.fused_divergence(name, L.HeadRows(*general), teacher.logits(), param, temperature=1.7, chunk_size=8)
+    torch.testing.assert_close(value, dense, rtol=1e-5, atol=1e-7)
+    value.backward()
+    dense.backward()
+    for got, want in zip(in_place, general):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_the_fused_chunks_are_even_and_take_the_in_place_paths_larger_budget():
+    assert L._fused_chunk_rows(520, 8192, in_place=False) == 260  # two chunks of 260, not 512 and 8
+    assert L._fused_chunk_rows(520, 8192, in_place=True) == 520
+    assert L._fused_chunk_rows(1792, 151936, in_place=True) == 55  # 2**23 // 151,936 = 55 rows at most: 33 chunks
+    assert L._fused_chunk_rows(10, 151936, in_place=False) == 10
+    assert L._fused_chunk_rows(100, 10**7, in_place=False) == 25  # 32 rows at least gives 4 chunks: 4 of 25
 
 
 def test_a_divergence_without_a_closed_form_gradient_is_fused_through_autograd_with_the_same_result(monkeypatch):

@@ -303,7 +303,8 @@ def test_the_in_place_fused_loss_equals_the_naive_one_with_a_temperature_a_bias_
 
 def test_the_fused_chunks_are_even_and_take_the_in_place_paths_larger_budget():
     assert L._fused_chunk_rows(520, 8192, in_place=False) == 260  # two chunks of 260, not 512 and 8
-    assert L._fused_chunk_rows(520, 8192, in_place=True) == 520
+    assert L._fused_chunk_rows(520, 8192, in_place=True) == 130  # at most 160 rows: four chunks of 130
+    assert L._fused_chunk_rows(520, 49152, in_place=True) == 130
     assert L._fused_chunk_rows(1792, 151936, in_place=True) == 55  # 2**23 // 151,936 = 55 rows at most: 33 chunks
     assert L._fused_chunk_rows(10, 151936, in_place=False) == 10
     assert L._fused_chunk_rows(100, 10**7, in_place=False) == 25  # 32 rows at least gives 4 chunks: 4 of 25

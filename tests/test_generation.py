@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -185,13 +186,15 @@ def test_a_model_teacher_answer_cut_at_its_limit_is_marked_as_not_ended(tmp_path
 
 @pytest.mark.parametrize("sampling", [GenerationConfig(max_new_tokens=12), GenerationConfig(max_new_tokens=12, temperature=0.7, top_k=20, top_p=0.9),
                                       GenerationConfig(max_new_tokens=12, temperature=0)])
-def test_the_sampler_draws_what_generate_draws_with_the_same_seed(sampling):
+def test_the_sampler_draws_what_generate_draws_with_the_same_seed(sampling, monkeypatch):
     """Our decode loop (one prefill per prompt, the cache written in place) against ``model.generate`` through the
-    same sampling logits: with one sample per prompt and the same seed, the very same tokens and ends. (With K
-    samples the prefill is shared; test_old_logprobs_... checks those rows' log π_old against a full forward.)"""
+    same sampling logits and the same draw (``generate``'s ``multinomial`` replaced by :func:`draw_tokens`, which
+    draws from its distribution: test_draw_tokens_...): with one sample per prompt and the same seed, the very
+    same tokens and ends. (With K samples the prefill is shared; test_old_logprobs_... checks those rows' log π_old
+    against a full forward.)"""
     from transformers import LogitsProcessor
 
-    from pbkd_lightning.data.generation import _decoding, _encode_prompts, end_tokens
+    from pbkd_lightning.data.generation import _decoding, _encode_prompts, draw_tokens, end_tokens
     from pbkd_lightning.losses import sampling_logits
 
     model, tokenizer = load_causal_lm(ModelSpec(layers=1, hidden=32, heads=2, init_seed=3))
@@ -205,6 +208,7 @@ def test_the_sampler_draws_what_generate_draws_with_the_same_seed(sampling):
 
     torch.manual_seed(0)
     theirs = []
+    monkeypatch.setattr(torch, "multinomial", lambda probs, num_samples: draw_tokens(probs)[:, None])
     with _decoding(tokenizer, model):
         for begin in range(0, len(prompts), 4):
             encoded = _encode_prompts(tokenizer, prompts[begin : begin + 4], None)
@@ -215,6 +219,35 @@ def test_the_sampler_draws_what_generate_draws_with_the_same_seed(sampling):
     assert [group[0].token_ids for group in ours] == [row[: len(group[0].token_ids)] for group, row in zip(ours, theirs)]
     assert all(group[0].ended == (len(group[0].token_ids) < len(row) and row[len(group[0].token_ids)] in end_tokens(model, tokenizer))
                for group, row in zip(ours, theirs))
+
+
+def test_draw_tokens_draws_from_multinomials_distribution_and_never_a_token_of_probability_zero():
+    """200,000 draws from four rows (one peaked, one flat, one with zeros inside and at its end, one of a single
+    token): each token's frequency within 5 standard errors of its probability, the same as torch.multinomial's;
+    zero-probability tokens never drawn even when the uniform number lands at the row's very top; the same seed,
+    the same draws; rows that cannot be sampled are refused."""
+    from pbkd_lightning.data.generation import draw_tokens
+
+    probs = torch.tensor([[0.7, 0.2, 0.05, 0.05, 0.0], [0.2] * 5, [0.3, 0.0, 0.5, 0.2, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0]])
+    draws = 50_000
+    torch.manual_seed(0)
+    ours = draw_tokens(probs.repeat(draws, 1)).view(draws, 4)  # rows drawn independently: 50,000 draws of each
+    torch.manual_seed(0)
+    again = draw_tokens(probs.repeat(draws, 1)).view(draws, 4)
+    assert torch.equal(ours, again)
+    theirs = torch.multinomial(probs, draws, replacement=True).T
+    for drawn in (ours, theirs):
+        frequency = F.one_hot(drawn, 5).float().mean(0)
+        error = (probs * (1 - probs) / draws).sqrt()
+        assert ((frequency - probs).abs() <= 5 * error + 1e-9).all(), frequency
+    assert not (F.one_hot(ours, 5).bool() & (probs == 0)).any()
+    with pytest.MonkeyPatch.context() as patch:  # u · total rounded up to the total itself (u = 1 - 2^-24 can)
+        patch.setattr(torch, "rand_like", torch.ones_like)
+        top = draw_tokens(probs)
+    assert top.tolist() == [3, 4, 3, 3]  # the last non-zero entry, never the zero at the end
+    for bad in ([0.0, 0.0, 0.0], [float("nan"), 0.5, 0.5]):
+        with pytest.raises(ValueError, match="cannot sample"):
+            draw_tokens(torch.tensor([bad]))
 
 
 def _llama_and_qwen2_with_grouped_heads():

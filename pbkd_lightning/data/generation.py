@@ -192,11 +192,27 @@ class _Decoder:
                           **{self.keyword: self.cache}).logits[:, -1]
 
 
+def draw_tokens(probs: torch.Tensor) -> torch.Tensor:
+    """One token a row of ``probs`` (``(rows, V)``, non-negative, each row summing to about 1), from the
+    distribution ``torch.multinomial(probs, 1)`` draws from: the row's cumulative sums inverted at one uniform
+    number. On CPU ``multinomial`` draws an exponential number for every vocabulary entry (21 ms for 128 rows ×
+    8,192, 125 ms for 128 × 49,152 on 2 cores, against 0.5 and 2.5 ms here). An entry of probability 0 is never
+    drawn (its interval has no width, and the number is kept below the row's total)."""
+    cdf = probs.cumsum(-1)  # on CPU accumulated in float64, each sum rounded once
+    total = cdf[:, -1:]
+    if cdf.device.type == "cpu" and not bool(((total > 0) & torch.isfinite(total)).all()):
+        raise ValueError("cannot sample: a row of next-token probabilities is NaN, infinite or all zero "
+                         "(the model's logits are not finite, or every token was filtered out)")
+    point = torch.minimum(torch.rand_like(total) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, point, right=True).squeeze(-1)
+
+
 def _decode(model, encoded, config: GenerationConfig, num_samples: int, vocabulary, eos_ids: list[int], pad_id: int,
             synced: bool, shared_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``num_samples`` continuations of each encoded (left-padded) prompt (:class:`_Decoder`) and log π_old of every
-    token drawn: one token a step for all rows, drawn as ``generate`` draws (``multinomial`` of the softmax; argmax
-    when greedy) from :func:`sampling_logits` of the step's logits, a row that has ended continuing with padding.
+    token drawn: one token a step for all rows, from the softmax of :func:`sampling_logits` of the step's logits
+    (:func:`draw_tokens`: ``generate``'s distribution, drawn faster; argmax when greedy), a row that has ended
+    continuing with padding.
     Returns ``(tokens, logprobs)``, both ``(B·K, steps)``; a sharded model decodes every step on every rank (they
     gather together)."""
     decoder = _Decoder(model, encoded, num_samples, config.max_new_tokens, shared=shared_prefix and not synced)
@@ -210,7 +226,7 @@ def _decode(model, encoded, config: GenerationConfig, num_samples: int, vocabula
             scores[:, vocabulary:] = float("-inf")
         scores = sampling_logits(scores, config.temperature, config.top_k, config.top_p)
         log_pi = torch.log_softmax(scores, dim=-1)
-        drawn = scores.argmax(-1) if config.greedy else torch.multinomial(log_pi.exp(), 1).squeeze(1)
+        drawn = scores.argmax(-1) if config.greedy else draw_tokens(log_pi.exp())
         drawn = drawn.masked_fill(finished, pad_id)
         tokens.append(drawn)
         logprobs.append(log_pi.gather(-1, drawn[:, None]).squeeze(-1))
@@ -303,7 +319,7 @@ def sample_mixed_rollouts(
             for step in range(config.max_new_tokens):
                 log_s, log_t = (warp(l[:, :vocabulary].float().cpu()) for l in logits)
                 probs = teacher_mix * log_t.exp() + (1 - teacher_mix) * log_s.exp()
-                token = probs.argmax(-1) if config.greedy else torch.multinomial(probs, 1).squeeze(-1)
+                token = probs.argmax(-1) if config.greedy else draw_tokens(probs)
                 token = token.masked_fill(finished, pad)
                 generated.append(token)
                 student_logprobs.append(log_s.gather(-1, token[:, None]).squeeze(-1))

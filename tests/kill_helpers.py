@@ -22,11 +22,10 @@ def _die(moment: str):
 
 
 def _arm_sampling(iteration: int):
-    import torch
-
+    from pbkd_lightning.data import generation
     from pbkd_lightning.data.datamodule import PreferenceDataModule
 
-    make_iteration, multinomial = PreferenceDataModule._make_iteration, torch.multinomial
+    make_iteration, draw_tokens = PreferenceDataModule._make_iteration, generation.draw_tokens
 
     def patched(self, number):
         if number != iteration:
@@ -37,13 +36,13 @@ def _arm_sampling(iteration: int):
             draws[0] += 1
             if draws[0] == 3:
                 _die(f"while sampling iteration {iteration}")
-            return multinomial(*args, **kwargs)
+            return draw_tokens(*args, **kwargs)
 
-        torch.multinomial = counting
+        generation.draw_tokens = counting
         try:
             return make_iteration(self, number)
         finally:
-            torch.multinomial = multinomial
+            generation.draw_tokens = draw_tokens
 
     PreferenceDataModule._make_iteration = patched
 

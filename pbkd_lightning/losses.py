@@ -714,10 +714,11 @@ def _in_place_value_and_grad(divergence: str, student_logits: Tensor, teacher_lo
         p = scratch[0]
         _log_softmax_(t, p)  # t: log p_T, p: p_T
         s.sub_(s.amax(-1, keepdim=True))
+        mass = p.sum(-1)  # Σ p_T: 1 up to rounding, kept so log Z is weighted as the formula weights it
         cross = t.sub_(s).mul_(p).sum(-1)  # Σ p_T (log p_T − z')
         torch.exp(s, out=t)
         student_total = t.sum(-1, keepdim=True)
-        value = (cross + student_total.view(-1).log()).sum()
+        value = (cross + student_total.view(-1).log() * mass).sum()
         return value, t.div_(student_total).sub_(p).div_(temperature)
     beta = parameter  # generalized JSD, M = β p_T + (1 − β) p_S
     p, m = scratch
@@ -725,12 +726,13 @@ def _in_place_value_and_grad(divergence: str, student_logits: Tensor, teacher_lo
     _log_softmax_(t, p, log_b)  # t: log β p_T, p: p_T
     _log_softmax_(s, m, log_1b)  # s: log (1 − β) p_S
     torch.logaddexp(t, s, out=m)  # log M
-    teacher_rows = t.sub_(m).mul_(p).sum(-1) - log_b  # KL(p_T ‖ M)
-    s.sub_(m)  # log (p_S / M) + log (1 − β)
-    torch.add(s, m, out=p).sub_(log_1b).exp_()  # p_S
-    student_rows = torch.mul(p, s, out=t).sum(-1) - log_1b  # KL(p_S ‖ M)
+    # the constants are taken off elementwise: Σ p (x − c) is not Σ p x − c where Σ p is 1 only up to rounding
+    teacher_rows = t.sub_(m).sub_(log_b).mul_(p).sum(-1)  # KL(p_T ‖ M)
+    s.sub_(m).sub_(log_1b)  # log (p_S / M)
+    torch.add(s, m, out=p).exp_()  # p_S
+    student_rows = torch.mul(p, s, out=t).sum(-1)  # KL(p_S ‖ M)
     value = beta * teacher_rows.sum() + (1.0 - beta) * student_rows.sum()
-    return value, s.sub_((student_rows + log_1b)[:, None]).mul_(p).mul_((1.0 - beta) / temperature)
+    return value, s.sub_(student_rows[:, None]).mul_(p).mul_((1.0 - beta) / temperature)
 
 
 IN_PLACE_SCRATCH = {"forward_kl": 1, "generalized_jsd": 2}
@@ -744,6 +746,8 @@ def _in_place_buffers(divergence: str, teacher, weight: Tensor, parameter: float
     if not isinstance(teacher, HeadRows) or divergence not in IN_PLACE_SCRATCH:
         return 0
     if torch.float16 in (weight.dtype, teacher.weight.dtype):
+        return 0
+    if torch.is_autocast_enabled(weight.device.type):  # products with out= are not autocast: keep autocast's dtype
         return 0
     if divergence == "generalized_jsd" and parameter in (0.0, 1.0):
         return 0
@@ -868,7 +872,7 @@ def fused_divergence(
         parameter: β of ``generalized_jsd``, α of ``skew_kl`` and ``skew_reverse_kl``, in [0, 1].
         temperature, scale_by_temperature: as :func:`forward_kl`.
         chunk_size: rows per chunk; None: about ``FUSED_CHUNK_ELEMENTS`` logits a chunk (``FUSED_IN_PLACE_CHUNK_ELEMENTS``
-            where it works in place), evened out over the chunks.
+            and at most ``FUSED_IN_PLACE_MAX_ROWS`` rows where it works in place), evened out over the chunks.
 
     >>> _ = torch.manual_seed(0)
     >>> hidden, weight, teacher = torch.randn(3, 4), torch.randn(5, 4), torch.randn(3, 5)

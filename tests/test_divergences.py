@@ -301,6 +301,27 @@ def test_the_in_place_fused_loss_equals_the_naive_one_with_a_temperature_a_bias_
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-8)
 
 
+def test_the_in_place_path_leaves_its_inputs_alone_copies_other_dtypes_and_is_left_for_float16_and_autocast():
+    """The teacher's tensors are the same after the loss; bfloat16 heads project through F.linear into the float32
+    buffers and give the general path's loss; float16 (may overflow to -inf) and autocast (products with out= are
+    not autocast) take the general path."""
+    teacher = L.HeadRows(TEACHER_HIDDEN.clone(), TEACHER_WEIGHT.clone())
+    L.fused_divergence("generalized_jsd", L.HeadRows(HIDDEN.clone().requires_grad_(), WEIGHT.clone()), teacher, 0.5).backward()
+    assert torch.equal(teacher.hidden, TEACHER_HIDDEN) and torch.equal(teacher.weight, TEACHER_WEIGHT)
+    torch.manual_seed(5)
+    hidden, weight = torch.randn(20, 8, dtype=torch.bfloat16), torch.randn(300, 8, dtype=torch.bfloat16)
+    teacher = L.HeadRows(torch.randn(20, 12, dtype=torch.bfloat16), torch.randn(300, 12, dtype=torch.bfloat16))
+    for name, param in (("forward_kl", 0.0), ("generalized_jsd", 0.3)):
+        assert L._in_place_buffers(name, teacher, weight, param) > 0
+        in_place = L.fused_divergence(name, L.HeadRows(hidden, weight), teacher, param, chunk_size=7)
+        general = L.fused_divergence(name, L.HeadRows(hidden, weight), teacher.logits(), param, chunk_size=7)
+        torch.testing.assert_close(in_place, general, rtol=1e-5, atol=1e-6)
+    assert L._in_place_buffers("forward_kl", L.HeadRows(TEACHER_HIDDEN.half(), TEACHER_WEIGHT.half()), WEIGHT, 0.0) == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert L._in_place_buffers("forward_kl", L.HeadRows(TEACHER_HIDDEN, TEACHER_WEIGHT), WEIGHT, 0.0) == 0
+    assert L._in_place_buffers("forward_kl", L.HeadRows(TEACHER_HIDDEN, TEACHER_WEIGHT), WEIGHT, 0.0) == 3
+
+
 def test_the_fused_chunks_are_even_and_take_the_in_place_paths_larger_budget():
     assert L._fused_chunk_rows(520, 8192, in_place=False) == 260  # two chunks of 260, not 512 and 8
     assert L._fused_chunk_rows(520, 8192, in_place=True) == 130  # at most 160 rows: four chunks of 130

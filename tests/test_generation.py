@@ -245,6 +245,12 @@ def test_draw_tokens_draws_from_multinomials_distribution_and_never_a_token_of_p
         patch.setattr(torch, "rand_like", torch.ones_like)
         top = draw_tokens(probs)
     assert top.tolist() == [3, 4, 3, 3]  # the last non-zero entry, never the zero at the end
+    with pytest.MonkeyPatch.context() as patch:  # u = 0: the first entry of positive probability
+        patch.setattr(torch, "rand_like", torch.zeros_like)
+        assert draw_tokens(probs).tolist() == [0, 0, 0, 3]
+    torch.manual_seed(1)  # a row that is not normalised is drawn in proportion to its entries
+    unnormalised = F.one_hot(draw_tokens(torch.tensor([[2.0, 0.0, 6.0]]).repeat(draws, 1)), 3).float().mean(0)
+    assert abs(unnormalised[0] - 0.25) < 5 * (0.25 * 0.75 / draws) ** 0.5 and unnormalised[1] == 0
     for bad in ([0.0, 0.0, 0.0], [float("nan"), 0.5, 0.5]):
         with pytest.raises(ValueError, match="cannot sample"):
             draw_tokens(torch.tensor([bad]))

@@ -197,10 +197,15 @@ def draw_tokens(probs: torch.Tensor) -> torch.Tensor:
     distribution ``torch.multinomial(probs, 1)`` draws from: the row's cumulative sums inverted at one uniform
     number. On CPU ``multinomial`` draws an exponential number for every vocabulary entry (21 ms for 128 rows ×
     8,192, 125 ms for 128 × 49,152 on 2 cores, against 0.5 and 2.5 ms here). An entry of probability 0 is never
-    drawn (its interval has no width, and the number is kept below the row's total)."""
+    drawn (its interval has no width, and the number is kept below the row's total). The sums are stored in
+    float32, so a token's probability is resolved to about 2^-24 of the row's mass (multinomial's exponentials
+    resolve smaller ones). Off the CPU ``multinomial`` is used: a parallel scan's sums need not keep a zero's
+    interval empty, and the draw there is not the bottleneck."""
+    if probs.device.type != "cpu":
+        return torch.multinomial(probs, 1).squeeze(-1)
     cdf = probs.cumsum(-1)  # on CPU accumulated in float64, each sum rounded once
     total = cdf[:, -1:]
-    if cdf.device.type == "cpu" and not bool(((total > 0) & torch.isfinite(total)).all()):
+    if not bool(((total > 0) & torch.isfinite(total)).all()):
         raise ValueError("cannot sample: a row of next-token probabilities is NaN, infinite or all zero "
                          "(the model's logits are not finite, or every token was filtered out)")
     point = torch.minimum(torch.rand_like(total) * total, torch.nextafter(total, torch.zeros_like(total)))

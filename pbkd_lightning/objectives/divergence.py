@@ -73,7 +73,8 @@ class DivergenceKD(Objective):
     seq_kd: bool = False
     """Off-policy batches are sampled from the teacher model instead of the data's teacher responses."""
     chunk_size: Optional[PositiveInt] = None
-    """Scored tokens per chunk of the loss; None: about 1M logits (4M fused) and at least 32 tokens a chunk."""
+    """Scored tokens per chunk of the loss; None: about 1M logits and at least 32 tokens a chunk (fused: 4M, or 8M
+    and at most 160 rows where forward KL or the JSD work in place; `losses.fused_divergence`)."""
     fused: bool = True
     """Project the scored rows to logits inside the loss, a chunk at a time (``losses.fused_divergence``), so
     neither model's ``R × V`` logits are held; where a model's logits are not its head's plain projection (FSDP2,

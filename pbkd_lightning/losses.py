@@ -762,7 +762,7 @@ class _FusedProjectionDivergence(torch.autograd.Function):
     one chunk's logits of either model ever exist. Backward only scales what forward filled."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher, divergence, parameter, temperature, chunk_size, scale):
+    def forward(ctx, hidden, weight, bias, teacher, divergence, parameter, temperature, chunk_size, scale, in_place):
         rows, row_fn = hidden.shape[0], ROW_DIVERGENCES[divergence]
         wants = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
         accumulate = torch.promote_types(weight.dtype, torch.float32)  # Σ over chunks in float32 at least
@@ -770,8 +770,7 @@ class _FusedProjectionDivergence(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if wants[1] else None
         grad_bias = torch.zeros(bias.shape, dtype=accumulate, device=bias.device) if wants[2] else None
         total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
-        in_place = _in_place_buffers(divergence, teacher, weight, parameter)
-        if in_place:  # made once and reused by every chunk: no fresh chunk × V allocation (nor its page faults)
+        if in_place:  # `_in_place_buffers` of these inputs; made once and reused by every chunk: no fresh chunk × V allocation (nor its page faults)
             dtype = torch.promote_types(torch.promote_types(weight.dtype, teacher.weight.dtype), torch.float32)
             buffers = torch.empty((in_place, min(rows, chunk_size), weight.shape[0]), dtype=dtype, device=weight.device)
         for start in range(0, rows, chunk_size):
@@ -822,7 +821,7 @@ class _FusedProjectionDivergence(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         grads, ctx.grads = _hand_on(ctx.grads, grad_output, "a fused divergence"), None
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 FUSED_CHUNK_ELEMENTS = 1 << 22
@@ -888,12 +887,12 @@ def fused_divergence(
         raise ValueError(f"`temperature` must be > 0, got {temperature}")
     if isinstance(teacher, SparseTeacher) and temperature != 1.0:
         raise ValueError("a sparse (top-k) teacher holds temperature-1 probabilities; use temperature 1")
+    in_place = _in_place_buffers(divergence, teacher, student.weight, float(parameter))
     if chunk_size is None:
-        chunk_size = _fused_chunk_rows(student.hidden.shape[0], student.weight.shape[0],
-                                       bool(_in_place_buffers(divergence, teacher, student.weight, float(parameter))))
+        chunk_size = _fused_chunk_rows(student.hidden.shape[0], student.weight.shape[0], bool(in_place))
     scale = temperature**2 if scale_by_temperature else 1.0
     return _FusedProjectionDivergence.apply(student.hidden, student.weight, student.bias, teacher,
-                                            divergence, float(parameter), temperature, chunk_size, scale)
+                                            divergence, float(parameter), temperature, chunk_size, scale, in_place)
 
 
 def _check_unit(name: str, value: float) -> None:

@@ -111,7 +111,7 @@ def measure_library(folder: str, vocab: int, policy: str, warm: int, steps: int)
                 self.counter.__enter__()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            self.scored.append(float(trainer.callback_metrics["student/scored_tokens"]))
+            self.scored.append(float(module.last_step_means["student/scored_tokens"]))  # logged every batch here
 
         def on_train_epoch_end(self, trainer, module):
             self.counter.__exit__(None, None, None)

@@ -101,6 +101,7 @@ class DistillationModule(LightningModule):
         self.critic_heldout_acc: Optional[float] = None  # the latest held-out preference accuracy (critic trust)
         self.training_batches_seen = 0  # counts the critic-only warm-up; saved in checkpoints
         self.step_means = StepMeans()  # each step's losses and terms, logged as means every log_every_n_steps batches
+        self.last_step_means: dict = {}  # the means written last (what a callback or a benchmark can read)
 
     @property
     def needs_samples(self) -> bool:
@@ -227,8 +228,22 @@ class DistillationModule(LightningModule):
         # the batches at which Lightning writes step metrics to the loggers (its count of batches equals ours, both
         # restored on resume): only there are the means of the steps since the last write logged
         if every and self.training_batches_seen % every == 0:
-            for name, value in self.step_means.pop().items():
-                self.log(name, value, prog_bar=name.endswith("/loss"))
+            self._log_step_means()
+
+    def _log_step_means(self) -> None:
+        """The means of the steps since the last write: each player's loss through ``self.log`` (the progress bar,
+        ``trainer.callback_metrics``, a checkpoint's ``monitor``), every other term straight to the loggers. A
+        ``self.log`` call costs about 0.5 ms on CPU (Lightning moves its whole result record to the value's device
+        each call): ten terms logged that way were 0.44 ms of X-KD's 29 ms step."""
+        means = self.step_means.pop()
+        self.last_step_means = means
+        for name in [name for name in means if name.endswith("/loss")]:
+            self.log(name, means.pop(name), prog_bar=True)
+        if means and self.loggers:
+            terms = {name: float(value) for name, value in means.items()}
+            # at the x value Lightning gives this batch's own step metrics: the batches before it
+            for logger in self.loggers:
+                logger.log_metrics(terms, step=self.training_batches_seen - 1)
 
     def _step(self, role, optimizer, scheduler, model, batch, compute, micro_batch_size) -> None:
         """toggle → zero_grad → (forward → manual_backward) per micro-batch → clip → step → untoggle (a method with one

@@ -107,6 +107,14 @@ def scalars(root, folder="tensorboard", version=None):
     return {tag: [e.value for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
 
 
+def scalar_steps(root, folder="tensorboard"):
+    """The x value (step) of each logged scalar of the run in ``root``, by tag."""
+    [events] = glob.glob(os.path.join(root, folder, "version_*"))
+    accumulator = EventAccumulator(events)
+    accumulator.Reload()
+    return {tag: [e.step for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
 def read_jsonl(path):
     with open(path) as handle:
         return [json.loads(line) for line in handle]

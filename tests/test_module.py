@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from conftest import ROOT, TINY_TEACHER, checksum, read_jsonl, run_cli, scalars, tiny_args, tiny_modules, tiny_trainer, whitebox_fit
+from conftest import ROOT, TINY_TEACHER, checksum, read_jsonl, run_cli, scalar_steps, scalars, tiny_args, tiny_modules, tiny_trainer, whitebox_fit
 
 from pbkd_lightning.objectives import BlackBoxPbKD, WhiteBoxPbKD
 from pbkd_lightning.objectives.base import Share
@@ -739,6 +739,9 @@ def test_step_values_are_logged_as_their_means_over_each_log_every_n_steps_batch
         means = [(a + b) / 2 for a, b in zip(each[name][::2], each[name][1::2])]
         assert pairs[name] == pytest.approx(means, rel=1e-5), name
     assert pairs["student/nonfinite_skips"] == each["student/nonfinite_skips"][1::2]
+    # the losses go through self.log, the other terms straight to the logger: at the same x values, Lightning's
+    steps = scalar_steps(tmp_path / "pairs")
+    assert steps["student/loss"] == steps["critic/loss"] == steps["critic/reward_gap"] == steps["student/nonfinite_skips"] == [1, 3, 5, 7]
 
 
 def test_step_means_are_the_means_since_the_last_pop_brought_to_the_cpu_together():

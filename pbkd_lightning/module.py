@@ -97,11 +97,16 @@ class DistillationModule(LightningModule):
         self.reference: Optional[nn.Module] = None
         self.tokenizer = self.critic_tokenizer = self.teacher_tokenizer = None
         self.summary: dict = {}
-        self.nonfinite_skips = {"student": 0, "critic": 0}
+        self._nonfinite_counts: dict = {}  # role -> steps skipped so far, a tensor on the loss's device (no sync to count)
         self.critic_heldout_acc: Optional[float] = None  # the latest held-out preference accuracy (critic trust)
         self.training_batches_seen = 0  # counts the critic-only warm-up; saved in checkpoints
         self.step_means = StepMeans()  # each step's losses and terms, logged as means every log_every_n_steps batches
         self.last_step_means: dict = {}  # the means written last (what a callback or a benchmark can read)
+
+    @property
+    def nonfinite_skips(self) -> dict[str, int]:
+        """Optimizer steps skipped for a non-finite loss or gradient, per player (reading it waits for the device)."""
+        return {role: int(self._nonfinite_counts.get(role, 0)) for role in ("student", "critic")}
 
     @property
     def needs_samples(self) -> bool:
@@ -250,7 +255,8 @@ class DistillationModule(LightningModule):
         player, no critic, skips the toggling).
 
         Every mean in the loss is weighted by its micro-batch's share of the whole step (all micro-batches on all
-        ranks), so the accumulated gradient is the whole batch's. A non-finite loss or gradient skips the step.
+        ranks), so the accumulated gradient is the whole batch's. A non-finite loss or gradient skips the step (with
+        a fused optimizer, the default, decided on the device).
         """
         config = self.critic_optimizer_config if role == "critic" else self.student_optimizer_config
         toggle = self.critic is not None  # one player: no other player's gradients to keep out
@@ -262,16 +268,26 @@ class DistillationModule(LightningModule):
                                            self.trainer.world_size, self.objective.term_units())
         params = [p for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else math.inf) if params else loss * 0
-        if bool(torch.isfinite(loss) & torch.isfinite(norm)):  # one host sync per step, cheap next to the forwards
+        nonfinite = ~(torch.isfinite(loss) & torch.isfinite(norm))
+        inner = optimizer.optimizer  # the torch optimizer LightningOptimizer wraps
+        if inner.defaults.get("fused") and getattr(inner, "_step_supports_amp_scaling", False):
+            # the fused kernel leaves parameters, moments and step count alone where `found_inf` is 1 (GradScaler's
+            # protocol): the skip is decided on the device, without a host sync; the schedule still moves on
+            inner.found_inf = nonfinite.float()
+            try:
+                optimizer.step()
+            finally:
+                del inner.found_inf
+            scheduler.step()
+        elif not bool(nonfinite):  # other optimizers (bitsandbytes' 8-bit ones): a host sync per step
             optimizer.step()
             scheduler.step()
-        else:
-            self.nonfinite_skips[role] += 1
+        self._nonfinite_counts[role] = self._nonfinite_counts.get(role, 0) + nonfinite.long()
         optimizer.zero_grad(set_to_none=True)  # free this player's gradients before the other one runs
         if toggle:
             self.untoggle_optimizer(optimizer)
         self.step_means.add({f"{role}/loss": loss, **{(k if "/" in k else f"{role}/{k}"): v for k, v in terms.items()}})
-        self.step_means.set(f"{role}/nonfinite_skips", float(self.nonfinite_skips[role]))
+        self.step_means.set(f"{role}/nonfinite_skips", self._nonfinite_counts[role])
 
     def on_train_epoch_start(self) -> None:
         # kept reference log-probs are an epoch's: a run resumed from an epoch's checkpoint computes what the
@@ -402,9 +418,9 @@ class StepMeans:
         for name, value in values.items():
             self.values.setdefault(name, []).append(value.detach() if isinstance(value, torch.Tensor) else float(value))
 
-    def set(self, name: str, value: float) -> None:
-        """A value that is not averaged (a count so far)."""
-        self.values[name] = [float(value)]
+    def set(self, name: str, value) -> None:
+        """A value that is not averaged (a count so far), kept where it is."""
+        self.values[name] = [value.detach() if isinstance(value, torch.Tensor) else float(value)]
 
     def pop(self) -> dict:
         """The means since the last ``pop``, as float32 CPU tensors brought over in one transfer: Lightning reads a

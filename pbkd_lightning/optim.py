@@ -43,8 +43,20 @@ def build_optimizer(name: str, model: torch.nn.Module, config: OptimizerConfig, 
     """``(optimizer, scheduler)`` over ``model``'s trainable parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
     # plain floats: jsonargparse's restricted types would be pickled into the optimizer state
-    optimizer = adamw_class(name)(params, lr=float(config.lr), weight_decay=float(config.weight_decay))
+    settings = dict(lr=float(config.lr), weight_decay=float(config.weight_decay))
+    optimizer = fused_adamw(params, **settings) if name == "adamw" else adamw_class(name)(params, **settings)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, total_steps))
+
+
+def fused_adamw(params, **settings) -> torch.optim.AdamW:
+    """torch's AdamW with its fused kernel (one per tensor, as transformers' Trainer uses by default), where the
+    parameters' device and dtype have one; else torch's default. On CPU the default is a loop of a dozen operations
+    per tensor: the default student's step 1.44 → 0.28 ms, SmolLM2-135M's 348 → 68 ms on 2 cores (the same update
+    to float rounding, ~2e-7 after 30 steps)."""
+    try:
+        return torch.optim.AdamW(params, fused=True, **settings)
+    except RuntimeError:  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(params, **settings)
 
 
 def lr_factor(config: OptimizerConfig, total_steps: int):

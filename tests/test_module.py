@@ -254,8 +254,15 @@ def test_a_fresh_run_in_the_same_folder_does_not_reuse_another_runs_pairs(tmp_pa
     assert "stale" not in stale.read_text()
 
 
-def test_nonfinite_loss_skips_the_step_and_counts_it(tmp_path):
+@pytest.mark.parametrize("fused", [True, False])
+def test_nonfinite_loss_skips_the_step_and_counts_it(tmp_path, monkeypatch, fused):
+    """Fused AdamW (the default) skips on the device: parameters, moments and step count as if the step had not
+    been taken; another optimizer (here torch's unfused one) skips after a host check."""
+    from pbkd_lightning import optim
     from pbkd_lightning.objectives import BlackBoxPbKD
+
+    if not fused:
+        monkeypatch.setattr(optim, "fused_adamw", lambda params, **settings: torch.optim.AdamW(params, **settings))
 
     class NaNOnFirstStudentStep(BlackBoxPbKD):
         calls = 0
@@ -270,6 +277,8 @@ def test_nonfinite_loss_skips_the_step_and_counts_it(tmp_path):
     class Watch(Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             self.student_before = checksum(module.student)
+            if batch_idx == 0:
+                self.first_before = self.student_before
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             if batch_idx == 0:
@@ -280,6 +289,11 @@ def test_nonfinite_loss_skips_the_step_and_counts_it(tmp_path):
     tiny_trainer(tmp_path / "run", [watch], max_steps=4).fit(module, datamodule)
     assert module.nonfinite_skips == {"student": 1, "critic": 0}
     assert all(torch.isfinite(p).all() for p in module.student.parameters())
+    assert watch.student_after_first == watch.first_before  # the first batch's student step was skipped
+    student_optimizer = module.optimizers()[1].optimizer
+    assert bool(student_optimizer.defaults["fused"]) == fused
+    taken = module.training_batches_seen - 1  # a student step every batch (no critic warm-up), the first skipped
+    assert taken >= 1 and {float(state["step"]) for state in student_optimizer.state.values()} == {float(taken)}
     logged = scalars(tmp_path / "run", "lightning_logs")
     assert logged["student/nonfinite_skips"][-1] == 1.0
 

@@ -32,3 +32,36 @@ def test_the_linear_schedule_is_hugging_faces_and_cosine_and_constant_follow_the
     for _ in range(total):
         assert optimizer.param_groups[0]["lr"] == 0.1
         optimizer.step(), scheduler.step()
+
+
+def test_adamw_is_torchs_fused_kernel_with_the_same_update_and_the_default_where_there_is_none(monkeypatch):
+    """`adamw` takes torch's fused AdamW (a kernel per tensor; the default on CPU loops a dozen operations per tensor),
+    whose steps equal the default implementation's to float rounding; a device or dtype without the kernel gets the
+    default."""
+    from pbkd_lightning.optim import OptimizerConfig, build_optimizer
+
+    torch.manual_seed(0)
+    ours, theirs = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8)
+    theirs.load_state_dict(ours.state_dict())
+    optimizer, _ = build_optimizer("adamw", ours, OptimizerConfig(lr=0.01, weight_decay=0.1), 10)
+    reference = torch.optim.AdamW(theirs.parameters(), lr=0.01, weight_decay=0.1, foreach=False)
+    assert optimizer.defaults["fused"] and not reference.defaults["fused"]
+    for _ in range(20):
+        x = torch.randn(4, 16)
+        for model, opt in ((ours, optimizer), (theirs, reference)):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+    for mine, other in zip(ours.parameters(), theirs.parameters()):
+        assert torch.allclose(mine, other, rtol=1e-5, atol=1e-6) and not torch.equal(mine, torch.zeros_like(mine))
+
+    real = torch.optim.AdamW
+
+    def no_fused_kernel(params, fused=None, **settings):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(params, **settings)
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused_kernel)
+    optimizer, _ = build_optimizer("adamw", torch.nn.Linear(2, 2), OptimizerConfig(), 10)
+    assert not optimizer.defaults["fused"]

@@ -65,7 +65,7 @@ class DistillationModule(LightningModule):
             num_threads: torch CPU threads; None keeps torch's choice.
             samples_to_show: prompts with teacher and student responses in the TensorBoard text panel.
             save_student: at the end of fit, ``save_pretrained`` the student to ``<default_root_dir>/student``.
-            optimizer: AdamW for both players: ``adamw`` (torch), or bitsandbytes' ``adamw8bit`` /
+            optimizer: AdamW for both players: ``adamw`` (torch's, fused where the device and dtype have the kernel), or bitsandbytes' ``adamw8bit`` /
                 ``paged_adamw8bit`` (8-bit states for tensors of ≥ 4,096 elements; paging needs a GPU).
             micro_batch_size: prompts (each with its K samples) per forward pass of the student step; None: the
                 whole batch. Gradients accumulate, and every mean is over the whole batch's scored tokens (across

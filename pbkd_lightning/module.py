@@ -241,7 +241,7 @@ class DistillationModule(LightningModule):
         ``self.log`` call costs about 0.5 ms on CPU (Lightning moves its whole result record to the value's device
         each call): ten terms logged that way were 0.44 ms of X-KD's 29 ms step."""
         means = self.step_means.pop()
-        self.last_step_means = means
+        self.last_step_means = dict(means)
         for name in [name for name in means if name.endswith("/loss")]:
             self.log(name, means.pop(name), prog_bar=True)
         if means and self.loggers:
@@ -256,7 +256,7 @@ class DistillationModule(LightningModule):
 
         Every mean in the loss is weighted by its micro-batch's share of the whole step (all micro-batches on all
         ranks), so the accumulated gradient is the whole batch's. A non-finite loss or gradient skips the step (with
-        a fused optimizer, the default, decided on the device).
+        a fused optimizer, the default, decided on the device; see :meth:`_skips_on_device`).
         """
         config = self.critic_optimizer_config if role == "critic" else self.student_optimizer_config
         toggle = self.critic is not None  # one player: no other player's gradients to keep out
@@ -269,15 +269,16 @@ class DistillationModule(LightningModule):
         params = [p for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else math.inf) if params else loss * 0
         nonfinite = ~(torch.isfinite(loss) & torch.isfinite(norm))
-        inner = optimizer.optimizer  # the torch optimizer LightningOptimizer wraps
-        if inner.defaults.get("fused") and getattr(inner, "_step_supports_amp_scaling", False):
+        if self._skips_on_device(optimizer.optimizer):  # the torch optimizer LightningOptimizer wraps
             # the fused kernel leaves parameters, moments and step count alone where `found_inf` is 1 (GradScaler's
-            # protocol): the skip is decided on the device, without a host sync; the schedule still moves on
+            # protocol): the skip is decided on the device, without a host sync. The step still counts: the
+            # schedule and Lightning's global_step move on (the host check below moves neither)
+            inner = optimizer.optimizer
             inner.found_inf = nonfinite.float()
             try:
                 optimizer.step()
             finally:
-                del inner.found_inf
+                inner.__dict__.pop("found_inf", None)
             scheduler.step()
         elif not bool(nonfinite):  # other optimizers (bitsandbytes' 8-bit ones): a host sync per step
             optimizer.step()
@@ -288,6 +289,14 @@ class DistillationModule(LightningModule):
             self.untoggle_optimizer(optimizer)
         self.step_means.add({f"{role}/loss": loss, **{(k if "/" in k else f"{role}/{k}"): v for k, v in terms.items()}})
         self.step_means.set(f"{role}/nonfinite_skips", self._nonfinite_counts[role])
+
+    def _skips_on_device(self, optimizer) -> bool:
+        """Whether ``optimizer`` can be handed a non-finite step to skip on the device: every parameter group fused
+        (a checkpoint of an unfused optimizer brings its groups back unfused), and no gradient scaler of 16-bit
+        mixed precision, which sets and removes ``found_inf`` itself."""
+        return (getattr(optimizer, "_step_supports_amp_scaling", False)
+                and all(group.get("fused") for group in optimizer.param_groups)
+                and getattr(self.trainer.precision_plugin, "scaler", None) is None)
 
     def on_train_epoch_start(self) -> None:
         # kept reference log-probs are an epoch's: a run resumed from an epoch's checkpoint computes what the

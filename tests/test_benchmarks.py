@@ -83,9 +83,9 @@ def trl_machine_cells(p):
 def check_speed_and_scaling(figures, lines, row_of):
     for name, row in figures.get("speed", {}).get("steps", {}).items():  # library, baseline and their ratio from one run
         assert row["ratio"] == row["library_steps_per_s"] / row["manual_steps_per_s"]
-        means = f"{row['ratio_of_means']:.2f}" if "ratio_of_means" in row else "–"
+        means = f"{row['ratio_of_means']:.3f}" if "ratio_of_means" in row else "–"
         mark = " ‡" if row.get("interleaved") else ""  # the two loops alternated step for step
-        assert f"| {name}{mark} | {row['library_steps_per_s']:.2f} | {row['manual_steps_per_s']:.2f} | {row['ratio']:.2f} | {means} |" in "\n".join(lines)
+        assert f"| {name}{mark} | {row['library_steps_per_s']:.2f} | {row['manual_steps_per_s']:.2f} | {row['ratio']:.3f} | {means} |" in "\n".join(lines)
         if "ratio_of_means" in row:
             assert row["ratio_of_means"] == row["library_mean_steps_per_s"] / row["manual_mean_steps_per_s"]
         if "flops_per_step" in row:  # achieved FLOP/s from the same run's steps/s and peak

@@ -291,11 +291,26 @@ def test_nonfinite_loss_skips_the_step_and_counts_it(tmp_path, monkeypatch, fuse
     assert all(torch.isfinite(p).all() for p in module.student.parameters())
     assert watch.student_after_first == watch.first_before  # the first batch's student step was skipped
     student_optimizer = module.optimizers()[1].optimizer
-    assert bool(student_optimizer.defaults["fused"]) == fused
+    assert all(bool(group["fused"]) == fused for group in student_optimizer.param_groups)
     taken = module.training_batches_seen - 1  # a student step every batch (no critic warm-up), the first skipped
     assert taken >= 1 and {float(state["step"]) for state in student_optimizer.state.values()} == {float(taken)}
     logged = scalars(tmp_path / "run", "lightning_logs")
     assert logged["student/nonfinite_skips"][-1] == 1.0
+
+
+def test_a_checkpoint_of_an_unfused_optimizer_resumes_with_the_host_check(tmp_path, monkeypatch):
+    """A checkpoint written before the optimizer was fused brings its parameter groups back unfused: the step must
+    not hand that optimizer `found_inf` (torch's unfused AdamW refuses it)."""
+    from pbkd_lightning import optim
+
+    root = tmp_path / "run"
+    with monkeypatch.context() as patched:
+        patched.setattr(optim, "fused_adamw", lambda params, **settings: torch.optim.AdamW(params, **settings))
+        run_cli("fit", *tiny_args(root, "--model.objective.critic_warmup_steps=0", "--trainer.limit_val_batches=0"))
+    cli = run_cli("fit", *tiny_args(root, "--model.objective.critic_warmup_steps=0", "--trainer.limit_val_batches=0",
+                                    "--trainer.max_epochs=2"), f"--ckpt_path={root}/checkpoints/last.ckpt")
+    groups = [group for optimizer in cli.model.optimizers() for group in optimizer.optimizer.param_groups]
+    assert groups and not any(group["fused"] for group in groups) and cli.model.training_batches_seen == 8
 
 
 def test_long_prompts_are_truncated_and_counted_or_rejected(tmp_path):

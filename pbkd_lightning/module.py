@@ -269,11 +269,11 @@ class DistillationModule(LightningModule):
         params = [p for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else math.inf) if params else loss * 0
         nonfinite = ~(torch.isfinite(loss) & torch.isfinite(norm))
-        if self._skips_on_device(optimizer.optimizer):  # the torch optimizer LightningOptimizer wraps
+        inner = optimizer.optimizer  # the torch optimizer LightningOptimizer wraps
+        if self._skips_on_device(inner):
             # the fused kernel leaves parameters, moments and step count alone where `found_inf` is 1 (GradScaler's
             # protocol): the skip is decided on the device, without a host sync. The step still counts: the
             # schedule and Lightning's global_step move on (the host check below moves neither)
-            inner = optimizer.optimizer
             inner.found_inf = nonfinite.float()
             try:
                 optimizer.step()

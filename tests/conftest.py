@@ -101,18 +101,21 @@ def tiny_trainer(root, callbacks=(), online=False, **kwargs):
 def scalars(root, folder="tensorboard", version=None):
     """Logged scalars of the run in ``root`` (``folder``: the CLI's ``tensorboard`` or Lightning's default; ``version``:
     which of several, e.g. a resumed run's)."""
-    [events] = glob.glob(os.path.join(root, folder, "version_*" if version is None else f"version_{version}"))
-    accumulator = EventAccumulator(events)
-    accumulator.Reload()
+    accumulator = _events(root, folder, version)
     return {tag: [e.value for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
 
 
-def scalar_steps(root, folder="tensorboard"):
+def scalar_steps(root, folder="tensorboard", version=None):
     """The x value (step) of each logged scalar of the run in ``root``, by tag."""
-    [events] = glob.glob(os.path.join(root, folder, "version_*"))
+    accumulator = _events(root, folder, version)
+    return {tag: [e.step for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def _events(root, folder, version):
+    [events] = glob.glob(os.path.join(root, folder, "version_*" if version is None else f"version_{version}"))
     accumulator = EventAccumulator(events)
     accumulator.Reload()
-    return {tag: [e.step for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+    return accumulator
 
 
 def read_jsonl(path):

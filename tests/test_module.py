@@ -254,6 +254,11 @@ def test_a_fresh_run_in_the_same_folder_does_not_reuse_another_runs_pairs(tmp_pa
     assert "stale" not in stale.read_text()
 
 
+def unfused_adamw(params, **settings):
+    """Stands in for `optim.fused_adamw`: torch's AdamW without the fused kernel."""
+    return torch.optim.AdamW(params, **settings)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_nonfinite_loss_skips_the_step_and_counts_it(tmp_path, monkeypatch, fused):
     """Fused AdamW (the default) skips on the device: parameters, moments and step count as if the step had not
@@ -262,7 +267,7 @@ def test_nonfinite_loss_skips_the_step_and_counts_it(tmp_path, monkeypatch, fuse
     from pbkd_lightning.objectives import BlackBoxPbKD
 
     if not fused:
-        monkeypatch.setattr(optim, "fused_adamw", lambda params, **settings: torch.optim.AdamW(params, **settings))
+        monkeypatch.setattr(optim, "fused_adamw", unfused_adamw)
 
     class NaNOnFirstStudentStep(BlackBoxPbKD):
         calls = 0
@@ -305,7 +310,7 @@ def test_a_checkpoint_of_an_unfused_optimizer_resumes_with_the_host_check(tmp_pa
 
     root = tmp_path / "run"
     with monkeypatch.context() as patched:
-        patched.setattr(optim, "fused_adamw", lambda params, **settings: torch.optim.AdamW(params, **settings))
+        patched.setattr(optim, "fused_adamw", unfused_adamw)
         run_cli("fit", *tiny_args(root, "--model.objective.critic_warmup_steps=0", "--trainer.limit_val_batches=0"))
     cli = run_cli("fit", *tiny_args(root, "--model.objective.critic_warmup_steps=0", "--trainer.limit_val_batches=0",
                                     "--trainer.max_epochs=2"), f"--ckpt_path={root}/checkpoints/last.ckpt")
